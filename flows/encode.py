@@ -1,0 +1,32 @@
+"""encode stage: ImageFolder -> ADM centre crop -> SD-VAE posterior mean/std -> zarr store.
+
+Resumable: finished shards are kept; a rerun (or torchrun with N processes) encodes the rest.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import Progress, parse, table
+from sra2 import atomic
+from sra2.config import Config
+from sra2.encode import encode_dataset
+
+
+@flow(name="sra2-encode", log_prints=True, retries=1)  # a retry resumes from the finished shards
+def encode_flow(cfg: Config, out: str, summary: str) -> dict:
+    result = encode_dataset(cfg, out, Progress("encode-progress", f"encoding {cfg.data.root}"))
+    atomic.write_json(summary, result)
+    table("encode-summary", result, f"encode of {cfg.data.root} into {out}")
+    print(f"encoded {result['encoded']} images, rejected {result['rejected']}, "
+          f"{result['images_per_s']} images/s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(__doc__, {"out": "data/latents", "summary": "data/encode.json"}, argv)
+    encode_flow(cfg, args["out"], args["summary"])
+
+
+if __name__ == "__main__":
+    main()

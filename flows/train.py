@@ -1,0 +1,35 @@
+"""train stage: SiT + SRA 2 alignment loss on the cached latents, with EMA and checkpoints.
+
+Resumable: restarts from the latest checkpoint under --out and takes the same steps an unbroken
+run would; the EMA weights for sampling land in <out>/ema.pt, the loss log in <out>/metrics.csv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.common import Progress, parse, table
+from sra2 import atomic
+from sra2.config import Config
+from sra2.train import train
+
+
+@flow(name="sra2-train", log_prints=True, retries=1)  # a retry resumes from the last checkpoint
+def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
+    result = train(cfg, latents, out, Progress("train-progress", f"training {cfg.model.name}"))
+    atomic.write_json(summary, result)
+    table("train-summary", result, f"{cfg.model.name} after {cfg.train.steps} steps")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse(__doc__, {"latents": "data/latents", "out": "data/train",
+                                "summary": "data/train.json"}, argv)
+    Path(args["out"]).mkdir(parents=True, exist_ok=True)
+    train_flow(cfg, args["latents"], args["out"], args["summary"])
+
+
+if __name__ == "__main__":
+    main()

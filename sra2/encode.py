@@ -1,0 +1,173 @@
+"""Encode an ImageFolder into a latent store: decode and crop in worker processes, run the VAE
+in batches, write finished shards from a background thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sra2 import dist, vae as vae_lib
+from sra2.config import Config
+from sra2.data import BadImage, ImageList, list_images, load_cropped
+from sra2.store import ShardedStore
+
+Progress = Callable[[int, int], None]
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _CroppedFiles(Dataset):
+    """Item i: (i, uint8 CHW crop or zeros, reason it was rejected or "")."""
+
+    def __init__(self, images: ImageList, size: int, strict: bool):
+        self.images, self.size, self.strict = images, size, strict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        path = self.images.root / self.images.files[i]
+        try:
+            arr = load_cropped(path, self.size)
+            return i, torch.from_numpy(arr.transpose(2, 0, 1).copy()), ""
+        except BadImage as e:
+            if self.strict:
+                raise BadImage(f"{path}: {e} (encode.strict is on)") from None
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+
+
+def _signature(cfg: Config, images: ImageList) -> dict:
+    listing = hashlib.sha256(json.dumps([images.files, images.labels]).encode()).hexdigest()
+    return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
+            "dtype": cfg.encode.dtype, "flip": cfg.encode.flip, "files_sha256": listing}
+
+
+def latent_arrays(cfg: Config, latent_shape: tuple[int, ...]) -> dict[str, tuple]:
+    names = ["mean", "std"] + (["mean_flip", "std_flip"] if cfg.encode.flip else [])
+    return {n: (latent_shape, cfg.encode.dtype) for n in names}
+
+
+def open_store(cfg: Config, out: str | Path, images: ImageList, latent_shape) -> ShardedStore:
+    return ShardedStore.open_or_create(
+        out, len(images), cfg.encode.shard_size, cfg.encode.chunk_size,
+        latent_arrays(cfg, latent_shape),
+        fixed={"labels": np.asarray(images.labels, np.int64),
+               "files": np.asarray(images.files, dtype=np.dtypes.StringDType())},
+        signature=_signature(cfg, images))
+
+
+def _batches(store: ShardedStore, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Batches never cross a shard boundary, so a shard's bytes do not depend on what ran before."""
+    out = []
+    for s in shards:
+        start, stop = store.shard_range(s)
+        out += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+    return out
+
+
+class _ShardAssembler:
+    """Collects batch results per shard and hands complete shards to a writer thread."""
+
+    def __init__(self, store: ShardedStore, names: list[str], dtype: str):
+        self.store, self.names, self.dtype = store, names, dtype
+        self.parts: dict[int, list] = {}
+        self.writer = ThreadPoolExecutor(max_workers=1)
+        self.pending: list[Future] = []
+
+    def add(self, indices: list[int], outputs: list[np.ndarray], rejects: list[dict]) -> None:
+        shard = indices[0] // self.store.shard_size
+        self.parts.setdefault(shard, []).append((outputs, rejects, len(indices)))
+        start, stop = self.store.shard_range(shard)
+        if sum(p[2] for p in self.parts[shard]) == stop - start:
+            self._submit(shard, self.parts.pop(shard))
+
+    def _submit(self, shard: int, parts: list) -> None:
+        data = {n: np.concatenate([p[0][k] for p in parts]).astype(self.dtype)
+                for k, n in enumerate(self.names)}
+        record = {"rejects": [r for p in parts for r in p[1]]}
+        while len(self.pending) >= 2:  # bound the memory held by shards waiting to be written
+            self.pending.pop(0).result()
+        self.pending.append(self.writer.submit(self.store.write_shard, shard, data, record))
+
+    def close(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.writer.shutdown()
+
+
+def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = None) -> dict:
+    """Encode ``cfg.data.root`` into the store at ``out``; returns a summary of the whole store."""
+    rank, world = dist.init()
+    images = list_images(cfg.data.root)
+    device = dist.device(cfg.encode.device, rank)
+    vae = vae_lib.load_vae(cfg.vae, device)
+    side = cfg.data.image_size // vae_lib.downsampling(vae)
+    latent_shape = (vae.config.latent_channels, side, side)
+    if rank == 0:
+        store = open_store(cfg, out, images, latent_shape)
+    dist.barrier()
+    store = ShardedStore(out) if rank else store
+    shards = store.pending_shards(rank, world)
+    names = list(latent_arrays(cfg, latent_shape))
+    todo = sum(stop - start for start, stop in map(store.shard_range, shards))
+    if rank == 0:
+        nbytes = len(images) * int(np.prod(latent_shape)) * np.dtype(cfg.encode.dtype).itemsize
+        print(f"encode: {len(images)} files in {len(images.classes)} classes, "
+              f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
+              f"{todo} images to encode on {world} process(es); "
+              f"store ~{nbytes * len(names) / 2**30:.2f} GiB before compression")
+
+    loader = DataLoader(
+        _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict),
+        batch_sampler=_batches(store, shards, cfg.encode.batch_size),
+        num_workers=cfg.encode.workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.encode.workers else None,
+        # not fork: a worker forked from a process running Prefect's threads dies at exit
+        multiprocessing_context="forkserver" if cfg.encode.workers else None)
+    autocast = (torch.autocast("cuda", AUTOCAST[cfg.encode.precision])
+                if device.type == "cuda" and cfg.encode.precision in AUTOCAST else nullcontext())
+    assembler = _ShardAssembler(store, names, cfg.encode.dtype)
+    start, done = time.perf_counter(), 0
+    bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)
+    try:
+        for idx, pixels, reasons in loader:
+            x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            with autocast:
+                views = [x, x.flip(3)] if cfg.encode.flip else [x]
+                outputs = [t.cpu().numpy() for v in views for t in vae_lib.encode(vae, v)]
+            indices = idx.tolist()
+            rejects = [{"index": i, "file": images.files[i], "reason": r}
+                       for i, r in zip(indices, reasons) if r]
+            assembler.add(indices, outputs, rejects)
+            done += len(indices)
+            bar.update(len(indices))
+            if progress:
+                progress(done, todo)
+    finally:
+        assembler.close()
+        bar.close()
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    return summarize(store, seconds, done)
+
+
+def summarize(store: ShardedStore, seconds: float, encoded_now: int) -> dict:
+    rejects = [r for rec in store.records() for r in rec["rejects"]]
+    return {
+        "files": store.num_items,
+        "encoded": store.num_items - len(rejects) if store.complete else None,
+        "rejected": len(rejects),
+        "rejects": rejects,
+        "complete": store.complete,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(encoded_now / seconds, 2) if seconds > 0 else None,
+    }

@@ -1,0 +1,118 @@
+"""Sample images from the EMA weights into a sharded store, then assemble the ADM ``.npz``.
+
+Sample i's label and every noise draw (initial latent, SDE steps) come from seeds derived from
+(seed, i) alone, so the images do not depend on the batch size, the number of GPUs or restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from sra2 import atomic, dist, vae as vae_lib
+from sra2.config import Config
+from sra2.models import load_checkpoint
+from sra2.sampling import guided_velocity, randn, sample
+from sra2.store import ShardedStore
+
+Progress = Callable[[int, int], None]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def sample_labels(seed: int, n: int, num_classes: int) -> np.ndarray:
+    return np.random.default_rng([seed, n]).integers(0, num_classes, n, dtype=np.int64)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
+    """Fill ``out/shards`` with ``cfg.sample.num_samples`` images; returns the store's path."""
+    sc = cfg.sample
+    rank, world = dist.init()
+    device = dist.device(sc.device, rank)
+    ckpt = torch.load(ema_path, map_location="cpu", weights_only=False)
+    model = load_checkpoint(ckpt["name"], ckpt).to(device).eval()
+    vae = vae_lib.load_vae(cfg.vae, device)
+    side, channels = cfg.data.image_size, model.in_channels
+    latent = (channels, ckpt["input_size"], ckpt["input_size"])
+    path = Path(out) / "shards"
+    if rank == 0:
+        ShardedStore.open_or_create(
+            path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: the evaluator reads them one by one
+            {"images": ((side, side, 3), "uint8")},
+            fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes)},
+            signature={"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
+                       "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})})
+    dist.barrier()
+    store = ShardedStore(path)
+    labels = store.array("labels")[:]
+    shards = store.pending_shards(rank, world)
+    todo = sum(stop - start for start, stop in map(store.shard_range, shards))
+    bar = tqdm(total=todo, unit="img", desc="sample", disable=rank != 0 or not todo)
+    done = 0
+    for shard in shards:
+        start, stop = store.shard_range(shard)
+        images = []
+        for b in range(start, stop, sc.batch_size):
+            index = range(b, min(b + sc.batch_size, stop))
+            gens = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in index]
+            y = torch.from_numpy(labels[index.start:index.stop]).to(device)
+            velocity = guided_velocity(model, y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
+            z = sample(sc.sampler, velocity, randn((len(index), *latent), gens, device), gens,
+                       sc.steps, sc.last_step)
+            images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
+            done += len(index)
+            bar.update(len(index))
+            if progress:
+                progress(done, todo)
+        store.write_shard(shard, {"images": np.concatenate(images)}, {})
+    bar.close()
+    dist.barrier()
+    return path
+
+
+def write_npz(store: ShardedStore, path: str | Path) -> None:
+    """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory twice)."""
+    images = store.array("images")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(images.shape)}
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, header)
+                for shard in range(store.num_shards):
+                    member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
+
+    atomic.write_with(path, write)
+
+
+def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:
+    """A square PNG grid of uint8 NHWC images, with an optional caption strip on top."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    top = 14 if caption else 0
+    canvas = Image.new("RGB", (cols * w, rows * h + top), "white")
+    for i, img in enumerate(images):
+        canvas.paste(Image.fromarray(img), ((i % cols) * w, top + (i // cols) * h))
+    if caption:
+        ImageDraw.Draw(canvas).text((2, 1), caption, fill="red")
+    atomic.write_with(path, lambda f: canvas.save(f, format="PNG"))

@@ -1,0 +1,241 @@
+"""SiT (Scalable Interpolant Transformer) with the official parameter names, so that released SiT
+and REPA checkpoints load unchanged. The forward pass can also return the hidden state after a
+given block, which the SRA 2 projector reads during training."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2D sin-cos table (tokens, dim), tokens in row-major order: the first half of each
+    vector encodes the column, the second half the row (the MAE/DiT/SiT layout)."""
+    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32),
+                             np.arange(grid_size, dtype=np.float32))
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid of the raw t in [0, 1] ([cos, sin], 256 frequencies), then Linear-SiLU-Linear."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @staticmethod
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                               device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.frequencies(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Row ``num_classes`` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero transformer block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H/p * W/p, p*p*C), the token layout of the final layer's output."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // patch, patch, w // patch, patch)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch) * (w // patch), -1)
+
+
+def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify` for a square grid."""
+    n, t, _ = tokens.shape
+    side = int(round(t ** 0.5))
+    x = tokens.reshape(n, side, side, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * patch, side * patch)
+
+
+class SiT(nn.Module):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True):
+        super().__init__()
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.hidden_size, self.depth, self.learn_sigma = hidden_size, depth, learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        tokens = (input_size // patch_size) ** 2
+        # a parameter (not a buffer) so that it sits in state_dict under the official name
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights(input_size // patch_size)
+
+    def initialize_weights(self, grid_size: int) -> None:
+        def xavier(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(xavier)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, grid_size)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                return_hidden: int | None = None):
+        """Velocity for latents ``x`` at times ``t`` (N,) and labels ``y`` (``num_classes`` = null).
+
+        With ``return_hidden=k`` also returns the residual stream after block k (1-based).
+        """
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        hidden = None
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            if i == return_hidden:
+                hidden = h
+        out = unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels)
+        if self.learn_sigma:  # the variance half is not used by the interpolant
+            out = out[:, : self.in_channels]
+        return out if return_hidden is None else (out, hidden)
+
+
+def _sit(depth: int, hidden_size: int, num_heads: int, patch_size: int):
+    return partial(SiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                   patch_size=patch_size)
+
+
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6),
+          # small sizes for the CPU demo and the tests
+          "Demo": (4, 96, 4), "Micro": (3, 32, 2)}
+SiT_models = {f"SiT-{name}/{p}": _sit(*dims, p) for name, dims in _SIZES.items() for p in (2, 4, 8)}
+
+
+def build(name: str, **kwargs) -> SiT:
+    if name not in SiT_models:
+        raise ValueError(f"model.name {name!r} is not a known SiT; choose one of {sorted(SiT_models)}")
+    return SiT_models[name](**kwargs)
+
+
+def inference_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The SiT weights of a checkpoint in any of the layouts we meet: a bare state_dict (official
+    SiT release), or a training checkpoint with ``ema``/``model`` (SiT, REPA, ours). Training-only
+    weights (REPA ``projectors.*``, our ``projector.*``) are dropped."""
+    state = checkpoint.get("ema", checkpoint.get("model", checkpoint))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith(("projectors.", "projector."))}
+
+
+def load_checkpoint(name: str, path_or_state, **kwargs) -> SiT:
+    """Build ``name`` and load weights; ``learn_sigma`` follows the checkpoint's output width."""
+    ckpt = path_or_state
+    if not isinstance(ckpt, dict):
+        ckpt = torch.load(path_or_state, map_location="cpu", weights_only=False)
+    state = inference_state_dict(ckpt)
+    channels = kwargs.get("in_channels", 4)
+    kwargs.setdefault("learn_sigma", state["final_layer.linear.weight"].shape[0]
+                      == 2 * channels * state["x_embedder.proj.weight"].shape[-1] ** 2)
+    kwargs.setdefault("num_classes", state["y_embedder.embedding_table.weight"].shape[0] - 1)
+    kwargs.setdefault("input_size", int(round(state["pos_embed"].shape[1] ** 0.5))
+                      * state["x_embedder.proj.weight"].shape[-1])
+    model = build(name, **kwargs)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,248 @@
+"""Training: SiT + the SRA 2 alignment loss on cached latents, with EMA, checkpoints and resume.
+
+Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
+dropout) comes from generators seeded by (seed, s), so a run resumed from a checkpoint takes
+exactly the steps an unbroken run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import io
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from sra2 import atomic, dist
+from sra2.align import projector_for
+from sra2.config import Config
+from sra2.models import SiT, build
+from sra2.store import ShardedStore
+from sra2.transport import training_loss
+
+Progress = Callable[[int, int, dict], None]
+LOG_COLUMNS = ["step", "loss", "loss_velocity", "loss_align", "grad_norm"]
+
+
+class LatentData:
+    """The encoded dataset in memory: posterior mean, std and labels of the accepted images."""
+
+    def __init__(self, path: str | Path):
+        store = ShardedStore(path)
+        if not store.complete:
+            raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
+                               f"{store.num_shards} shards): run the encode stage to the end first")
+        rejected = {r["index"] for rec in store.records() for r in rec["rejects"]}
+        keep = np.array([i for i in range(store.num_items) if i not in rejected])
+        self.mean = torch.from_numpy(store.array("mean")[:][keep].astype(np.float32))
+        self.std = torch.from_numpy(store.array("std")[:][keep].astype(np.float32))
+        self.labels = torch.from_numpy(store.array("labels")[:][keep])
+        self.signature = store.attrs["signature"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Indices of this rank's slice of global batch ``step``: epoch e visits a permutation drawn
+    from (seed, e), so the order depends on the step only, not on restarts or world size."""
+    per_rank = batch // world
+    positions = np.arange(step * batch + rank * per_rank, step * batch + (rank + 1) * per_rank)
+    epochs = positions // n
+    out = np.empty_like(positions)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        out[sel] = epoch_order(seed, int(e), n)[positions[sel] % n]
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class Objective(nn.Module):
+    """SiT and its projector as one module, so that DDP sees every trained parameter."""
+
+    def __init__(self, model: SiT, projector: nn.Module | None, cfg: Config):
+        super().__init__()
+        self.model, self.projector, self.align = model, projector, cfg.align
+
+    def forward(self, x1, y, t, x0, align_target):
+        losses = training_loss(self.model, self.projector, self.align, x1, y, t, x0, align_target)
+        return losses.total, losses.velocity, losses.align
+
+
+def signature(cfg: Config, data_signature: dict) -> dict:
+    """What a checkpoint's numbers depend on: resuming under another signature is refused."""
+    fixed = cfg.train.model_dump(exclude={"steps", "ckpt_every", "log_every", "device"})
+    return {"model": cfg.model.model_dump(), "align": cfg.align.model_dump(), "train": fixed,
+            "latents": data_signature}
+
+
+class Checkpoints:
+    """``step-NNNNNNN.pt`` files and a ``latest`` pointer, each written atomically."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def latest(self) -> Path | None:
+        pointer = self.folder / "latest"
+        return self.folder / pointer.read_text().strip() if pointer.exists() else None
+
+    def save(self, state: dict) -> Path:
+        path = self.folder / f"step-{state['step']:07d}.pt"
+        atomic.save_torch(state, path)
+        atomic.write_text(self.folder / "latest", path.name + "\n")
+        return path
+
+    def load(self, expected_signature: dict) -> dict | None:
+        path = self.latest()
+        if path is None:
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["signature"] != expected_signature:
+            raise RuntimeError(
+                f"{path} was trained with other settings than params now give:\n"
+                f"  checkpoint {state['signature']}\n  now        {expected_signature}\n"
+                f"Move {self.folder} away to start a new run, or restore the old settings.")
+        return state
+
+
+class MetricsLog:
+    """Per-step rows in a CSV (what ``dvc plots show`` draws), rewritten atomically; on resume,
+    rows after the checkpoint's step are dropped so the file matches an unbroken run."""
+
+    def __init__(self, path: str | Path, resume_step: int):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists() and resume_step > 0:
+            with open(self.path) as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic.write_text(self.path, buf.getvalue())
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def _draws(cfg: Config, step: int, rank: int, shape, batch: int):
+    """Every random tensor of one step, from a generator seeded by (seed, step, rank)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank])
+                                          .generate_state(1)[0]))
+    eps = torch.randn((batch, *shape), generator=g)
+    x0 = torch.randn((batch, *shape), generator=g)
+    t = torch.rand(batch, generator=g)
+    drop = torch.rand(batch, generator=g) < cfg.model.class_dropout
+    return eps, x0, t, drop
+
+
+def build_model(cfg: Config, latent_side: int) -> SiT:
+    return build(cfg.model.name, input_size=latent_side, num_classes=cfg.model.num_classes,
+                 learn_sigma=cfg.model.learn_sigma)
+
+
+def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
+    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``); returns a summary."""
+    rank, world = dist.init()
+    tc = cfg.train
+    if tc.global_batch % world:
+        raise ValueError(f"train.global_batch ({tc.global_batch}) must divide by the {world} processes")
+    device = dist.device(tc.device, rank)
+    out = Path(out)
+    data = LatentData(latents)
+    if int(data.labels.max()) >= cfg.model.num_classes:
+        raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
+                         f"model.num_classes is {cfg.model.num_classes}")
+    shape = tuple(data.mean.shape[1:])
+    torch.manual_seed(tc.seed)  # weight init only; every later draw uses its own generator
+    model = build_model(cfg, shape[-1]).to(device)
+    projector = projector_for(model, cfg.align).to(device) if cfg.align.enabled else None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    objective = Objective(model, projector, cfg)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    sig = signature(cfg, data.signature)
+    ckpts = Checkpoints(out / "checkpoints")
+    state = ckpts.load(sig)
+    start = 0
+    if state:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        if projector is not None:
+            projector.load_state_dict(state["projector"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    log = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
+    runner = objective
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", torch.bfloat16) if tc.precision == "bf16" and device.type == "cuda"
+                else nullcontext())
+    scale, null = cfg.vae.scale, cfg.model.num_classes
+    per_rank = tc.global_batch // world
+    n_params = sum(p.numel() for p in model.parameters())
+    n_proj = sum(p.numel() for p in projector.parameters()) if projector is not None else 0
+    if rank == 0:
+        print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, projector "
+              f"{n_proj / 1e6:.2f}M, {len(data)} latents {shape}, steps {start} -> {tc.steps}")
+    sums, count, tick = np.zeros(4), 0, time.perf_counter()
+    bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
+    for step in range(start, tc.steps):
+        idx = torch.from_numpy(batch_indices(step, tc.global_batch, len(data), tc.seed, rank, world))
+        eps, x0, t, drop = _draws(cfg, step, rank, shape, per_rank)
+        mean, std = data.mean[idx].to(device), data.std[idx].to(device)
+        x1 = (mean + std * eps.to(device)) * scale
+        target = x1 if cfg.align.target == "sample" else mean * scale
+        y = torch.where(drop, torch.full_like(data.labels[idx], null), data.labels[idx]).to(device)
+        with autocast:
+            total, velocity, aligned = runner(x1, y, t.to(device), x0.to(device), target)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        ema_update(ema, model, tc.ema_decay)
+        sums += [total.item(), velocity.item(), aligned.item(), grad_norm.item()]
+        count += 1
+        done = step + 1
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.steps:
+            row = dict(zip(LOG_COLUMNS, [done, *(sums / count).round(6).tolist()]))
+            rate = count * tc.global_batch / (time.perf_counter() - tick)
+            sums, count, tick = np.zeros(4), 0, time.perf_counter()
+            if log is not None:
+                log.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+                if progress:
+                    progress(done, tc.steps, {**row, "images_per_s": round(rate, 1)})
+        if rank == 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
+            ckpts.save({"step": done, "signature": sig, "model": model.state_dict(),
+                        "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "projector": projector.state_dict() if projector is not None else None})
+        if done % tc.ckpt_every == 0:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+    bar.close()
+    if rank == 0:
+        export = {"name": cfg.model.name, "model_config": cfg.model.model_dump(),
+                  "input_size": shape[-1], "step": tc.steps, "ema": ema.state_dict()}
+        atomic.save_torch(export, out / "ema.pt")
+    final = log.rows[-1] if log is not None and log.rows else {}
+    return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
+            **{k: float(v) for k, v in final.items() if k != "step"}}
