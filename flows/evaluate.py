@@ -15,13 +15,13 @@ from flows.common import parse, table
 from sra2 import atomic, dist
 from sra2.config import Config
 from sra2.metrics import ArrayImages, CroppedFiles, fid_and_is, inception_weights, real_files
-from sra2.store import ShardedStore
+from sra2.generate import read_npz_images
 
 
 @flow(name="sra2-evaluate", log_prints=True)
 def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
     ec = cfg.evaluate
-    fake = ArrayImages(ShardedStore(samples).array("images"))
+    fake = ArrayImages(read_npz_images(samples))
     real = CroppedFiles(real_files(latents, cfg.data.root, ec.num_real, ec.seed), cfg.data.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         weights = inception_weights(ec.inception, ec.inception_seed, Path(tmp))
@@ -37,7 +37,7 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, {"samples": "data/samples/shards", "latents": "data/latents",
+    cfg, args = parse(__doc__, {"samples": "data/samples/samples.npz", "latents": "data/latents",
                                 "out": "data/metrics.json"}, argv)
     evaluate_flow(cfg, args["samples"], args["latents"], args["out"])
 

@@ -19,7 +19,8 @@ from sra2.store import ShardedStore
 @flow(name="sra2-sample", log_prints=True, retries=1)  # a retry resumes from the finished shards
 def sample_flow(cfg: Config, ema: str, out: str) -> None:
     out_dir = Path(out)
-    store = ShardedStore(generate(cfg, ema, out_dir, Progress("sample-progress", f"sampling {cfg.sample.num_samples} images")))
+    progress = Progress("sample-progress", f"sampling {cfg.sample.num_samples} images")
+    store = ShardedStore(generate(cfg, ema, out_dir / "shards", progress))
     write_npz(store, out_dir / "samples.npz")
     caption = "DEMO: random-weight VAE, decoded images are not meaningful" if vae.is_random(cfg.vae) else ""
     write_grid(store.array("images")[: cfg.sample.grid], out_dir / "grid.png", caption)

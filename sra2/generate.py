@@ -7,6 +7,7 @@ Sample i's label and every noise draw (initial latent, SDE steps) come from seed
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import zipfile
 from pathlib import Path
@@ -43,7 +44,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
-    """Fill ``out/shards`` with ``cfg.sample.num_samples`` images; returns the store's path."""
+    """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's path."""
     sc = cfg.sample
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
@@ -52,14 +53,17 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, ckpt["input_size"], ckpt["input_size"])
-    path = Path(out) / "shards"
+    signature = {"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
+                 "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})}
+    # one folder per signature: new weights or settings start afresh, old samples stay put
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(out) / digest
     if rank == 0:
         ShardedStore.open_or_create(
-            path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: the evaluator reads them one by one
+            path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
             fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes)},
-            signature={"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
-                       "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})})
+            signature=signature)
     dist.barrier()
     store = ShardedStore(path)
     labels = store.array("labels")[:]
@@ -102,6 +106,23 @@ def write_npz(store: ShardedStore, path: str | Path) -> None:
                     member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
 
     atomic.write_with(path, write)
+
+
+def read_npz_images(path: str | Path) -> np.ndarray:
+    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (no 10 GB load for 50K)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("arr_0.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path)["arr_0"]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # local file header: name and extra field lengths
+        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
+                         order="F" if fortran else "C")
 
 
 def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:

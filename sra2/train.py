@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import hashlib
 import io
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -82,39 +84,39 @@ class Objective(nn.Module):
 
 
 def signature(cfg: Config, data_signature: dict) -> dict:
-    """What a checkpoint's numbers depend on: resuming under another signature is refused."""
+    """What a run's numbers depend on (not its length or logging): its checkpoint folder."""
     fixed = cfg.train.model_dump(exclude={"steps", "ckpt_every", "log_every", "device"})
     return {"model": cfg.model.model_dump(), "align": cfg.align.model_dump(), "train": fixed,
             "latents": data_signature}
 
 
 class Checkpoints:
-    """``step-NNNNNNN.pt`` files and a ``latest`` pointer, each written atomically."""
+    """``<folder>/<run>/step-NNNNNNN.pt`` and a ``latest`` pointer, each written atomically.
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    ``run`` is a hash of the signature: other settings start a new run beside the old one
+    instead of resuming it or overwriting it, and going back to old settings resumes the old run.
+    """
+
+    def __init__(self, folder: str | Path, signature: dict):
+        text = json.dumps(signature, sort_keys=True)
+        self.folder = Path(folder) / hashlib.sha256(text.encode()).hexdigest()[:12]
+        self.signature = signature
 
     def latest(self) -> Path | None:
         pointer = self.folder / "latest"
         return self.folder / pointer.read_text().strip() if pointer.exists() else None
 
     def save(self, state: dict) -> Path:
+        if not (self.folder / "signature.json").exists():
+            atomic.write_json(self.folder / "signature.json", self.signature)
         path = self.folder / f"step-{state['step']:07d}.pt"
         atomic.save_torch(state, path)
         atomic.write_text(self.folder / "latest", path.name + "\n")
         return path
 
-    def load(self, expected_signature: dict) -> dict | None:
+    def load(self) -> dict | None:
         path = self.latest()
-        if path is None:
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["signature"] != expected_signature:
-            raise RuntimeError(
-                f"{path} was trained with other settings than params now give:\n"
-                f"  checkpoint {state['signature']}\n  now        {expected_signature}\n"
-                f"Move {self.folder} away to start a new run, or restore the old settings.")
-        return state
+        return None if path is None else torch.load(path, map_location="cpu", weights_only=False)
 
 
 class MetricsLog:
@@ -180,9 +182,12 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sig = signature(cfg, data.signature)
-    ckpts = Checkpoints(out / "checkpoints")
-    state = ckpts.load(sig)
+    ckpts = Checkpoints(out / "checkpoints", sig)
+    state = ckpts.load()
     start = 0
+    if state and state["step"] > tc.steps:
+        raise ValueError(f"train.steps is {tc.steps} but {ckpts.latest()} is already at step "
+                         f"{state['step']}: raise train.steps, or sample from that checkpoint")
     if state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -233,7 +238,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
                 if progress:
                     progress(done, tc.steps, {**row, "images_per_s": round(rate, 1)})
         if rank == 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
-            ckpts.save({"step": done, "signature": sig, "model": model.state_dict(),
+            ckpts.save({"step": done, "model": model.state_dict(),
                         "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "projector": projector.state_dict() if projector is not None else None})
         if done % tc.ckpt_every == 0:

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flows  # noqa: F401  (its environment defaults apply to the test server too)
+from sra2.config import Config, resolve
+
+
+@pytest.fixture
+def tiny() -> Config:
+    return resolve({"preset": "tiny"})
+
+
+def with_overrides(cfg: Config, **sections) -> Config:
+    """``cfg`` with some keys of some sections replaced, validated again."""
+    data = cfg.model_dump()
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return Config.model_validate(data)
+
+
+def jpeg_bytes(rgb: np.ndarray, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def photo() -> np.ndarray:
+    """A real photograph shipped with scikit-image (512x512 RGB)."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for the whole session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, payload in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(payload)
+    return root

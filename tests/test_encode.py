@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sra2 import vae as vae_lib
+from sra2.data import BadImage, load_cropped
+from sra2.encode import encode_dataset
+from sra2.store import ShardedStore
+
+from conftest import jpeg_bytes, with_overrides, write_folder
+
+
+@pytest.fixture
+def awkward(tmp_path, photo):
+    """Real photographs, some in awkward encodings, and three files that cannot be decoded."""
+    crops = [photo[:300, :200], photo[100:, 50:], photo[::3, ::2], photo[200:400, 100:500]]
+    files = {f"a/{i}.JPEG": jpeg_bytes(c) for i, c in enumerate(crops)}
+    files["b/cmyk.JPEG"] = jpeg_bytes(crops[0], "CMYK")
+    files["b/gray.JPEG"] = jpeg_bytes(crops[1], "L")
+    files["b/truncated.JPEG"] = jpeg_bytes(crops[2])[:400]
+    files["c/empty.JPEG"] = b""
+    files["c/text.JPEG"] = b"hello, not a JPEG"
+    root = write_folder(tmp_path / "images", files)
+    Image.fromarray(crops[3]).save(root / "c" / "png.JPEG", format="PNG")
+    return root
+
+
+def test_encode_counts_rejects_and_matches_the_vae(tmp_path, tiny, awkward):
+    cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None})
+    out = tmp_path / "latents"
+    summary = encode_dataset(cfg, out)
+    assert summary["files"] == 10 and summary["encoded"] == 7 and summary["rejected"] == 3
+    assert summary["encoded"] + summary["rejected"] == summary["files"]
+    reasons = {r["file"]: r["reason"] for r in summary["rejects"]}
+    assert set(reasons) == {"b/truncated.JPEG", "c/empty.JPEG", "c/text.JPEG"}
+    assert reasons["c/empty.JPEG"] == "empty file"
+
+    store = ShardedStore(out)
+    files = list(store.array("files")[:])
+    i = files.index("b/cmyk.JPEG")
+    pixels = torch.from_numpy(load_cropped(awkward / files[i], 32)).permute(2, 0, 1)[None]
+    mean, std = vae_lib.encode(vae_lib.load_vae(cfg.vae), pixels.float() / 127.5 - 1)
+    np.testing.assert_allclose(store.array("mean")[i], mean[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(store.array("std")[i], std[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert store.array("labels")[i] == 1 and store.array("mean").shape == (10, 4, 4, 4)
+
+
+def test_rerun_skips_finished_work_and_keeps_the_bytes(tmp_path, tiny, awkward):
+    cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None})
+    encode_dataset(cfg, tmp_path / "latents")
+    before = {p: p.read_bytes() for p in (tmp_path / "latents").rglob("*") if p.is_file()}
+    again = encode_dataset(cfg, tmp_path / "latents")
+    after = {p: p.read_bytes() for p in (tmp_path / "latents").rglob("*") if p.is_file()}
+    assert again["complete"] and again["images_per_s"] == 0.0 and before == after
+
+
+def test_strict_mode_names_the_bad_file(tmp_path, tiny, awkward):
+    cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None}, encode={"strict": True})
+    with pytest.raises(BadImage, match="truncated.JPEG"):
+        encode_dataset(cfg, tmp_path / "latents")

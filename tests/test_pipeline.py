@@ -1,0 +1,84 @@
+"""End to end: `dvc repro` of the tiny preset in a temporary copy of the repository."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, env):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+def ran_stages(log: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", log)
+
+
+def set_params(work: Path, **values) -> None:
+    """params.yaml keeps every section (DVC needs the keys it tracks), with these values set."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (work / "params.yaml").write_text(yaml.safe_dump({**params, **values}))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_api):
+    work = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in listed:
+        if (REPO / rel).is_file() and not rel.startswith("data/"):
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    set_params(work, preset="tiny")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    log = run(["dvc", "repro"], work, env)
+    return work, env, log
+
+
+def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
+    work, env, log = pipeline
+    assert ran_stages(log) == ["demo-data", "encode", "train", "sample", "evaluate"]
+    import zarr
+
+    assert len(list((work / "data/demo/train").rglob("*.JPEG"))) == 24
+    latents = zarr.open_group(work / "data/latents", mode="r")
+    assert latents["mean"].shape == (24, 4, 4, 4) and latents["std"].dtype == np.float32
+    assert (latents["std"][:] > 0).all()
+    assert json.loads((work / "data/encode.json").read_text())["encoded"] == 24
+    rows = (work / "data/train/metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 1 + 40 // 5
+    with np.load(work / "data/samples/samples.npz") as npz:
+        assert npz["arr_0"].shape == (12, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+    assert (work / "data/samples/grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((work / "data/metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and np.isfinite(metrics["inception_score"])
+    assert "RANDOM" in metrics["inception_weights"]
+    shown = run(["dvc", "metrics", "show", "--json"], work, env)
+    assert '"fid"' in shown and '"inception_score"' in shown
+
+
+def test_second_repro_has_nothing_to_do(pipeline):
+    work, env, _ = pipeline
+    log = run(["dvc", "repro"], work, env)
+    assert ran_stages(log) == [] and "up to date" in log
+
+
+def test_a_training_parameter_reruns_train_sample_evaluate_only(pipeline):
+    work, env, _ = pipeline
+    set_params(work, preset="tiny", train={"lr": 2.0e-4})
+    log = run(["dvc", "repro"], work, env)
+    assert ran_stages(log) == ["train", "sample", "evaluate"]
