@@ -6,14 +6,14 @@ import importlib
 import sys
 
 STAGES = {"demo-data": "flows.demo_data", "encode": "flows.encode", "train": "flows.train",
-          "sample": "flows.sample", "evaluate": "flows.evaluate"}
+          "sample": "flows.sample", "evaluate": "flows.evaluate", "flops": "sra2.flops"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in STAGES:
         print("usage: sra2 {" + ",".join(STAGES) + "} [--help | options]\n\n"
-              "Runs one pipeline stage as a Prefect flow. `dvc repro` runs them all in order;\n"
+              "Runs one pipeline stage as a Prefect flow (flops: print parameter and FLOP counts). `dvc repro` runs them all in order;\n"
               "`sra2 <stage> --help` lists a stage's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     importlib.import_module(STAGES[argv[0]]).main(argv[1:])

@@ -104,6 +104,31 @@ class _ShardAssembler:
         self.writer.shutdown()
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_encoder(vae: torch.nn.Module, batch: int, size: int, device: torch.device,
+                    precision: str = "fp32", repeats: int = 3) -> float:
+    """Images/s of the bare VAE encoder on a batch already on the device (after one warm-up)."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with _autocast(device, precision):
+        vae_lib.encode(vae, x)
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            vae_lib.encode(vae, x)
+        _synchronize(device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in AUTOCAST:
+        return torch.autocast("cuda", AUTOCAST[precision])
+    return nullcontext()
+
+
 def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = None) -> dict:
     """Encode ``cfg.data.root`` into the store at ``out``; returns a summary of the whole store."""
     rank, world = dist.init()
@@ -121,10 +146,13 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     todo = sum(stop - start for start, stop in map(store.shard_range, shards))
     if rank == 0:
         nbytes = len(images) * int(np.prod(latent_shape)) * np.dtype(cfg.encode.dtype).itemsize
+        rate = measure_encoder(vae, cfg.encode.batch_size, cfg.data.image_size, device,
+                               cfg.encode.precision) * world / (2 if cfg.encode.flip else 1) if todo else 0
         print(f"encode: {len(images)} files in {len(images.classes)} classes, "
               f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
               f"{todo} images to encode on {world} process(es); "
-              f"store ~{nbytes * len(names) / 2**30:.2f} GiB before compression")
+              f"store ~{nbytes * len(names) / 2**30:.2f} GiB before compression; "
+              f"estimated {todo / rate / 60 if todo else 0:.1f} min at the VAE's {rate:.0f} images/s")
 
     loader = DataLoader(
         _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict),
@@ -133,8 +161,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         prefetch_factor=4 if cfg.encode.workers else None,
         # not fork: a worker forked from a process running Prefect's threads dies at exit
         multiprocessing_context="forkserver" if cfg.encode.workers else None)
-    autocast = (torch.autocast("cuda", AUTOCAST[cfg.encode.precision])
-                if device.type == "cuda" and cfg.encode.precision in AUTOCAST else nullcontext())
+    autocast = _autocast(device, cfg.encode.precision)
     assembler = _ShardAssembler(store, names, cfg.encode.dtype)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)

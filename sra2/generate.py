@@ -49,10 +49,11 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
     ckpt = torch.load(ema_path, map_location="cpu", weights_only=False)
-    model = load_checkpoint(ckpt["name"], ckpt).to(device).eval()
+    # our export names its architecture; an official SiT or REPA file takes model.name
+    model = load_checkpoint(ckpt.get("name", cfg.model.name), ckpt).to(device).eval()
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
-    latent = (channels, ckpt["input_size"], ckpt["input_size"])
+    latent = (channels, model.input_size, model.input_size)
     signature = {"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
                  "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})}
     # one folder per signature: new weights or settings start afresh, old samples stay put

@@ -146,6 +146,7 @@ class SiT(nn.Module):
                  mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.input_size = input_size
         self.hidden_size, self.depth, self.learn_sigma = hidden_size, depth, learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)

@@ -28,6 +28,12 @@ class StoreMismatch(ValueError):
     """An existing store was made with other settings than the ones asked for now."""
 
 
+def sweep_partial_writes(path: Path) -> None:
+    """Remove what a killed writer left half-done: zarr's ``*.partial`` files and our ``.tmp``s."""
+    for leftover in [*path.rglob("*.partial"), *(path / "done").glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
+
+
 class ShardedStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -56,6 +62,7 @@ class ShardedStore:
                 raise StoreMismatch(
                     f"{path} exists but was made with other settings:\n  found    {found}\n"
                     f"  expected {attrs}\nDelete it to start over, or restore the old settings.")
+            sweep_partial_writes(path)
             return cls(path)
         tmp = path.with_name(f".{path.name}.creating")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -246,7 +246,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     bar.close()
     if rank == 0:
         export = {"name": cfg.model.name, "model_config": cfg.model.model_dump(),
-                  "input_size": shape[-1], "step": tc.steps, "ema": ema.state_dict()}
+                  "step": tc.steps, "ema": ema.state_dict()}
         atomic.save_torch(export, out / "ema.pt")
     final = log.rows[-1] if log is not None and log.rows else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,

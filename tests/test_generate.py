@@ -14,7 +14,7 @@ def export_random_sit(path, cfg, seed=0):
     model = build(cfg.model.name, input_size=4, num_classes=cfg.model.num_classes, learn_sigma=False)
     for p in model.parameters():  # a non-trivial velocity field (a fresh SiT outputs zero)
         torch.nn.init.normal_(p, std=0.05)
-    torch.save({"name": cfg.model.name, "input_size": 4, "ema": model.state_dict()}, path)
+    torch.save({"name": cfg.model.name, "ema": model.state_dict()}, path)
     return path
 
 
