@@ -27,6 +27,7 @@ from sra2 import atomic, dist
 from sra2.align import projector_for
 from sra2.config import Config
 from sra2.models import SiT, build
+from sra2.plots import write_loss_plot
 from sra2.store import ShardedStore
 from sra2.transport import training_loss
 
@@ -248,6 +249,9 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         export = {"name": cfg.model.name, "model_config": cfg.model.model_dump(),
                   "step": tc.steps, "ema": ema.state_dict()}
         atomic.save_torch(export, out / "ema.pt")
+        if log.rows:
+            kind = "SRA 2" if cfg.align.enabled else "no alignment"
+            write_loss_plot(log.rows, out / "loss.png", f"{cfg.model.name} + {kind}: training loss")
     final = log.rows[-1] if log is not None and log.rows else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
             **{k: float(v) for k, v in final.items() if k != "step"}}

@@ -39,7 +39,7 @@ def test_encode_counts_rejects_and_matches_the_vae(tmp_path, tiny, awkward):
     store = ShardedStore(out)
     files = list(store.array("files")[:])
     i = files.index("b/cmyk.JPEG")
-    pixels = torch.from_numpy(load_cropped(awkward / files[i], 32)).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(load_cropped(awkward / files[i], 32).copy()).permute(2, 0, 1)[None]
     mean, std = vae_lib.encode(vae_lib.load_vae(cfg.vae), pixels.float() / 127.5 - 1)
     np.testing.assert_allclose(store.array("mean")[i], mean[0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(store.array("std")[i], std[0].numpy(), rtol=1e-4, atol=1e-5)
@@ -59,3 +59,13 @@ def test_strict_mode_names_the_bad_file(tmp_path, tiny, awkward):
     cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None}, encode={"strict": True})
     with pytest.raises(BadImage, match="truncated.JPEG"):
         encode_dataset(cfg, tmp_path / "latents")
+
+
+def test_flip_option_stores_the_mirrored_images_latents(tmp_path, tiny, awkward):
+    cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None}, encode={"flip": True})
+    encode_dataset(cfg, tmp_path / "latents")
+    store = ShardedStore(tmp_path / "latents")
+    pixels = torch.from_numpy(load_cropped(awkward / "a/0.JPEG", 32).copy()).permute(2, 0, 1)[None]
+    mean, _ = vae_lib.encode(vae_lib.load_vae(cfg.vae), (pixels.float() / 127.5 - 1).flip(3))
+    np.testing.assert_allclose(store.array("mean_flip")[0], mean[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(store.array("mean_flip")[0], store.array("mean")[0])

@@ -38,6 +38,7 @@ def test_training_lowers_the_loss_and_exports_a_plain_sit(tmp_path, tiny, latent
     first, last = (float(r.split(",")[1]) for r in (rows[1], rows[-1]))
     assert np.isfinite(last) and last < first
     assert summary["loss_align"] > 0 and summary["projector_parameters"] > 0
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
     export = torch.load(tmp_path / "ema.pt", weights_only=False)
     assert not any(k.startswith("projector") for k in export["ema"])
     (run,) = (tmp_path / "checkpoints").iterdir()
