@@ -129,6 +129,20 @@ def _autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world: int,
+          vae: torch.nn.Module, device: torch.device, values_per_image: int) -> str:
+    """The line printed before the work: files, store size and an ETA from the VAE's own speed."""
+    gib = len(images) * values_per_image * np.dtype(cfg.encode.dtype).itemsize / 2**30
+    line = (f"encode: {len(images)} files in {len(images.classes)} classes, "
+            f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
+            f"{todo} images to encode on {world} process(es); store ~{gib:.2f} GiB uncompressed")
+    if not todo:
+        return line
+    rate = measure_encoder(vae, cfg.encode.batch_size, cfg.data.image_size, device, cfg.encode.precision)
+    rate *= world / (2 if cfg.encode.flip else 1)
+    return line + f"; about {todo / rate / 60:.1f} min at the VAE's {rate:.0f} images/s"
+
+
 def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = None) -> dict:
     """Encode ``cfg.data.root`` into the store at ``out``; returns a summary of the whole store."""
     rank, world = dist.init()
@@ -145,14 +159,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     names = list(latent_arrays(cfg, latent_shape))
     todo = sum(stop - start for start, stop in map(store.shard_range, shards))
     if rank == 0:
-        nbytes = len(images) * int(np.prod(latent_shape)) * np.dtype(cfg.encode.dtype).itemsize
-        rate = measure_encoder(vae, cfg.encode.batch_size, cfg.data.image_size, device,
-                               cfg.encode.precision) * world / (2 if cfg.encode.flip else 1) if todo else 0
-        print(f"encode: {len(images)} files in {len(images.classes)} classes, "
-              f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
-              f"{todo} images to encode on {world} process(es); "
-              f"store ~{nbytes * len(names) / 2**30:.2f} GiB before compression; "
-              f"estimated {todo / rate / 60 if todo else 0:.1f} min at the VAE's {rate:.0f} images/s")
+        print(_plan(cfg, images, store, todo, world, vae, device, len(names) * np.prod(latent_shape)))
 
     loader = DataLoader(
         _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict),
