@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import flows  # noqa: F401  (its environment defaults apply to the test server too)
@@ -22,6 +23,16 @@ def with_overrides(cfg: Config, **sections) -> Config:
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return Config.model_validate(data)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Non-zero weights everywhere (adaLN-Zero makes a fresh SiT output exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
 
 
 def jpeg_bytes(rgb: np.ndarray, mode: str = "RGB") -> bytes:

@@ -6,14 +6,12 @@ from sra2.generate import generate, read_npz_images, write_grid, write_npz
 from sra2.models import build
 from sra2.store import ShardedStore
 
-from conftest import with_overrides
+from conftest import randomize, with_overrides
 
 
 def export_random_sit(path, cfg, seed=0):
-    torch.manual_seed(seed)
     model = build(cfg.model.name, input_size=4, num_classes=cfg.model.num_classes, learn_sigma=False)
-    for p in model.parameters():  # a non-trivial velocity field (a fresh SiT outputs zero)
-        torch.nn.init.normal_(p, std=0.05)
+    randomize(model, seed, std=0.05)  # a non-trivial velocity field (a fresh SiT outputs zero)
     torch.save({"name": cfg.model.name, "ema": model.state_dict()}, path)
     return path
 

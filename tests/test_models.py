@@ -15,6 +15,8 @@ from sra2.align import build_projector, projector_for
 from sra2.config import Align
 from sra2.models import TimestepEmbedder, build, load_checkpoint, patchify, unpatchify
 
+from conftest import randomize
+
 
 def align_cfg(**overrides) -> Align:
     base = dict(enabled=True, layer=2, depth=5, width=None, loss="smooth_l1", beta=0.05,
@@ -30,16 +32,6 @@ def count(module: nn.Module) -> int:
 def meta_model(name: str, **kwargs):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         return build(name, **kwargs)
-
-
-def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
-    """Non-zero weights everywhere (adaLN-Zero makes a fresh model the identity / zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 def inputs(n: int = 2, size: int = 32, num_classes: int = 1000, seed: int = 0):

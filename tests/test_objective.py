@@ -11,20 +11,13 @@ from sra2.config import Align
 from sra2.models import build, patchify, unpatchify
 from sra2.transport import from_repa_time, interpolate, training_loss
 
+from conftest import randomize
+
 
 def align_cfg(**overrides) -> Align:
     base = dict(enabled=True, layer=2, depth=2, width=None, loss="smooth_l1", beta=0.05,
                 weight=1.0, t_min=0.0, t_max=1.0, target="sample")
     return Align(**{**base, **overrides})
-
-
-def randomize(module: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def batch(n: int = 4, seed: int = 0):

@@ -12,6 +12,8 @@ from torch import nn
 from sra2.models import build
 from sra2.sampling import guided_velocity, randn, sample, sde_drift, sde_euler_maruyama
 
+from conftest import randomize
+
 M, S = 1.5, 0.5  # data distribution N(M, S^2) per dimension
 N = 20_000       # scalar samples
 
@@ -149,14 +151,8 @@ def test_per_row_generators_make_each_sample_depend_on_its_own_seed_only():
 # ------------------------------------------------------------------------------------------- CFG
 
 def randomized_micro(num_classes: int = 10) -> nn.Module:
-    torch.manual_seed(0)
     model = build("SiT-Micro/2", input_size=16, num_classes=num_classes, learn_sigma=False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return randomize(model)
 
 
 class BatchCounter(nn.Module):
