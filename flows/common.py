@@ -25,6 +25,13 @@ def parse(doc: str, outputs: dict[str, str], argv: list[str] | None = None) -> t
     return cfg, args
 
 
+def is_main() -> bool:
+    """True on the process that writes shared outputs (rank 0 under torchrun, else always)."""
+    from sra2 import dist
+
+    return dist.init()[0] == 0
+
+
 class Progress:
     """A Prefect progress artifact, updated at most every ``every`` seconds."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import Progress, parse, table
+from flows.common import Progress, is_main, parse, table
 from sra2 import atomic
 from sra2.config import Config
 from sra2.encode import encode_dataset
@@ -16,6 +16,8 @@ from sra2.encode import encode_dataset
 @flow(name="sra2-encode", log_prints=True, retries=1)  # a retry resumes from the finished shards
 def encode_flow(cfg: Config, out: str, summary: str) -> dict:
     result = encode_dataset(cfg, out, Progress("encode-progress", f"encoding {cfg.data.root}"))
+    if not is_main():
+        return result
     atomic.write_json(summary, result)
     table("encode-summary", result, f"encode of {cfg.data.root} into {out}")
     print(f"encoded {result['encoded']} images, rejected {result['rejected']}, "

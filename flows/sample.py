@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import Progress, parse
+from flows.common import Progress, is_main, parse
 from sra2 import vae
 from sra2.config import Config
 from sra2.generate import generate, write_grid, write_npz
@@ -21,6 +21,8 @@ def sample_flow(cfg: Config, ema: str, out: str) -> None:
     out_dir = Path(out)
     progress = Progress("sample-progress", f"sampling {cfg.sample.num_samples} images")
     store = ShardedStore(generate(cfg, ema, out_dir / "shards", progress))
+    if not is_main():
+        return
     write_npz(store, out_dir / "samples.npz")
     caption = "DEMO: random-weight VAE, decoded images are not meaningful" if vae.is_random(cfg.vae) else ""
     write_grid(store.array("images")[: cfg.sample.grid], out_dir / "grid.png", caption)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import Progress, parse, table
+from flows.common import Progress, is_main, parse, table
 from sra2 import atomic
 from sra2.config import Config
 from sra2.train import train
@@ -19,6 +19,8 @@ from sra2.train import train
 @flow(name="sra2-train", log_prints=True, retries=1)  # a retry resumes from the last checkpoint
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
     result = train(cfg, latents, out, Progress("train-progress", f"training {cfg.model.name}"))
+    if not is_main():
+        return result
     atomic.write_json(summary, result)
     table("train-summary", result, f"{cfg.model.name} after {cfg.train.steps} steps")
     return result

@@ -194,13 +194,18 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     return summarize(store, seconds, done)
 
 
+def rejects(store: ShardedStore) -> list[dict]:
+    """Files of finished shards that could not be decoded: index, file and reason."""
+    return [r for rec in store.records() for r in rec["rejects"]]
+
+
 def summarize(store: ShardedStore, seconds: float, encoded_now: int) -> dict:
-    rejects = [r for rec in store.records() for r in rec["rejects"]]
+    rejected = rejects(store)
     return {
         "files": store.num_items,
-        "encoded": store.num_items - len(rejects) if store.complete else None,
-        "rejected": len(rejects),
-        "rejects": rejects,
+        "encoded": store.num_items - len(rejected) if store.complete else None,
+        "rejected": len(rejected),
+        "rejects": rejected,
         "complete": store.complete,
         "seconds": round(seconds, 2),
         "images_per_s": round(encoded_now / seconds, 2) if seconds > 0 else None,

@@ -10,6 +10,8 @@ from torch.utils.data import Dataset
 
 from sra2 import atomic
 from sra2.data import load_cropped
+from sra2.encode import rejects
+from sra2.store import ShardedStore
 
 EXTRACTOR = "inception-v3-compat"
 
@@ -93,10 +95,8 @@ def fid_and_is(fake: Dataset, real: Dataset, weights: str | Path | None, batch_s
 
 def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int) -> list[Path]:
     """The encoded dataset's accepted files (rejects left out), a seeded subset of ``num``."""
-    from sra2.store import ShardedStore
-
     store = ShardedStore(latents)
-    rejected = {r["index"] for rec in store.records() for r in rec["rejects"]}
+    rejected = {r["index"] for r in rejects(store)}
     files = [f for i, f in enumerate(store.array("files")[:]) if i not in rejected]
     if num is not None and num < len(files):
         pick = np.sort(np.random.default_rng(seed).choice(len(files), num, replace=False))

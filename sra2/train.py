@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sra2 import atomic, dist
 from sra2.align import projector_for
 from sra2.config import Config
+from sra2.encode import rejects
 from sra2.models import SiT, build
 from sra2.plots import write_loss_plot
 from sra2.store import ShardedStore
@@ -43,10 +44,13 @@ class LatentData:
         if not store.complete:
             raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
                                f"{store.num_shards} shards): run the encode stage to the end first")
-        rejected = {r["index"] for rec in store.records() for r in rec["rejects"]}
-        keep = np.array([i for i in range(store.num_items) if i not in rejected])
-        self.mean = torch.from_numpy(store.array("mean")[:][keep].astype(np.float32))
-        self.std = torch.from_numpy(store.array("std")[:][keep].astype(np.float32))
+        rejected = {r["index"] for r in rejects(store)}
+        keep = np.array([i for i in range(store.num_items) if i not in rejected]) if rejected else slice(None)
+
+        def load(name: str) -> torch.Tensor:  # one copy in memory at a time: ImageNet is ~42 GB
+            return torch.from_numpy(store.array(name)[:][keep].astype(np.float32, copy=False))
+
+        self.mean, self.std = load("mean"), load("std")
         self.labels = torch.from_numpy(store.array("labels")[:][keep])
         self.signature = store.attrs["signature"]
 
