@@ -32,3 +32,12 @@ def device(choice: str, rank: int = 0) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The mean over all processes of each value (itself when there is one process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()

@@ -1,8 +1,8 @@
 """Training: SiT + the SRA 2 alignment loss on cached latents, with EMA, checkpoints and resume.
 
 Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
-dropout) comes from generators seeded by (seed, s), so a run resumed from a checkpoint takes
-exactly the steps an unbroken run would have taken.
+dropout) comes from generators seeded by (seed, s) for the whole global batch, so a run resumed
+from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run would take.
 """
 
 from __future__ import annotations
@@ -150,15 +150,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach(), 1.0 - decay)
 
 
-def _draws(cfg: Config, step: int, rank: int, shape, batch: int):
-    """Every random tensor of one step, from a generator seeded by (seed, step, rank)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank])
-                                          .generate_state(1)[0]))
-    eps = torch.randn((batch, *shape), generator=g)
-    x0 = torch.randn((batch, *shape), generator=g)
-    t = torch.rand(batch, generator=g)
-    drop = torch.rand(batch, generator=g) < cfg.model.class_dropout
-    return eps, x0, t, drop
+def _draws(cfg: Config, step: int, shape, rank: int, world: int):
+    """Every random tensor of one step, drawn for the whole global batch from a generator seeded
+    by (seed, step), then sliced to this rank: the run does not depend on the number of GPUs."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.train.seed, step]).generate_state(1)[0]))
+    n = cfg.train.global_batch
+    draws = (torch.randn((n, *shape), generator=g), torch.randn((n, *shape), generator=g),
+             torch.rand(n, generator=g), torch.rand(n, generator=g) < cfg.model.class_dropout)
+    part = slice(rank * n // world, (rank + 1) * n // world)
+    return tuple(d[part] for d in draws)
 
 
 def build_model(cfg: Config, latent_side: int) -> SiT:
@@ -203,11 +203,11 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     log = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
     runner = objective
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        runner = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", torch.bfloat16) if tc.precision == "bf16" and device.type == "cuda"
                 else nullcontext())
     scale, null = cfg.vae.scale, cfg.model.num_classes
-    per_rank = tc.global_batch // world
     n_params = sum(p.numel() for p in model.parameters())
     n_proj = sum(p.numel() for p in projector.parameters()) if projector is not None else 0
     if rank == 0:
@@ -217,7 +217,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
     for step in range(start, tc.steps):
         idx = torch.from_numpy(batch_indices(step, tc.global_batch, len(data), tc.seed, rank, world))
-        eps, x0, t, drop = _draws(cfg, step, rank, shape, per_rank)
+        eps, x0, t, drop = _draws(cfg, step, shape, rank, world)
         mean, std = data.mean[idx].to(device), data.std[idx].to(device)
         x1 = (mean + std * eps.to(device)) * scale
         target = x1 if cfg.align.target == "sample" else mean * scale
@@ -234,7 +234,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         done = step + 1
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.steps:
-            row = dict(zip(LOG_COLUMNS, [done, *(sums / count).round(6).tolist()]))
+            means = dist.mean_across_ranks((sums / count).tolist(), device)
+            row = dict(zip(LOG_COLUMNS, [done, *np.round(means, 6).tolist()]))
             rate = count * tc.global_batch / (time.perf_counter() - tick)
             sums, count, tick = np.zeros(4), 0, time.perf_counter()
             if log is not None:

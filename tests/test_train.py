@@ -77,3 +77,32 @@ def test_baseline_has_no_projector(tmp_path, tiny, latents):
     cfg = with_overrides(tiny, align={"enabled": False}, train={"steps": 5, "log_every": 5})
     summary = train(cfg, latents, tmp_path)
     assert summary["projector_parameters"] == 0 and summary["loss_align"] == 0
+
+
+def test_two_processes_train_like_one(tmp_path, tiny, latents):
+    """DDP over gloo: each rank takes half of the global batch; the result matches one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": {"steps": 6, "ckpt_every": 6, "log_every": 3}}))
+    script = tmp_path / "train_script.py"
+    script.write_text("import sys\nfrom sra2.config import load\nfrom sra2.train import train\n"
+                      "train(load(sys.argv[1]), sys.argv[2], sys.argv[3])\n")
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(params),
+                          str(latents), str(tmp_path / "two")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    train(with_overrides(tiny, train={"steps": 6, "ckpt_every": 6, "log_every": 3}), latents, tmp_path / "one")
+    one, two = (torch.load(tmp_path / d / "ema.pt", weights_only=False)["ema"] for d in ("one", "two"))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in ("one", "two")]
+    for a, b in zip(rows[0][1:], rows[1][1:]):
+        np.testing.assert_allclose([float(v) for v in a.split(",")], [float(v) for v in b.split(",")], rtol=1e-3)
