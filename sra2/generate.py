@@ -7,7 +7,6 @@ Sample i's label and every noise draw (initial latent, SDE steps) come from seed
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import zipfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from sra2 import atomic, dist, vae as vae_lib
 from sra2.config import Config
 from sra2.models import load_checkpoint
 from sra2.sampling import guided_velocity, randn, sample
-from sra2.store import ShardedStore
+from sra2.store import ShardedStore, digest
 
 Progress = Callable[[int, int], None]
 
@@ -57,8 +56,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     signature = {"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
                  "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})}
     # one folder per signature: new weights or settings start afresh, old samples stay put
-    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(out) / digest
+    path = Path(out) / digest(signature)
     if rank == 0:
         ShardedStore.open_or_create(
             path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one

@@ -9,6 +9,7 @@ mark is rewritten whole on resume, so a killed run ends with the same bytes as a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,11 @@ COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 class StoreMismatch(ValueError):
     """An existing store was made with other settings than the ones asked for now."""
+
+
+def digest(signature: dict[str, Any]) -> str:
+    """A short name for a set of settings: runs with other settings get other folders."""
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def sweep_partial_writes(path: Path) -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
-import hashlib
 import io
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,7 +27,7 @@ from sra2.config import Config
 from sra2.encode import rejects
 from sra2.models import SiT, build
 from sra2.plots import write_loss_plot
-from sra2.store import ShardedStore
+from sra2.store import ShardedStore, digest
 from sra2.transport import training_loss
 
 Progress = Callable[[int, int, dict], None]
@@ -103,8 +101,7 @@ class Checkpoints:
     """
 
     def __init__(self, folder: str | Path, signature: dict):
-        text = json.dumps(signature, sort_keys=True)
-        self.folder = Path(folder) / hashlib.sha256(text.encode()).hexdigest()[:12]
+        self.folder = Path(folder) / digest(signature)
         self.signature = signature
 
     def latest(self) -> Path | None:
