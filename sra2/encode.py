@@ -91,12 +91,14 @@ class _ShardAssembler:
             self._submit(shard, self.parts.pop(shard))
 
     def _submit(self, shard: int, parts: list) -> None:
-        data = {n: np.concatenate([p[0][k] for p in parts]).astype(self.dtype)
-                for k, n in enumerate(self.names)}
-        record = {"rejects": [r for p in parts for r in p[1]]}
         while len(self.pending) >= 2:  # bound the memory held by shards waiting to be written
             self.pending.pop(0).result()
-        self.pending.append(self.writer.submit(self.store.write_shard, shard, data, record))
+        self.pending.append(self.writer.submit(self._write, shard, parts))
+
+    def _write(self, shard: int, parts: list) -> None:
+        data = {n: np.concatenate([p[0][k] for p in parts]).astype(self.dtype, copy=False)
+                for k, n in enumerate(self.names)}
+        self.store.write_shard(shard, data, {"rejects": [r for p in parts for r in p[1]]})
 
     def close(self) -> None:
         for f in self.pending:
@@ -172,20 +174,35 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     assembler = _ShardAssembler(store, names, cfg.encode.dtype)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)
+
+    def finish(indices: list[int], reasons: list[str], staged: list[torch.Tensor], ready) -> None:
+        nonlocal done
+        if ready is not None:
+            ready.synchronize()
+        rejects = [{"index": i, "file": images.files[i], "reason": r}
+                   for i, r in zip(indices, reasons) if r]
+        assembler.add(indices, [t.numpy() for t in staged], rejects)
+        done += len(indices)
+        bar.update(len(indices))
+        if progress:
+            progress(done, todo)
+
+    in_flight = None  # on a GPU, batch i is copied back while batch i + 1 is encoded
     try:
         for idx, pixels, reasons in loader:
             x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
             with autocast:
                 views = [x, x.flip(3)] if cfg.encode.flip else [x]
-                outputs = [t.cpu().numpy() for v in views for t in vae_lib.encode(vae, v)]
-            indices = idx.tolist()
-            rejects = [{"index": i, "file": images.files[i], "reason": r}
-                       for i, r in zip(indices, reasons) if r]
-            assembler.add(indices, outputs, rejects)
-            done += len(indices)
-            bar.update(len(indices))
-            if progress:
-                progress(done, todo)
+                outputs = [t for v in views for t in vae_lib.encode(vae, v)]
+            staged = [t.to("cpu", non_blocking=True) for t in outputs]
+            ready = torch.cuda.Event() if device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
+            if in_flight:
+                finish(*in_flight)
+            in_flight = (idx.tolist(), reasons, staged, ready)
+        if in_flight:
+            finish(*in_flight)
     finally:
         assembler.close()
         bar.close()
