@@ -27,20 +27,22 @@ class Section(BaseModel):
 
 
 class DemoData(Section):
-    classes: int
-    per_class: int
-    min_side: int
+    classes: int  # one drawn shape or texture per class (at most 10)
+    per_class: int  # JPEG files per class
+    min_side: int  # image sides are drawn from [min_side, max_side] pixels
     max_side: int
     seed: int
 
 
 class Data(Section):
     root: str  # ImageFolder: root/<class>/<image>; class index = rank of the folder name
-    image_size: int
+    image_size: int  # side of the ADM centre crop the VAE sees (latents are 1/8 of it)
     demo: DemoData | None = None  # when set, the demo stage draws this dataset into `root`
 
 
 class RandomVAE(Section):
+    """An AutoencoderKL of this shape with seeded weights; SD-VAE is [128, 256, 512, 512], 2, 32."""
+
     block_out_channels: list[int]
     layers_per_block: int
     norm_num_groups: int
@@ -50,7 +52,7 @@ class RandomVAE(Section):
 class VAE(Section):
     source: str  # hub id, local directory, or "random" (seeded weights, offline demo)
     random: RandomVAE | None = None
-    scale: float = 0.18215
+    scale: float = 0.18215  # latents are multiplied by this before diffusion
 
     @model_validator(mode="after")
     def _random_needs_shape(self):
@@ -60,15 +62,15 @@ class VAE(Section):
 
 
 class Encode(Section):
-    batch_size: int
+    batch_size: int  # images per VAE call
     shard_size: int  # images per shard: the unit of writing and of resuming
     chunk_size: int  # images per chunk: the unit of random reads
-    workers: int
+    workers: int  # processes decoding and cropping JPEGs
     dtype: Literal["float32", "float16"]
     precision: Literal["fp32", "bf16", "fp16"]  # VAE compute dtype on a GPU; CPU runs fp32
     flip: bool  # also store the latents of the horizontally flipped image
     strict: bool  # stop at the first undecodable file instead of listing it as rejected
-    device: Literal["auto", "cpu", "cuda"]
+    device: Literal["auto", "cpu", "cuda"]  # auto: this rank's GPU if there is one
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -80,9 +82,9 @@ class Encode(Section):
 
 class Model(Section):
     name: str  # a key of sra2.models.SiT_models, e.g. "SiT-B/2"
-    num_classes: int
-    learn_sigma: bool
-    class_dropout: float
+    num_classes: int  # label num_classes is the null class of classifier-free guidance
+    learn_sigma: bool  # 8 output channels as in the official SiT (the second half is unused)
+    class_dropout: float  # probability of training on the null label
 
 
 class Align(Section):
@@ -99,32 +101,32 @@ class Align(Section):
 
 
 class Train(Section):
-    steps: int
-    global_batch: int
-    lr: float
+    steps: int  # optimizer steps in total; raising it resumes a finished run
+    global_batch: int  # images per step over all processes
+    lr: float  # AdamW, constant
     weight_decay: float
     betas: list[float]
-    ema_decay: float
-    grad_clip: float
-    precision: Literal["fp32", "bf16"]
-    ckpt_every: int
-    log_every: int
+    ema_decay: float  # EMA of the SiT weights, updated every step
+    grad_clip: float  # max global gradient norm
+    precision: Literal["fp32", "bf16"]  # bf16 autocast on a GPU; losses are computed in fp32
+    ckpt_every: int  # steps between checkpoints (the unit of resuming)
+    log_every: int  # steps averaged into one row of metrics.csv
     seed: int
     device: Literal["auto", "cpu", "cuda"]
 
 
 class Sample(Section):
     num_samples: int
-    batch_size: int
-    shard_size: int
+    batch_size: int  # images per network call (does not change the images)
+    shard_size: int  # images per shard: the unit of resuming
     sampler: Literal["sde", "ode-euler", "ode-heun"]
-    steps: int
+    steps: int  # network evaluations for sde and ode-euler; ode-heun takes two per step
     last_step: float  # SDE only: the final deterministic step, from 1 - last_step to 1
-    cfg_scale: float
+    cfg_scale: float  # 1 means no guidance
     cfg_channels: int  # guidance on the first N latent channels (SiT: 3, REPA: 4)
     cfg_interval: list[float]  # [t_low, t_high] in SiT time: guidance only inside
     grid: int  # images in the PNG grid
-    seed: int
+    seed: int  # sample i's label and noise depend on (seed, i) only
     device: Literal["auto", "cpu", "cuda"]
 
 
@@ -132,8 +134,8 @@ class Evaluate(Section):
     inception: str  # "random" (seeded, offline demo), "download", or a local .pth path
     inception_seed: int
     num_real: int | None  # real images for FID; None means all of data.root
-    batch_size: int
-    seed: int
+    batch_size: int  # images per Inception call
+    seed: int  # picks the num_real subset
     device: Literal["auto", "cpu", "cuda"]
 
 
