@@ -9,14 +9,16 @@ import time
 from sra2.config import Config, ConfigError, load
 
 
-def parse(doc: str, outputs: dict[str, str], argv: list[str] | None = None) -> tuple[Config, dict]:
-    """Parse ``--params`` and the stage's paths; a bad parameter file ends the process at once,
-    before Prefect starts, with the offending key named."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
+          argv: list[str] | None = None) -> tuple[Config, dict]:
+    """Parse ``--params`` and the stage's paths (name: (default, help)); a bad parameter file ends
+    the process at once, before Prefect starts, with the offending key named."""
+    parser = argparse.ArgumentParser(prog=f"python -m flows.{stage}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml",
                         help="parameter file: a preset name and overrides (default: params.yaml)")
-    for name, default in outputs.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"(default: {default})")
+    for name, (default, text) in paths.items():
+        parser.add_argument(f"--{name}", default=default, help=f"{text} (default: {default})")
     args = vars(parser.parse_args(argv))
     try:
         cfg = load(args["params"])

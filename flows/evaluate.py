@@ -37,8 +37,9 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, {"samples": "data/samples/samples.npz", "latents": "data/latents",
-                                "out": "data/metrics.json"}, argv)
+    cfg, args = parse("evaluate", __doc__, {"samples": ("data/samples/samples.npz", "samples in the ADM format (arr_0, uint8 NHWC)"),
+                                "latents": ("data/latents", "the encoded dataset: its files are the real images"),
+                                "out": ("data/metrics.json", "fid and inception_score, for dvc metrics")}, argv)
     evaluate_flow(cfg, args["samples"], args["latents"], args["out"])
 
 

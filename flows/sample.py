@@ -30,7 +30,8 @@ def sample_flow(cfg: Config, ema: str, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse(__doc__, {"ema": "data/train/ema.pt", "out": "data/samples"}, argv)
+    cfg, args = parse("sample", __doc__, {"ema": ("data/train/ema.pt", "weights: our export, or an official SiT / REPA checkpoint"),
+                                "out": ("data/samples", "shards/, samples.npz (ADM format) and grid.png")}, argv)
     sample_flow(cfg, args["ema"], args["out"])
 
 
