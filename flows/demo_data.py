@@ -31,8 +31,10 @@ def demo_data_flow(cfg: Config, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse("demo_data", __doc__, {"out": ("data/demo", "folder the demo images are drawn into")}, argv)
-    if cfg.data.demo is not None and not Path(cfg.data.root).resolve().is_relative_to(Path(args["out"]).resolve()):
+    cfg, args = parse("demo_data", __doc__, {
+        "out": ("data/demo", "folder the demo images are drawn into")}, argv)
+    inside = Path(cfg.data.root).resolve().is_relative_to(Path(args["out"]).resolve())
+    if cfg.data.demo is not None and not inside:
         raise SystemExit(f"error: data.root ({cfg.data.root}) must lie inside {args['out']} "
                          "when data.demo is set, so that DVC tracks the images it draws")
     demo_data_flow(cfg, args["out"])

@@ -26,8 +26,9 @@ def encode_flow(cfg: Config, out: str, summary: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse("encode", __doc__, {"out": ("data/latents", "the zarr latent store (resumed if it exists)"),
-                                "summary": ("data/encode.json", "counts, rejects and speed, for dvc metrics")}, argv)
+    cfg, args = parse("encode", __doc__, {
+        "out": ("data/latents", "the zarr latent store (resumed if it exists)"),
+        "summary": ("data/encode.json", "counts, rejects and speed, for dvc metrics")}, argv)
     encode_flow(cfg, args["out"], args["summary"])
 
 

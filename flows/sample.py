@@ -24,14 +24,15 @@ def sample_flow(cfg: Config, ema: str, out: str) -> None:
     if not is_main():
         return
     write_npz(store, out_dir / "samples.npz")
-    caption = "DEMO: random-weight VAE, decoded images are not meaningful" if vae.is_random(cfg.vae) else ""
+    caption = "DEMO: random-weight VAE, decoded images mean nothing" if vae.is_random(cfg.vae) else ""
     write_grid(store.array("images")[: cfg.sample.grid], out_dir / "grid.png", caption)
     print(f"wrote {out_dir / 'samples.npz'} and {out_dir / 'grid.png'}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse("sample", __doc__, {"ema": ("data/train/ema.pt", "weights: our export, or an official SiT / REPA checkpoint"),
-                                "out": ("data/samples", "shards/, samples.npz (ADM format) and grid.png")}, argv)
+    cfg, args = parse("sample", __doc__, {
+        "ema": ("data/train/ema.pt", "weights: our export, or an official SiT / REPA checkpoint"),
+        "out": ("data/samples", "shards/, samples.npz (ADM format) and grid.png")}, argv)
     sample_flow(cfg, args["ema"], args["out"])
 
 

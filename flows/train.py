@@ -27,9 +27,10 @@ def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse("train", __doc__, {"latents": ("data/latents", "the latent store written by encode"),
-                                "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
-                                "summary": ("data/train.json", "final losses, for dvc metrics")}, argv)
+    cfg, args = parse("train", __doc__, {
+        "latents": ("data/latents", "the latent store written by encode"),
+        "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
+        "summary": ("data/train.json", "final losses, for dvc metrics")}, argv)
     Path(args["out"]).mkdir(parents=True, exist_ok=True)
     train_flow(cfg, args["latents"], args["out"], args["summary"])
 

@@ -133,7 +133,10 @@ class Sample(Section):
 class Evaluate(Section):
     inception: str  # "random" (seeded, offline demo), "download", or a local .pth path
     inception_seed: int
-    num_real: int | None  # real images for FID; None means all of data.root
+    # FID reference: an ADM-format .npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz,
+    # the statistics papers report against), or None: the real images of the encoded dataset
+    reference: str | None
+    num_real: int | None  # real images for FID without a reference file; None means all
     batch_size: int  # images per Inception call
     seed: int  # picks the num_real subset
     device: Literal["auto", "cpu", "cuda"]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sra2 import atomic
+from sra2 import atomic, dist
+from sra2.config import Config
 from sra2.data import load_cropped
 from sra2.encode import rejects
+from sra2.generate import read_npz_images
 from sra2.store import ShardedStore
 
 EXTRACTOR = "inception-v3-compat"
@@ -78,19 +81,48 @@ def inception_weights(choice: str, seed: int, scratch: Path) -> Path | None:
     return Path(choice)
 
 
-def fid_and_is(fake: Dataset, real: Dataset, weights: str | Path | None, batch_size: int,
-               device: torch.device) -> dict[str, float]:
-    """FID(fake, real) and IS(fake); ``weights`` None lets torch-fidelity download the real ones."""
-    import torch_fidelity
+def inception_features(images: Dataset, weights: str | Path | None, batch_size: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """Pool features ("2048") and logits ("logits_unbiased") of torch-fidelity's InceptionV3;
+    ``weights`` None lets torch-fidelity download the real ones."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-    result = torch_fidelity.calculate_metrics(
-        input1=fake, input2=real, fid=True, isc=True, isc_splits=min(10, len(fake)),
-        feature_extractor=EXTRACTOR, feature_extractor_weights_path=str(weights) if weights else None,
-        batch_size=batch_size, cuda=device.type == "cuda", cache=False, verbose=False,
-        save_cpu_ram=True)
-    return {"fid": float(result["frechet_inception_distance"]),
-            "inception_score": float(result["inception_score_mean"]),
-            "inception_score_std": float(result["inception_score_std"])}
+    cuda = device.type == "cuda"
+    extractor = create_feature_extractor(
+        EXTRACTOR, ["2048", "logits_unbiased"], cuda=cuda, verbose=False,
+        feature_extractor_weights_path=str(weights) if weights else None)
+    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=True,
+                                         verbose=False)
+
+
+def statistics(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """FID statistics (mean and covariance of the pool features), in float64 as ADM stores them."""
+    pool = features["2048"].double().numpy()
+    return {"mu": pool.mean(axis=0), "sigma": np.cov(pool, rowvar=False)}
+
+
+def load_reference(path: str | Path) -> dict[str, np.ndarray]:
+    """``mu`` and ``sigma`` of a reference batch in ADM's format (VIRTUAL_imagenet256_labeled.npz)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"evaluate.reference: no reference statistics at {str(path)!r}")
+    with np.load(path) as npz:
+        missing = {"mu", "sigma"} - set(npz.files)
+        if missing:
+            raise ValueError(f"evaluate.reference {str(path)!r} lacks {sorted(missing)}")
+        return {"mu": npz["mu"].astype(np.float64), "sigma": npz["sigma"].astype(np.float64)}
+
+
+def fid_and_is(fake: dict[str, torch.Tensor], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """FID of the fake features against reference statistics, and the fakes' Inception Score,
+    with torch-fidelity's formulas (IS: 10 splits, its default shuffle and seed)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    fid = fid_statistics_to_metric(statistics(fake), reference, verbose=False)
+    isc = isc_features_to_metric(fake["logits_unbiased"], splits=min(10, len(fake["logits_unbiased"])))
+    return {"fid": float(fid["frechet_inception_distance"]),
+            "inception_score": float(isc["inception_score_mean"]),
+            "inception_score_std": float(isc["inception_score_std"])}
 
 
 def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int) -> list[Path]:
@@ -102,3 +134,24 @@ def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int
         pick = np.sort(np.random.default_rng(seed).choice(len(files), num, replace=False))
         files = [files[i] for i in pick]
     return [Path(root) / f for f in files]
+
+
+def evaluate(cfg: Config, samples: str | Path, latents: str | Path) -> dict:
+    """FID and IS of the ADM ``.npz`` at ``samples``, against ``evaluate.reference`` statistics
+    or against the real images of the encoded dataset at ``latents``."""
+    ec = cfg.evaluate
+    device = dist.device(ec.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
+        fake = inception_features(ArrayImages(read_npz_images(samples)), weights, ec.batch_size, device)
+        if ec.reference:
+            reference, against = load_reference(ec.reference), ec.reference
+        else:
+            real = CroppedFiles(real_files(latents, cfg.data.root, ec.num_real, ec.seed),
+                                cfg.data.image_size)
+            reference = statistics(inception_features(real, weights, ec.batch_size, device))
+            against = f"{len(real)} real images of {cfg.data.root}"
+    note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
+            if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")
+    return {**fid_and_is(fake, reference), "num_samples": len(fake["2048"]),
+            "fid_reference": against, "inception_weights": note, "preset": cfg.preset}
