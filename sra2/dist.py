@@ -34,10 +34,10 @@ def device(choice: str, rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    """The mean over all processes of each value (itself when there is one process)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+def mean_across_ranks(values: torch.Tensor) -> list[float]:
+    """The mean over all processes of each value (the values themselves with one process)."""
+    if dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values.tolist()

@@ -48,7 +48,8 @@ class _CroppedFiles(Dataset):
 def _signature(cfg: Config, images: ImageList) -> dict:
     listing = hashlib.sha256(json.dumps([images.files, images.labels]).encode()).hexdigest()
     return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
-            "dtype": cfg.encode.dtype, "flip": cfg.encode.flip, "files_sha256": listing}
+            "files_sha256": listing,
+            **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"})}
 
 
 def latent_arrays(cfg: Config, latent_shape: tuple[int, ...]) -> dict[str, tuple]:

@@ -158,6 +158,20 @@ def _draws(cfg: Config, step: int, shape, rank: int, world: int):
     return tuple(d[part] for d in draws)
 
 
+def _resume(ckpts: Checkpoints, steps: int, **parts) -> int:
+    """Load the latest checkpoint of this run into ``parts``; returns its step (0 if none)."""
+    state = ckpts.load()
+    if state is None:
+        return 0
+    if state["step"] > steps:
+        raise ValueError(f"train.steps is {steps} but {ckpts.latest()} is already at step "
+                         f"{state['step']}: raise train.steps, or sample from that checkpoint")
+    for name, part in parts.items():
+        if part is not None:
+            part.load_state_dict(state[name])
+    return state["step"]
+
+
 def build_model(cfg: Config, latent_side: int) -> SiT:
     return build(cfg.model.name, input_size=latent_side, num_classes=cfg.model.num_classes,
                  learn_sigma=cfg.model.learn_sigma)
@@ -185,18 +199,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sig = signature(cfg, data.signature)
     ckpts = Checkpoints(out / "checkpoints", sig)
-    state = ckpts.load()
-    start = 0
-    if state and state["step"] > tc.steps:
-        raise ValueError(f"train.steps is {tc.steps} but {ckpts.latest()} is already at step "
-                         f"{state['step']}: raise train.steps, or sample from that checkpoint")
-    if state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        if projector is not None:
-            projector.load_state_dict(state["projector"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    start = _resume(ckpts, tc.steps, model=model, ema=ema, projector=projector, opt=opt)
     log = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
     runner = objective
     if world > 1:
@@ -210,7 +213,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     if rank == 0:
         print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, projector "
               f"{n_proj / 1e6:.2f}M, {len(data)} latents {shape}, steps {start} -> {tc.steps}")
-    sums, count, tick = np.zeros(4), 0, time.perf_counter()
+    # loss sums stay on the device: no host sync per step, one per logged row
+    sums, count, tick = torch.zeros(4, dtype=torch.float64, device=device), 0, time.perf_counter()
     bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
     for step in range(start, tc.steps):
         idx = torch.from_numpy(batch_indices(step, tc.global_batch, len(data), tc.seed, rank, world))
@@ -226,15 +230,15 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         ema_update(ema, model, tc.ema_decay)
-        sums += [total.item(), velocity.item(), aligned.item(), grad_norm.item()]
+        sums += torch.stack([total.detach(), velocity.detach(), aligned.detach(), grad_norm]).double()
         count += 1
         done = step + 1
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.steps:
-            means = dist.mean_across_ranks((sums / count).tolist(), device)
+            means = dist.mean_across_ranks(sums / count)
             row = dict(zip(LOG_COLUMNS, [done, *np.round(means, 6).tolist()]))
             rate = count * tc.global_batch / (time.perf_counter() - tick)
-            sums, count, tick = np.zeros(4), 0, time.perf_counter()
+            sums, count, tick = torch.zeros_like(sums), 0, time.perf_counter()
             if log is not None:
                 log.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
