@@ -127,6 +127,7 @@ class Sample(Section):
     cfg_interval: list[float]  # [t_low, t_high] in SiT time: guidance only inside
     grid: int  # images in the PNG grid
     seed: int  # sample i's label and noise depend on (seed, i) only
+    precision: Literal["fp32", "bf16"]  # network compute on a GPU (the sampler's state stays fp32)
     device: Literal["auto", "cpu", "cuda"]
 
 

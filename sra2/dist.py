@@ -1,8 +1,9 @@
-"""torchrun helpers: rank and world from the environment, gloo on the CPU, nccl on GPUs."""
+"""Devices and processes: torchrun rank and world (gloo on the CPU, nccl on GPUs), autocast."""
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,16 @@ def init() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision on a GPU for "bf16"/"fp16"; a no-op for "fp32" and on the CPU."""
+    if device.type == "cuda" and precision in AUTOCAST:
+        return torch.autocast("cuda", AUTOCAST[precision])
+    return nullcontext()
 
 
 def barrier() -> None:

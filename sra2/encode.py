@@ -7,7 +7,6 @@ import hashlib
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,6 @@ from sra2.data import BadImage, ImageList, list_images, load_cropped
 from sra2.store import ShardedStore
 
 Progress = Callable[[int, int], None]
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _CroppedFiles(Dataset):
@@ -116,7 +114,7 @@ def measure_encoder(vae: torch.nn.Module, batch: int, size: int, device: torch.d
                     precision: str = "fp32", repeats: int = 3) -> float:
     """Images/s of the bare VAE encoder on a batch already on the device (after one warm-up)."""
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    with _autocast(device, precision):
+    with dist.autocast(device, precision):
         vae_lib.encode(vae, x)
         _synchronize(device)
         start = time.perf_counter()
@@ -124,12 +122,6 @@ def measure_encoder(vae: torch.nn.Module, batch: int, size: int, device: torch.d
             vae_lib.encode(vae, x)
         _synchronize(device)
     return batch * repeats / (time.perf_counter() - start)
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in AUTOCAST:
-        return torch.autocast("cuda", AUTOCAST[precision])
-    return nullcontext()
 
 
 def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world: int,
@@ -171,7 +163,6 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         prefetch_factor=4 if cfg.encode.workers else None,
         # not fork: a worker forked from a process running Prefect's threads dies at exit
         multiprocessing_context="forkserver" if cfg.encode.workers else None)
-    autocast = _autocast(device, cfg.encode.precision)
     assembler = _ShardAssembler(store, names, cfg.encode.dtype)
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)
@@ -192,7 +183,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     try:
         for idx, pixels, reasons in loader:
             x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-            with autocast:
+            with dist.autocast(device, cfg.encode.precision):
                 views = [x, x.flip(3)] if cfg.encode.flip else [x]
                 outputs = [t for v in views for t in vae_lib.encode(vae, v)]
             staged = [t.to("cpu", non_blocking=True) for t in outputs]

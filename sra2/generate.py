@@ -78,8 +78,9 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
             gens = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in index]
             y = torch.from_numpy(labels[index.start:index.stop]).to(device)
             velocity = guided_velocity(model, y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
-            z = sample(sc.sampler, velocity, randn((len(index), *latent), gens, device), gens,
-                       sc.steps, sc.last_step)
+            with dist.autocast(device, sc.precision):
+                z = sample(sc.sampler, velocity, randn((len(index), *latent), gens, device), gens,
+                           sc.steps, sc.last_step)
             images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
             done += len(index)
             bar.update(len(index))

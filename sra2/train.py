@@ -12,7 +12,6 @@ import csv
 import functools
 import io
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -205,8 +204,6 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", torch.bfloat16) if tc.precision == "bf16" and device.type == "cuda"
-                else nullcontext())
     scale, null = cfg.vae.scale, cfg.model.num_classes
     n_params = sum(p.numel() for p in model.parameters())
     n_proj = sum(p.numel() for p in projector.parameters()) if projector is not None else 0
@@ -223,7 +220,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         x1 = (mean + std * eps.to(device)) * scale
         target = x1 if cfg.align.target == "sample" else mean * scale
         y = torch.where(drop, torch.full_like(data.labels[idx], null), data.labels[idx]).to(device)
-        with autocast:
+        with dist.autocast(device, tc.precision):
             total, velocity, aligned = runner(x1, y, t.to(device), x0.to(device), target)
         opt.zero_grad(set_to_none=True)
         total.backward()
