@@ -3,8 +3,6 @@ in batches, write finished shards from a background thread."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +16,7 @@ from tqdm import tqdm
 from sra2 import dist, vae as vae_lib
 from sra2.config import Config
 from sra2.data import BadImage, ImageList, list_images, load_cropped
-from sra2.store import ShardedStore
+from sra2.store import ShardedStore, digest
 
 Progress = Callable[[int, int], None]
 
@@ -44,9 +42,8 @@ class _CroppedFiles(Dataset):
 
 
 def _signature(cfg: Config, images: ImageList) -> dict:
-    listing = hashlib.sha256(json.dumps([images.files, images.labels]).encode()).hexdigest()
     return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
-            "files_sha256": listing,
+            "files": digest({"files": images.files, "labels": images.labels}),
             **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"})}
 
 

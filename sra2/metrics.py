@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -81,16 +82,23 @@ def inception_weights(choice: str, seed: int, scratch: Path) -> Path | None:
     return Path(choice)
 
 
+@functools.lru_cache(maxsize=2)
+def _extractor(weights: str | None, cuda: bool):
+    """torch-fidelity's InceptionV3, built once per weights file (fakes and reals share it)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    return create_feature_extractor(EXTRACTOR, ["2048", "logits_unbiased"], cuda=cuda,
+                                    verbose=False, feature_extractor_weights_path=weights)
+
+
 def inception_features(images: Dataset, weights: str | Path | None, batch_size: int,
                        device: torch.device) -> dict[str, torch.Tensor]:
     """Pool features ("2048") and logits ("logits_unbiased") of torch-fidelity's InceptionV3;
     ``weights`` None lets torch-fidelity download the real ones."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     cuda = device.type == "cuda"
-    extractor = create_feature_extractor(
-        EXTRACTOR, ["2048", "logits_unbiased"], cuda=cuda, verbose=False,
-        feature_extractor_weights_path=str(weights) if weights else None)
+    extractor = _extractor(str(weights) if weights else None, cuda)
     return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=True,
                                          verbose=False)
 
