@@ -1,4 +1,5 @@
-"""What the stage flows share: the command line, the config check, Prefect progress and tables."""
+"""What the stage flows share: the command line, the config check, the workers, Prefect progress
+and tables."""
 
 from __future__ import annotations
 
@@ -22,16 +23,12 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
     args = vars(parser.parse_args(argv))
     try:
         cfg = load(args["params"])
+        from sra2 import launch
+
+        launch.plan(cfg.launch)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     return cfg, args
-
-
-def is_main() -> bool:
-    """True on the process that writes shared outputs (rank 0 under torchrun, else always)."""
-    from sra2 import dist
-
-    return dist.init()[0] == 0
 
 
 class Progress:
@@ -49,7 +46,21 @@ class Progress:
         now = time.monotonic()
         if done >= total or now - self.last >= self.every:
             self.last = now
-            update_progress_artifact(self.id, 100.0 * done / max(total, 1))
+            update_progress_artifact(self.id, 100.0 * done / total if total else 100.0)
+
+
+def run_workers(stage: str, cfg: Config, args: dict, description: str) -> dict | None:
+    """Run ``stage`` on the processes of ``cfg.launch`` (torch.distributed.run), showing rank 0's
+    progress in a Prefect artifact; returns rank 0's result."""
+    from sra2 import launch
+
+    progress = Progress(f"{stage}-progress", description)
+
+    def on_event(event: dict) -> None:
+        if event["kind"] == "progress":
+            progress(event["done"], event["total"], event["info"])
+
+    return launch.run(stage, cfg, args, on_event)
 
 
 def table(key: str, values: dict, description: str) -> None:
@@ -57,4 +68,3 @@ def table(key: str, values: dict, description: str) -> None:
 
     rows = [{"name": k, "value": v} for k, v in values.items() if not isinstance(v, (list, dict))]
     create_table_artifact(rows, key=key, description=description)
-

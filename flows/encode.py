@@ -1,27 +1,26 @@
 """encode stage: ImageFolder -> ADM centre crop -> SD-VAE posterior mean/std -> zarr store.
 
-Resumable: finished shards are kept; a rerun (or torchrun with N processes) encodes the rest.
+Runs on every GPU of the node (params.yaml `launch`). Resumable: finished shards are kept; a
+rerun encodes the rest.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import Progress, is_main, parse, table
+from flows.common import parse, run_workers, table
 from sra2 import atomic
 from sra2.config import Config
-from sra2.encode import encode_dataset
 
 
-@flow(name="sra2-encode", log_prints=True, retries=1)  # a retry resumes from the finished shards
+@flow(name="sra2-encode", log_prints=True)
 def encode_flow(cfg: Config, out: str, summary: str) -> dict:
-    result = encode_dataset(cfg, out, Progress("encode-progress", f"encoding {cfg.data.root}"))
-    if not is_main():
-        return result
-    atomic.write_json(summary, result)
-    table("encode-summary", result, f"encode of {cfg.data.root} into {out}")
-    print(f"encoded {result['encoded']} images, rejected {result['rejected']}, "
-          f"{result['images_per_s']} images/s")
+    result = run_workers("encode", cfg, {"out": out}, f"encoding {cfg.data.root}")
+    if result is not None:
+        atomic.write_json(summary, result)
+        table("encode-summary", result, f"encode of {cfg.data.root} into {out}")
+        print(f"encoded {result['encoded']} images, rejected {result['rejected']}, "
+              f"{result['images_per_s']} images/s")
     return result
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("data", "vae", "encode", "model", "align", "train", "sample", "evaluate")
+SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "train", "sample", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -24,6 +24,20 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     # strict: a string where a number belongs is an error, not a silent conversion
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Launch(Section):
+    """Worker processes of the GPU stages, started by torch.distributed.run (torchrun's engine).
+
+    Unset keys come from Slurm's environment when the stage runs inside a Slurm job, else from
+    the defaults (one node). None of them changes what a stage computes, only where.
+    """
+
+    nproc_per_node: int | Literal["auto"] = "auto"  # auto: the GPUs visible, 1 without a GPU
+    nnodes: int | None = None  # None: SLURM_NNODES, else 1
+    node_rank: int | None = None  # None: SLURM_NODEID, else 0
+    rdzv_endpoint: str | None = None  # host:port of node 0; None: first Slurm node:29500
+    max_restarts: int = 0  # torchrun restarts all workers this often after a failure (they resume)
 
 
 class DemoData(Section):
@@ -103,6 +117,8 @@ class Align(Section):
 class Train(Section):
     steps: int  # optimizer steps in total; raising it resumes a finished run
     global_batch: int  # images per step over all processes
+    # images per forward/backward on one process; None: global_batch / processes (no accumulation)
+    batch_per_gpu: int | None = None
     lr: float  # AdamW, constant
     weight_decay: float
     betas: list[float]
@@ -113,6 +129,8 @@ class Train(Section):
     log_every: int  # steps averaged into one row of metrics.csv
     seed: int
     device: Literal["auto", "cpu", "cuda"]
+    workers: int = 2  # processes reading latents from the store ahead of the training step
+    compile: bool = False  # torch.compile the model and its loss
 
 
 class Sample(Section):
@@ -124,9 +142,20 @@ class Sample(Section):
     last_step: float  # SDE only: the final deterministic step, from 1 - last_step to 1
     cfg_scale: float  # 1 means no guidance
     cfg_channels: int  # guidance on the first N latent channels (SiT: 3, REPA: 4)
-    cfg_interval: list[float]  # [t_low, t_high] in SiT time: guidance only inside
+    # [t_low, t_high] in SiT time (1 = data): guidance only inside. REPA's --guidance-low/-high are
+    # in its reversed time, so [low, high] there is [1 - high, 1 - low] here: REPA's
+    # --guidance-high 0.7 (no guidance on the noisiest 30%) is cfg_interval [0.3, 1.0]
+    cfg_interval: list[float]
+    # time convention of the weights: sit (t = 1 is data, predicts x1 - x0) or repa (REPA and the
+    # SRA code on it: t = 1 is noise, predicts eps - x, run here as v(x, t) = -v_repa(x, 1 - t));
+    # auto tells them apart by the file's layout (sra2.models.detect_convention) and stops with an
+    # error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
+    convention: Literal["auto", "sit", "repa"] = "auto"
     grid: int  # images in the PNG grid
     seed: int  # sample i's label and noise depend on (seed, i) only
+    # class labels: uniform random in [0, num_classes) (SiT, REPA), or balanced: num_samples //
+    # num_classes of each class (the rest to distinct seeded classes), in a seeded random order
+    labels: Literal["uniform", "balanced"]
     precision: Literal["fp32", "bf16"]  # network compute on a GPU (the sampler's state stays fp32)
     device: Literal["auto", "cpu", "cuda"]
 
@@ -134,10 +163,11 @@ class Sample(Section):
 class Evaluate(Section):
     inception: str  # "random" (seeded, offline demo), "download", or a local .pth path
     inception_seed: int
-    # FID reference: an ADM-format .npz with mu and sigma (e.g. VIRTUAL_imagenet256_labeled.npz,
-    # the statistics papers report against), or None: the real images of the encoded dataset
+    # an ADM reference batch (VIRTUAL_imagenet256_labeled.npz, what papers report against): mu,
+    # sigma (FID), mu_s, sigma_s (sFID) and its images arr_0 (precision/recall), or None: the
+    # real images of the encoded dataset for all of them (and for precision/recall without arr_0)
     reference: str | None
-    num_real: int | None  # real images for FID without a reference file; None means all
+    num_real: int | None  # real images used where the reference is the dataset; None means all
     batch_size: int  # images per Inception call
     seed: int  # picks the num_real subset
     device: Literal["auto", "cpu", "cuda"]
@@ -145,6 +175,7 @@ class Evaluate(Section):
 
 class Config(Section):
     preset: str
+    launch: Launch = Launch()
     data: Data
     vae: VAE
     encode: Encode

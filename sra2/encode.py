@@ -196,6 +196,8 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         assembler.close()
         bar.close()
     seconds = time.perf_counter() - start
+    if progress and not todo:  # nothing left to encode: say it is complete
+        progress(0, 0)
     dist.barrier()
     return summarize(store, seconds, done)
 

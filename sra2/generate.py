@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sra2 import atomic, dist, vae as vae_lib
 from sra2.config import Config
-from sra2.models import load_checkpoint
+from sra2.models import load_checkpoint, read_checkpoint
 from sra2.sampling import guided_velocity, randn, sample
 from sra2.store import ShardedStore, digest
 
@@ -30,8 +30,19 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def sample_labels(seed: int, n: int, num_classes: int) -> np.ndarray:
-    return np.random.default_rng([seed, n]).integers(0, num_classes, n, dtype=np.int64)
+def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform") -> np.ndarray:
+    """Labels of samples 0..n-1 (sample.labels). ``uniform``: independent uniform draws, as SiT and
+    REPA sample. ``balanced``: n // num_classes of every class and one more for n % num_classes
+    distinct seeded classes, in a seeded random order (ADM's contiguous Inception Score splits of
+    5000 then see all classes, not a sorted tenth of them)."""
+    rng = np.random.default_rng([seed, n])
+    if kind == "uniform":
+        return rng.integers(0, num_classes, n, dtype=np.int64)
+    if kind == "balanced":
+        extra = rng.choice(num_classes, n % num_classes, replace=False)
+        labels = np.concatenate([np.repeat(np.arange(num_classes), n // num_classes), extra])
+        return rng.permutation(labels).astype(np.int64)
+    raise ValueError(f"sample.labels: {kind!r} is neither 'uniform' nor 'balanced'")
 
 
 def _file_sha256(path: Path) -> str:
@@ -47,9 +58,11 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     sc = cfg.sample
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
-    ckpt = torch.load(ema_path, map_location="cpu", weights_only=False)
-    # our export names its architecture; an official SiT or REPA file takes model.name
-    model = load_checkpoint(ckpt.get("name", cfg.model.name), ckpt).to(device).eval()
+    ckpt = read_checkpoint(ema_path)  # weights_only: the file may come from elsewhere
+    # our export names its architecture; an official SiT or REPA file takes model.name. REPA-time
+    # weights come back wrapped as a SiT-time velocity network, so samplers and CFG run unchanged
+    model = load_checkpoint(ckpt.get("name", cfg.model.name), ckpt, convention=sc.convention,
+                            source=str(ema_path)).to(device).eval()
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, model.input_size, model.input_size)
@@ -61,7 +74,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
         ShardedStore.open_or_create(
             path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
-            fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes)},
+            fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes, sc.labels)},
             signature=signature)
     dist.barrier()
     store = ShardedStore(path)
@@ -88,6 +101,8 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
                 progress(done, todo)
         store.write_shard(shard, {"images": np.concatenate(images)}, {})
     bar.close()
+    if progress and not todo:  # nothing left to sample: say it is complete
+        progress(0, 0)
     dist.barrier()
     return path
 
@@ -137,3 +152,17 @@ def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:
     if caption:
         ImageDraw.Draw(canvas).text((2, 1), caption, fill="red")
     atomic.write_with(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
+                 progress: Progress | None = None) -> dict | None:
+    """The sample stage: shards under ``out/shards``, then (rank 0) ``samples.npz`` and ``grid.png``."""
+    out = Path(out)
+    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress))
+    if dist.init()[0] != 0:
+        return None
+    write_npz(store, out / "samples.npz")
+    caption = "DEMO: random-weight VAE, decoded images mean nothing" if vae_lib.is_random(cfg.vae) else ""
+    write_grid(store.array("images")[: cfg.sample.grid], out / "grid.png", caption)
+    return {"samples": store.num_items, "npz": str(out / "samples.npz"), "grid": str(out / "grid.png"),
+            "shards": str(store.path)}

@@ -4,7 +4,8 @@ import torch
 
 from sra2.encode import encode_dataset
 from sra2.data import write_demo_dataset
-from sra2.train import batch_indices, train
+from sra2.latents import batch_indices
+from sra2.train import train
 
 from conftest import with_overrides
 
