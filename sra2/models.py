@@ -4,8 +4,12 @@ given block, which the SRA 2 projector reads during training."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import pickle
+import re
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -216,24 +220,135 @@ def build(name: str, **kwargs) -> SiT:
     return SiT_models[name](**kwargs)
 
 
-def inference_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The SiT weights of a checkpoint in any of the layouts we meet: a bare state_dict (official
-    SiT release), or a training checkpoint with ``ema``/``model`` (SiT, REPA, ours). Training-only
-    weights (REPA ``projectors.*``, our ``projector.*``) are dropped."""
+# ----------------------------------------------------------------------------- checkpoints
+#
+# Layouts we meet, and what they say about time (facts from the public reference code):
+# - ours: export {name, model_config, step, ema}; training checkpoint {step, model, ema, opt,
+#   projector}. SiT time.
+# - official SiT release (willisma/SiT download.py): a bare state_dict, learn_sigma=True (8 output
+#   channels). SiT train.py: {model, ema, opt, args}. SiT time.
+# - REPA (sihyun-yu/REPA train.py): {model, ema, opt, args, steps}; its SiT always holds
+#   `projectors.*` (the REPA MLPs) and outputs 4 channels; the released REPA weights are a bare
+#   state_dict with `projectors.*`; `--legacy` files name later blocks `decoder_blocks.*`.
+#   SRA (vvvvvjdy/SRA, built on REPA): {model, ema, opt, args, epoch, steps}, an `ap_head.*`
+#   head. Both train in reversed time (1 = noise) and predict eps - x.
+
+Convention = Literal["sit", "repa"]
+# modules only REPA-family networks have
+REPA_ONLY_PREFIXES = ("projectors.", "ap_head.", "decoder_blocks.")
+# top-level keys only our own files have
+OWN_KEYS = frozenset({"name", "model_config", "step", "projector"})
+# training-only weights, dropped at inference (ours: `projector.*`)
+TRAINING_ONLY_PREFIXES = ("projectors.", "ap_head.", "projector.")
+# REPA, SRA and SiT training scripts store their command line (an argparse.Namespace of plain
+# values) under "args"; every other object in these files is a type weights_only accepts
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely, or whose layout does not tell its convention."""
+
+
+def _refused_globals(path, error: Exception) -> str:
+    """What weights_only refused: every unsafe global of a zip-format file, else torch's reason."""
+    try:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                 if n not in allowed]
+    except Exception:  # legacy (non-zip) format: only the message names the first one
+        names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if names:
+        return "unsupported global " + ", ".join(names)
+    reason = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))
+    return reason.group(1) if reason else str(error)
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint's dict, unpickled with weights_only: an untrusted file cannot run code."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: {_refused_globals(path, e)}. Only tensors, plain "
+            "containers, numbers, strings and argparse.Namespace are read from checkpoints; if "
+            "you trust the file, re-save its weights as a plain state_dict") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a state_dict or a training checkpoint (a dict), "
+                              f"got {type(ckpt).__name__}")
+    return ckpt
+
+
+def stored_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The network weights as stored: EMA, else the raw model, else the file itself (a bare
+    state_dict), with DDP's ``module.`` prefix removed."""
     state = checkpoint.get("ema", checkpoint.get("model", checkpoint))
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith(("projectors.", "projector."))}
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_checkpoint(name: str, path_or_state, **kwargs) -> SiT:
-    """Build ``name`` and load weights; ``learn_sigma`` follows the checkpoint's output width."""
+def inference_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The SiT weights of a checkpoint in any layout above, training-only heads dropped."""
+    return {k: v for k, v in stored_state(checkpoint).items()
+            if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
+def _learns_sigma(state: dict[str, torch.Tensor], channels: int = 4) -> bool:
+    patch = state["x_embedder.proj.weight"].shape[-1]
+    return state["final_layer.linear.weight"].shape[0] == 2 * channels * patch * patch
+
+
+def detect_convention(checkpoint: dict, source: str = "checkpoint") -> Convention:
+    """The time convention a checkpoint was trained in, read off its layout (rules above)."""
+    state = stored_state(checkpoint)
+    if any(k.startswith(REPA_ONLY_PREFIXES) for k in state):
+        return "repa"
+    if "steps" in checkpoint:  # REPA and SRA count "steps"; SiT stores no count, we "step"
+        return "repa"
+    if OWN_KEYS & checkpoint.keys() or "args" in checkpoint:  # ours, or SiT's train.py
+        return "sit"
+    bare = "ema" not in checkpoint and "model" not in checkpoint
+    if bare and _learns_sigma(state):  # the official SiT release; REPA/SRA output 4 channels
+        return "sit"
+    raise CheckpointError(
+        f"{source}: cannot tell whether these weights run in SiT time or REPA time: the file has "
+        "no REPA/SRA heads, no REPA 'steps' count, none of our keys, and is not an 8-channel "
+        "official SiT state_dict; set sample.convention to 'sit' or 'repa'")
+
+
+class ReversedTime(nn.Module):
+    """A REPA-time network (s = 1 - t, 1 = noise, predicts eps - x) as a SiT-time velocity
+    network: v(x, t) = -net(x, 1 - t), so every sampler and CFG run it unchanged."""
+
+    def __init__(self, net: SiT):
+        super().__init__()
+        self.net = net
+        # what the samplers and the sample stage read off a model
+        self.num_classes, self.in_channels = net.num_classes, net.in_channels
+        self.input_size = net.input_size
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.net(x, 1 - t, y)
+
+
+def load_checkpoint(name: str, path_or_state, *, convention: str = "auto",
+                    source: str | None = None, **kwargs) -> nn.Module:
+    """Build ``name``, load the weights and return a velocity network in SiT time: the SiT
+    itself, or wrapped in :class:`ReversedTime` when the weights are in REPA time. ``auto``
+    reads the convention off the layout. ``learn_sigma`` follows the checkpoint's output width."""
     ckpt = path_or_state
     if not isinstance(ckpt, dict):
-        ckpt = torch.load(path_or_state, map_location="cpu", weights_only=False)
-    state = inference_state_dict(ckpt)
-    channels = kwargs.get("in_channels", 4)
-    kwargs.setdefault("learn_sigma", state["final_layer.linear.weight"].shape[0]
-                      == 2 * channels * state["x_embedder.proj.weight"].shape[-1] ** 2)
+        ckpt = read_checkpoint(path_or_state)
+        source = source or str(path_or_state)
+    if convention == "auto":
+        convention = detect_convention(ckpt, source or "checkpoint")
+    if convention not in ("sit", "repa"):
+        raise ValueError(f"convention must be auto, sit or repa, got {convention!r}")
+    model = _build_and_load(name, inference_state_dict(ckpt), **kwargs)
+    return ReversedTime(model) if convention == "repa" else model
+
+
+def _build_and_load(name: str, state: dict[str, torch.Tensor], **kwargs) -> SiT:
+    kwargs.setdefault("learn_sigma", _learns_sigma(state, kwargs.get("in_channels", 4)))
     kwargs.setdefault("num_classes", state["y_embedder.embedding_table.weight"].shape[0] - 1)
     kwargs.setdefault("input_size", int(round(state["pos_embed"].shape[1] ** 0.5))
                       * state["x_embedder.proj.weight"].shape[-1])

@@ -5,6 +5,8 @@ score s = (t v - x) / (1 - t), the drift is f = v + w s; ``steps`` network evalu
 linspace(0, 1 - last_step, steps) with steps - 1 stochastic steps and one final deterministic
 step of size ``last_step`` to t = 1. Noise comes only from the generator(s) passed in: one
 ``torch.Generator`` for the batch, or one per row so that a sample depends on its own seed only.
+Networks trained in REPA's reversed time reach these functions already turned into SiT-time
+velocity networks (``sra2.models.ReversedTime``), so nothing here knows about REPA time.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from torch import nn
 
 from sra2.align import build_projector, projector_for
 from sra2.config import Align
-from sra2.models import TimestepEmbedder, build, load_checkpoint, patchify, unpatchify
+from sra2.models import ReversedTime, TimestepEmbedder, build, load_checkpoint, patchify, unpatchify
 
 from conftest import randomize
 
@@ -240,7 +240,8 @@ def test_load_training_checkpoint_prefers_ema(tmp_path):
     raw = randomize(build("SiT-Micro/2", learn_sigma=False), seed=2)
     path = tmp_path / "0050000.pt"
     torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "steps": 50000}, path)
-    loaded = load_checkpoint("SiT-Micro/2", path)
+    # a "steps" count is REPA's layout (auto would wrap it in REPA time): this test is about EMA
+    loaded = load_checkpoint("SiT-Micro/2", path, convention="sit")
     assert loaded.learn_sigma is False and loaded.out_channels == 4
     assert same_outputs(loaded, ema)
     assert not same_outputs(loaded, raw)
@@ -269,7 +270,9 @@ def test_load_repa_like_checkpoint(tmp_path):
     ddp = {f"module.{k}": v for k, v in state.items()}
     path = tmp_path / "repa.pt"
     torch.save({"model": ddp, "ema": state, "opt": {}, "args": {"enc_type": "dinov2-vit-b"}}, path)
-    loaded = load_checkpoint("SiT-Micro/2", path)
+    wrapped = load_checkpoint("SiT-Micro/2", path)
+    assert isinstance(wrapped, ReversedTime)  # projectors mark REPA's time convention
+    loaded = wrapped.net
     assert loaded.learn_sigma is True and loaded.num_classes == 10
     assert not any(k.startswith("projectors") for k in loaded.state_dict())
     assert same_outputs(loaded, source, num_classes=10)
