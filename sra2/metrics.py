@@ -1,13 +1,28 @@
-"""FID and Inception Score with torch-fidelity (its TF-ported InceptionV3)."""
+"""FID, sFID, Inception Score, precision and recall as ADM's evaluator computes them
+(guided-diffusion ``evaluations/evaluator.py``), on torch-fidelity's port of the same InceptionV3.
+
+Features of one image: the 2048 pool features (FID, precision and recall), the logits without
+bias (Inception Score) and the spatial features of TF's ``mixed_6/conv`` (sFID). That TF layer is
+the 1x1 branch of the third of the four 17x17 InceptionC blocks (TF mixed_4..mixed_7 are
+Mixed_6b..Mixed_6e): torch-fidelity's weight conversion (utils/util_convert_inception_weights.py)
+maps ``mixed_6/conv/conv2d_params`` and ``mixed_6/conv/batchnorm`` to ``Mixed_6d.branch1x1``. In
+the TF graph a layer runs ``<name>/Conv2D``, ``<name>/batchnorm``, then the op named ``<name>``,
+its ReLU, so ``mixed_6/conv:0`` is taken after the ReLU, as ``BasicConv2d`` returns it. ADM keeps
+the first 7 channels of that NHWC tensor and flattens it in H, W, C order: 17 * 17 * 7 = 2023.
+"""
 
 from __future__ import annotations
 
 import functools
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from scipy import linalg
+from scipy.special import log_softmax
 from torch.utils.data import Dataset
 
 from sra2 import atomic, dist
@@ -18,6 +33,13 @@ from sra2.generate import read_npz_images
 from sra2.store import ShardedStore
 
 EXTRACTOR = "inception-v3-compat"
+SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7] of mixed_6/conv
+IS_SPLIT_SIZE = 5000  # ADM: contiguous chunks of 5000 samples, no shuffle
+NEAREST_K = 3  # ADM: the manifold of a set is the union of balls to each point's 3rd neighbour
+DISTANCE_BLOCK = 2 ** 25  # pairwise distances held at once (float64: 256 MiB)
+STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")  # FID and sFID statistics of an ADM reference batch
+
+Statistics = tuple[np.ndarray, np.ndarray]  # mean and covariance
 
 
 class ArrayImages(Dataset):
@@ -45,6 +67,101 @@ class CroppedFiles(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(load_cropped(self.paths[i], self.size).transpose(2, 0, 1).copy())
 
+
+# --- the formulas, on numpy arrays ------------------------------------------------------------
+
+def statistics(features: np.ndarray) -> Statistics:
+    """Mean and covariance (N - 1 normalised, as np.cov) of [N, D] features, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # a singular product is handled below, as ADM does
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), with scipy's sqrtm as ADM:
+    ``eps`` on both diagonals if the root is not finite, the real part if it is complex with a
+    negligible imaginary diagonal."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"Frechet distance of statistics of different sizes: mean {mu1.shape} vs "
+                         f"{mu2.shape}, covariance {sigma1.shape} vs {sigma2.shape}")
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: the square root of sigma1 @ sigma2 has an imaginary "
+                             f"part of {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """Mean over contiguous chunks of ``split_size`` rows (the last one may be shorter) of
+    exp(mean over the chunk's rows of KL(p(y|x) || p(y))), p(y|x) the softmax of the logits,
+    p(y) its mean over the chunk."""
+    return float(np.mean([np.exp(_mean_kl_to_marginal(logits[i:i + split_size]))
+                          for i in range(0, len(logits), split_size)]))
+
+
+def _mean_kl_to_marginal(logits: np.ndarray) -> float:
+    log_p = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)
+    p = np.exp(log_p)
+    log_marginal = np.log(p.mean(axis=0))
+    kl = np.where(p > 0, p * (log_p - log_marginal), 0.0)  # 0 log 0 = 0
+    return float(kl.sum(axis=1).mean())
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a_i - b_j|^2 for every pair of rows, expanded as |a|^2 - 2 a.b + |b|^2, clamped at 0."""
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]).clamp_min_(0)
+
+
+def _rows_per_block(columns: int, block: int) -> int:
+    return max(1, block // max(1, columns))
+
+
+def manifold_radii(features: torch.Tensor, k: int = NEAREST_K,
+                   block: int = DISTANCE_BLOCK) -> torch.Tensor:
+    """Squared distance of each row to its k-th nearest neighbour in the set: the (k+1)-th smallest
+    entry of its distance row, whose smallest is the row itself (duplicates count as neighbours)."""
+    rows = _rows_per_block(len(features), block)
+    return torch.cat([squared_distances(features[i:i + rows], features).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(features), rows)])
+
+
+def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = NEAREST_K,
+                     block: int = DISTANCE_BLOCK, device: torch.device = torch.device("cpu")
+                     ) -> tuple[float, float]:
+    """Precision: the share of samples inside at least one reference ball; recall: the share of
+    reference points inside at least one sample ball; a ball reaches its centre's k-th nearest
+    neighbour in its own set, boundary included. Distances in float64, ``block`` at a time."""
+    if min(len(reference), len(samples)) <= k:
+        raise ValueError(f"precision/recall with k={k} need more than {k} images in each set; got "
+                         f"{len(samples)} samples and {len(reference)} reference images")
+    ref = torch.as_tensor(np.asarray(reference), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(samples), dtype=torch.float64, device=device)
+    ref_radii, fake_radii = manifold_radii(ref, k, block), manifold_radii(fake, k, block)
+    fake_inside = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=device)
+    rows = _rows_per_block(len(ref), block)
+    for i in range(0, len(fake), rows):
+        d = squared_distances(fake[i:i + rows], ref)
+        fake_inside[i:i + rows] = (d <= ref_radii[None, :]).any(dim=1)
+        ref_inside |= (d <= fake_radii[i:i + rows, None]).any(dim=0)
+    return fake_inside.double().mean().item(), ref_inside.double().mean().item()
+
+
+# --- Inception features -----------------------------------------------------------------------
 
 def write_random_inception(path: str | Path, seed: int) -> Path:
     """Save an InceptionV3 state_dict of torch-fidelity's architecture with seeded random weights
@@ -83,7 +200,7 @@ def inception_weights(choice: str, seed: int, scratch: Path) -> Path | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(weights: str | None, cuda: bool):
+def inception_network(weights: str | None, cuda: bool):
     """torch-fidelity's InceptionV3, built once per weights file (fakes and reals share it)."""
     from torch_fidelity.utils import create_feature_extractor
 
@@ -91,46 +208,59 @@ def _extractor(weights: str | None, cuda: bool):
                                     verbose=False, feature_extractor_weights_path=weights)
 
 
+def spatial_layer(network: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is TF's ``mixed_6/conv:0`` (see the module docstring)."""
+    return network.Mixed_6d.branch1x1
+
+
+def adm_spatial(output: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> ADM's spatial features: the first 7 channels, flattened in H, W, C order."""
+    first = output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+    return first.reshape(len(output), -1).float().cpu()
+
+
 def inception_features(images: Dataset, weights: str | Path | None, batch_size: int,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    """Pool features ("2048") and logits ("logits_unbiased") of torch-fidelity's InceptionV3;
-    ``weights`` None lets torch-fidelity download the real ones."""
+                       device: torch.device) -> dict[str, np.ndarray]:
+    """float32 features of each image: ``pool`` [N, 2048], ``logits`` [N, 1008] (no bias) and
+    ``spatial`` [N, 2023]; ``weights`` None lets torch-fidelity download the real ones."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     cuda = device.type == "cuda"
-    extractor = _extractor(str(weights) if weights else None, cuda)
-    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=True,
-                                         verbose=False)
+    network = inception_network(str(weights) if weights else None, cuda)
+    spatial = []
+    hook = spatial_layer(network).register_forward_hook(
+        lambda module, inputs, output: spatial.append(adm_spatial(output)))
+    try:
+        out = get_featuresdict_from_dataset(images, network, batch_size, cuda, save_cpu_ram=True,
+                                            verbose=False)
+    finally:
+        hook.remove()
+    return {"pool": out["2048"].numpy(), "logits": out["logits_unbiased"].numpy(),
+            "spatial": torch.cat(spatial).numpy()}
 
 
-def statistics(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """FID statistics (mean and covariance of the pool features), in float64 as ADM stores them."""
-    pool = features["2048"].double().numpy()
-    return {"mu": pool.mean(axis=0), "sigma": np.cov(pool, rowvar=False)}
+# --- what the samples are compared with -------------------------------------------------------
 
-
-def load_reference(path: str | Path) -> dict[str, np.ndarray]:
-    """``mu`` and ``sigma`` of a reference batch in ADM's format (VIRTUAL_imagenet256_labeled.npz)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"evaluate.reference: no reference statistics at {str(path)!r}")
+def load_reference(path: str | Path) -> dict:
+    """An ADM reference batch (VIRTUAL_imagenet256_labeled.npz): ``fid`` and ``sfid`` statistics
+    from mu, sigma, mu_s, sigma_s, and ``images`` (arr_0, memory-mapped) when it holds them. A batch
+    with none of the statistics but with arr_0 gets them from its images, as ADM does."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluate.reference: no reference batch at {str(path)!r}")
     with np.load(path) as npz:
-        missing = {"mu", "sigma"} - set(npz.files)
-        if missing:
-            raise ValueError(f"evaluate.reference {str(path)!r} lacks {sorted(missing)}")
-        return {"mu": npz["mu"].astype(np.float64), "sigma": npz["sigma"].astype(np.float64)}
-
-
-def fid_and_is(fake: dict[str, torch.Tensor], reference: dict[str, np.ndarray]) -> dict[str, float]:
-    """FID of the fake features against reference statistics, and the fakes' Inception Score,
-    with torch-fidelity's formulas (IS: 10 splits, its default shuffle and seed)."""
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
-    fid = fid_statistics_to_metric(statistics(fake), reference, verbose=False)
-    isc = isc_features_to_metric(fake["logits_unbiased"], splits=min(10, len(fake["logits_unbiased"])))
-    return {"fid": float(fid["frechet_inception_distance"]),
-            "inception_score": float(isc["inception_score_mean"]),
-            "inception_score_std": float(isc["inception_score_std"])}
+        keys = set(npz.files)
+        missing = [k for k in STATISTICS if k not in keys]
+        if len(missing) == len(STATISTICS) and "arr_0" not in keys:
+            raise ValueError(f"evaluate.reference {str(path)!r} holds neither statistics "
+                             f"{list(STATISTICS)} nor images arr_0 (it has {sorted(keys)})")
+        if 0 < len(missing) < len(STATISTICS):
+            raise ValueError(f"evaluate.reference {str(path)!r} lacks {missing}: an ADM reference "
+                             f"batch holds mu, sigma (FID) and mu_s, sigma_s (sFID)")
+        stats = None if missing else {
+            "fid": (npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)),
+            "sfid": (npz["mu_s"].astype(np.float64), npz["sigma_s"].astype(np.float64))}
+    return {"stats": stats, "images": read_npz_images(path) if "arr_0" in keys else None}
 
 
 def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int) -> list[Path]:
@@ -144,22 +274,52 @@ def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int
     return [Path(root) / f for f in files]
 
 
+Features = Callable[[Dataset], dict[str, np.ndarray]]
+
+
+def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict:
+    """FID and sFID statistics, pool features for precision/recall, and where each comes from:
+    ``evaluate.reference``'s statistics and images arr_0 where it has them, else the real images of
+    the encoded dataset at ``latents``."""
+    ec = cfg.evaluate
+    batch = load_reference(ec.reference) if ec.reference else {"stats": None, "images": None}
+    if batch["images"] is not None:
+        ref = features(ArrayImages(batch["images"]))
+        source = f"{len(ref['pool'])} images arr_0 of {ec.reference}"
+    else:
+        files = real_files(latents, cfg.data.root, ec.num_real, ec.seed)
+        real = CroppedFiles(files, cfg.data.image_size)
+        ref = features(real)
+        source = f"{len(real)} real images of {cfg.data.root}"
+    if batch["stats"] is not None:
+        return {**batch["stats"], "pool": ref["pool"], "fid_reference": f"mu, sigma, mu_s, sigma_s "
+                f"of {ec.reference}", "pr_reference": source}
+    return {"fid": statistics(ref["pool"]), "sfid": statistics(ref["spatial"]), "pool": ref["pool"],
+            "fid_reference": source, "pr_reference": source}
+
+
+def adm_metrics(fake: dict[str, np.ndarray], reference: dict, device: torch.device) -> dict[str, float]:
+    """The five numbers ADM's evaluator prints, for sample features against a reference side."""
+    precision, recall = precision_recall(reference["pool"], fake["pool"], device=device)
+    return {"fid": frechet_distance(*statistics(fake["pool"]), *reference["fid"]),
+            "sfid": frechet_distance(*statistics(fake["spatial"]), *reference["sfid"]),
+            "inception_score": inception_score(fake["logits"]),
+            "precision": precision, "recall": recall}
+
+
 def evaluate(cfg: Config, samples: str | Path, latents: str | Path) -> dict:
-    """FID and IS of the ADM ``.npz`` at ``samples``, against ``evaluate.reference`` statistics
-    or against the real images of the encoded dataset at ``latents``."""
+    """FID, sFID, Inception Score, precision and recall of the ADM ``.npz`` at ``samples``, against
+    ``evaluate.reference`` (an ADM reference batch) or the real images of the encoded dataset."""
     ec = cfg.evaluate
     device = dist.device(ec.device)
     with tempfile.TemporaryDirectory() as scratch:
         weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
-        fake = inception_features(ArrayImages(read_npz_images(samples)), weights, ec.batch_size, device)
-        if ec.reference:
-            reference, against = load_reference(ec.reference), ec.reference
-        else:
-            real = CroppedFiles(real_files(latents, cfg.data.root, ec.num_real, ec.seed),
-                                cfg.data.image_size)
-            reference = statistics(inception_features(real, weights, ec.batch_size, device))
-            against = f"{len(real)} real images of {cfg.data.root}"
+        features = functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
+                                     device=device)
+        fake = features(ArrayImages(read_npz_images(samples)))
+        reference = reference_side(cfg, latents, features)
     note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
             if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")
-    return {**fid_and_is(fake, reference), "num_samples": len(fake["2048"]),
-            "fid_reference": against, "inception_weights": note, "preset": cfg.preset}
+    return {**adm_metrics(fake, reference, device), "num_samples": len(fake["pool"]),
+            "fid_reference": reference["fid_reference"], "pr_reference": reference["pr_reference"],
+            "inception_weights": note, "preset": cfg.preset}

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from sra2.generate import generate, read_npz_images, write_grid, write_npz
+from sra2.generate import generate, read_npz_images, sample_labels, write_grid, write_npz
 from sra2.models import build
 from sra2.store import ShardedStore
 
@@ -44,3 +45,28 @@ def test_grid_is_a_png_with_its_caption(tmp_path):
     write_grid(images, tmp_path / "grid.png", caption="random weights")
     with Image.open(tmp_path / "grid.png") as im:
         assert im.format == "PNG" and im.size == (48, 2 * 16 + 14)
+
+
+def test_uniform_labels_are_the_seeded_draws_stores_were_made_with():
+    expected = np.random.default_rng([7, 50]).integers(0, 10, 50, dtype=np.int64)
+    np.testing.assert_array_equal(sample_labels(7, 50, 10, "uniform"), expected)
+    np.testing.assert_array_equal(sample_labels(7, 50, 10), expected)
+
+
+def test_balanced_labels_hold_n_over_classes_of_each_in_a_seeded_order():
+    labels = sample_labels(0, 50_000, 1000, "balanced")
+    assert labels.dtype == np.int64 and (np.bincount(labels, minlength=1000) == 50).all()
+    # shuffled: ADM's Inception Score splits (contiguous 5000) each see most classes, not 100
+    assert len(np.unique(labels[:5000])) > 900
+    np.testing.assert_array_equal(labels, sample_labels(0, 50_000, 1000, "balanced"))
+    assert not np.array_equal(labels, sample_labels(1, 50_000, 1000, "balanced"))
+    # 2500 over 1000 classes: 2 of each, and 3 of 500 distinct classes
+    counts = np.bincount(sample_labels(0, 2500, 1000, "balanced"), minlength=1000)
+    assert set(counts) == {2, 3} and (counts == 3).sum() == 500
+    counts = np.bincount(sample_labels(0, 7, 10, "balanced"), minlength=10)  # fewer than the classes
+    assert set(counts) == {0, 1} and counts.sum() == 7
+
+
+def test_unknown_label_kind_is_refused():
+    with pytest.raises(ValueError, match="sample.labels"):
+        sample_labels(0, 10, 10, "sorted")
