@@ -82,3 +82,27 @@ def step_loader(batches: StepBatches, start: int, stop: int, workers: int, pin: 
                       pin_memory=pin, prefetch_factor=4 if workers else None,
                       # not fork: zarr's I/O thread does not survive a fork
                       multiprocessing_context="forkserver" if workers else None)
+
+
+def write_synthetic_store(path: str | Path, items: int, shape: tuple[int, ...], classes: int,
+                          chunk_size: int, shard_size: int, dtype: str = "float32",
+                          rejected: tuple[int, ...] = (), seed: int = 0) -> ShardedStore:
+    """A complete latent store of seeded random latents, laid out as encode lays it out (for
+    benchmarks and tests at sizes no demo dataset reaches); ``rejected`` items are marked as
+    undecodable files."""
+    rng = np.random.default_rng(seed)
+    store = ShardedStore.open_or_create(
+        path, items, shard_size, chunk_size, {"mean": (shape, dtype), "std": (shape, dtype)},
+        fixed={"labels": rng.integers(0, classes, items, dtype=np.int64),
+               "files": np.asarray([f"synthetic/{i:08d}.JPEG" for i in range(items)],
+                                   dtype=np.dtypes.StringDType())},
+        signature={"synthetic": {"items": items, "shape": list(shape), "seed": seed}})
+    for shard in store.pending_shards():
+        start, stop = store.shard_range(shard)
+        size = (stop - start, *shape)
+        data = {"mean": rng.standard_normal(size, np.float32).astype(dtype),
+                "std": rng.uniform(0.05, 0.5, size).astype(dtype)}
+        bad = [{"index": i, "file": f"synthetic/{i:08d}.JPEG", "reason": "synthetic reject"}
+               for i in rejected if start <= i < stop]
+        store.write_shard(shard, data, {"rejects": bad})
+    return store
