@@ -11,11 +11,12 @@ from prefect import flow
 from flows.common import parse, run_workers, table
 from sra2 import atomic
 from sra2.config import Config
+from sra2.encode import encode_dataset
 
 
 @flow(name="sra2-encode", log_prints=True)
 def encode_flow(cfg: Config, out: str, summary: str) -> dict:
-    result = run_workers("encode", cfg, {"out": out}, f"encoding {cfg.data.root}")
+    result = run_workers("encode", encode_dataset, cfg, {"out": out}, f"encoding {cfg.data.root}", outputs=[out])
     if result is not None:
         atomic.write_json(summary, result)
         table("encode-summary", result, f"encode of {cfg.data.root} into {out}")

@@ -10,12 +10,13 @@ from prefect import flow
 
 from flows.common import parse, run_workers
 from sra2.config import Config
+from sra2.generate import sample_stage
 
 
 @flow(name="sra2-sample", log_prints=True)
 def sample_flow(cfg: Config, ema: str, out: str) -> dict:
-    result = run_workers("sample", cfg, {"ema": ema, "out": out},
-                         f"sampling {cfg.sample.num_samples} images")
+    result = run_workers("sample", sample_stage, cfg, {"ema_path": ema, "out": out},
+                         f"sampling {cfg.sample.num_samples} images", outputs=[out])
     if result is not None:
         print(f"wrote {result['npz']} and {result['grid']}")
     return result

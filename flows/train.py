@@ -14,11 +14,13 @@ from prefect import flow
 from flows.common import parse, run_workers, table
 from sra2 import atomic
 from sra2.config import Config
+from sra2.train import train
 
 
 @flow(name="sra2-train", log_prints=True)
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
-    result = run_workers("train", cfg, {"latents": latents, "out": out}, f"training {cfg.model.name}")
+    result = run_workers("train", train, cfg, {"latents": latents, "out": out},
+                         f"training {cfg.model.name}", outputs=[out])
     if result is not None:
         atomic.write_json(summary, result)
         table("train-summary", result, f"{cfg.model.name} after {cfg.train.steps} steps")

@@ -1,7 +1,7 @@
 """Start a stage's worker processes with torch.distributed.run and follow what they report.
 
 The parent (a Prefect flow, or any caller) runs ``python -m torch.distributed.run ... -m
-sra2.worker <stage>`` on every GPU of the node, or on several nodes (the same command on each).
+sra2.worker <module:function>`` on every GPU of the node, or on several nodes (the same command on each).
 Workers report through a file of JSON lines (:mod:`sra2.worker`): rank 0 appends progress and its
 result, any rank appends its error. The parent reads the file as it grows, hands each record to
 ``on_event`` and returns the result, or raises :class:`WorkerFailed` with the worker's own message.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+from sra2 import worker
 from sra2.config import Config, ConfigError, Launch
 
 Event = dict
@@ -141,17 +142,17 @@ def shielded(on_event: Callable[[Event], None] | None) -> Callable[[Event], None
     return call
 
 
-def run(stage: str, cfg: Config, args: dict, on_event: Callable[[Event], None] | None = None,
+def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], None] | None = None,
         poll: float = 0.5) -> dict | None:
-    """Run ``stage`` on the processes ``cfg.launch`` describes; returns rank 0's result (None on
-    a node without rank 0)."""
+    """Call the library function ``work(cfg, **args, progress=...)`` on every process
+    ``cfg.launch`` describes; returns rank 0's result (None on a node without rank 0)."""
     settings = plan(cfg.launch)
-    with tempfile.TemporaryDirectory(prefix=f"sra2-{stage}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"sra2-{work.__name__}-") as tmp:
         config, events = Path(tmp) / "config.json", Path(tmp) / "events.jsonl"
         config.write_text(cfg.model_dump_json())
         events.touch()
         cmd = [sys.executable, "-m", "torch.distributed.run", *settings.launcher_args(),
-               "-m", "sra2.worker", stage, str(config), json.dumps(args)]
+               "-m", worker.__name__, f"{work.__module__}:{work.__name__}", str(config), json.dumps(args)]
         proc = subprocess.Popen(cmd, env={**os.environ, "SRA2_EVENTS": str(events)})
         read, result, errors, report = follow(events), None, [], shielded(on_event)
         try:

@@ -1,5 +1,6 @@
-"""One rank of a stage, as started by :mod:`sra2.launch`: ``python -m sra2.worker <stage>
-<config.json> <args as JSON>`` under torch.distributed.run.
+"""One rank of a stage, as started by :mod:`sra2.launch`: ``python -m sra2.worker
+<module:function> <config.json> <args as JSON>`` under torch.distributed.run, which calls
+``function(cfg, **args, progress=...)``.
 
 Workers import no Prefect. They report through the JSON-lines file named by ``SRA2_EVENTS``:
 rank 0 appends ``progress`` records and its ``result``; a failing rank appends its ``error``.
@@ -7,6 +8,7 @@ rank 0 appends ``progress`` records and its ``result``; a failing rank appends i
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -33,33 +35,15 @@ class Events:
         self.emit("progress", done=done, total=total, info=info or {})
 
 
-def run_stage(stage: str, cfg: Config, args: dict, progress) -> dict | None:
-    if stage == "encode":
-        from sra2.encode import encode_dataset
-
-        return encode_dataset(cfg, args["out"], progress)
-    if stage == "train":
-        from sra2.train import train
-
-        return train(cfg, args["latents"], args["out"], progress)
-    if stage == "sample":
-        from sra2.generate import sample_stage
-
-        return sample_stage(cfg, args["ema"], args["out"], progress)
-    if stage == "evaluate":
-        from sra2.metrics import evaluate
-
-        return evaluate(cfg, args["samples"], args["latents"])
-    raise ValueError(f"unknown stage {stage!r}")
-
-
 def main(argv: list[str]) -> None:
-    stage, config, args = argv
+    target, config, args = argv
     cfg = Config.model_validate_json(Path(config).read_text())
     rank = int(os.environ.get("RANK", "0"))
     events = Events(os.environ.get("SRA2_EVENTS"))
     try:
-        result = run_stage(stage, cfg, json.loads(args), events.progress if rank == 0 else None)
+        module, name = target.split(":")
+        work = getattr(importlib.import_module(module), name)
+        result = work(cfg, **json.loads(args), progress=events.progress if rank == 0 else None)
     except BaseException as e:
         events.emit("error", rank=rank, error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc())

@@ -12,6 +12,7 @@ from sra2 import launch
 from sra2.config import ConfigError, Launch
 from sra2.data import write_demo_dataset
 from sra2.encode import encode_dataset
+from sra2.train import train
 
 from conftest import with_overrides
 
@@ -45,7 +46,7 @@ def free_port() -> int:
 
 def train_on(cfg, latents, out: Path, **launch_keys):
     events = []
-    result = launch.run("train", with_overrides(cfg, launch=launch_keys),
+    result = launch.run(train, with_overrides(cfg, launch=launch_keys),
                         {"latents": str(latents), "out": str(out)}, events.append)
     return result, events
 
@@ -123,7 +124,7 @@ def test_monitoring_failures_never_stop_the_work(tmp_path, setup, capfd):
     def broken(event):
         raise ConnectionError("the monitoring server is gone")
 
-    result = launch.run("train", with_overrides(cfg, launch={"nproc_per_node": 1}),
+    result = launch.run(train, with_overrides(cfg, launch={"nproc_per_node": 1}),
                         {"latents": str(latents), "out": str(tmp_path)}, broken)
     assert result["steps"] == 4 and (tmp_path / "ema.pt").exists()
     assert capfd.readouterr().err.count("progress reporting failed") == 1

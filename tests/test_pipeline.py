@@ -32,19 +32,25 @@ def set_params(work: Path, **values) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump({**params, **values}))
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api):
-    work = tmp_path_factory.mktemp("repo")
+def copy_repo(work: Path, **params) -> Path:
+    """The repository's tracked and new files (no data) in ``work``, a git repo of its own."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in listed:
         if (REPO / rel).is_file() and not rel.startswith("data/"):
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, work / rel)
-    set_params(work, preset="tiny")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    set_params(work, **params)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    return work
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_api):
+    work = copy_repo(tmp_path_factory.mktemp("repo"), preset="tiny")
+    # one intra-op thread in every process, as torchrun gives each of several: comparable bytes
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     log = run(["dvc", "repro"], work, env)
     return work, env, log
 
@@ -75,6 +81,31 @@ def test_second_repro_has_nothing_to_do(pipeline):
     work, env, _ = pipeline
     log = run(["dvc", "repro"], work, env)
     assert ran_stages(log) == [] and "up to date" in log
+
+
+def flow_runs_since(start) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            start_time=FlowRunFilterStartTime(after_=start)))
+        return sorted(client.read_flow(r.flow_id).name for r in runs)
+
+
+def test_two_processes_give_the_bytes_of_one_and_one_flow_run_per_stage(pipeline, tmp_path_factory):
+    from datetime import datetime, timezone
+
+    work, env, _ = pipeline
+    two = copy_repo(tmp_path_factory.mktemp("repo2"), preset="tiny", launch={"nproc_per_node": 2})
+    start = datetime.now(timezone.utc)
+    run(["dvc", "repro"], two, env)
+    assert flow_runs_since(start) == sorted(f"sra2-{s}" for s in
+                                            ("demo-data", "encode", "train", "sample", "evaluate"))
+    for output in ("data/train/ema.pt", "data/samples/samples.npz"):
+        assert (work / output).read_bytes() == (two / output).read_bytes(), output
+    processes = [json.loads((w / "data/train.json").read_text())["processes"] for w in (work, two)]
+    assert processes == [1, 2]
 
 
 def test_a_training_parameter_reruns_train_sample_evaluate_only(pipeline):
