@@ -1,0 +1,163 @@
+"""Training throughput in one run on one machine: the whole training loop against the bare model
+step, SRA 2 against the vanilla SiT step, model FLOP utilisation, peak host and GPU memory.
+
+The bare step is ``sra2.train.train_step`` on a batch and noise already on the device (forward,
+backward, clipping, optimizer and EMA): what the hardware can do. The loop is ``sra2.train.train``
+on a synthetic latent store of ``--items`` latents (``sra2.latents.write_synthetic_store``): reader
+processes, host-to-device copies, noise, logging and checkpoints included. Goals: loop/bare >= 0.95,
+SRA 2/vanilla step time <= 1.05 on SiT-XL/2.
+
+    python bench/train.py                                         # demo preset, CPU
+    python bench/train.py --preset sit-b2 --items 100000          # on a GPU
+    python bench/train.py --preset sit-xl2 --batch 256 --batch-per-gpu 64 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from sra2 import dist, flops
+from sra2.config import Config, resolve
+from sra2.latents import write_synthetic_store
+from sra2.train import build_trainer, draws, step_inputs, train, train_step
+
+# dense bf16 tensor-core peak per GPU (the vendors' figures without sparsity)
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="preset whose model and train settings are used")
+    p.add_argument("--model", help="override model.name, e.g. SiT-XL/2")
+    p.add_argument("--items", type=int, default=4096, help="latents in the synthetic store")
+    p.add_argument("--batch", type=int, help="global batch (default: the preset's)")
+    p.add_argument("--batch-per-gpu", type=int, help="micro-batch size (default: the whole batch)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps of each measurement")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first; also the steps of one timed window (one log row)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: the preset's")
+    p.add_argument("--workers", type=int, help="reader processes of the loop (default: the preset's)")
+    p.add_argument("--chunk-size", type=int, default=1, help="latents per chunk of the store")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, align: bool) -> Config:
+    base = resolve({"preset": args.preset})
+    train = {"device": args.device, "compile": args.compile, "log_every": args.warmup,
+             "ckpt_every": 10**9, "steps": args.warmup + args.steps}
+    for key, value in (("global_batch", args.batch), ("batch_per_gpu", args.batch_per_gpu),
+                       ("precision", args.precision), ("workers", args.workers)):
+        if value is not None:
+            train[key] = value
+    overrides = {"train": train, "align": {"enabled": align}}
+    if args.model:
+        overrides["model"] = {"name": args.model}
+    data = base.model_dump()
+    for section, values in overrides.items():
+        data[section] = {**data[section], **values}
+    return Config.model_validate(data)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int, warmup: int) -> float:
+    """Images/s of train_step on one batch and one draw of noise already on the device: the median
+    over windows of ``warmup`` steps, as the loop's rate is over its log rows."""
+    tr = build_trainer(cfg, shape, device, world=1)
+    n = cfg.train.global_batch
+    g = torch.Generator(device).manual_seed(0)
+    batch = {"mean": torch.randn((n, *shape), generator=g, device=device),
+             "std": torch.rand((n, *shape), generator=g, device=device) * 0.5,
+             "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=g, device=device)}
+    inputs = list(step_inputs(cfg, batch, draws(cfg, 0, shape, 0, 1, device), tr.micro))
+    for _ in range(warmup):
+        train_step(tr, inputs)
+    rates = []
+    for _ in range(steps // warmup):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            train_step(tr, inputs)
+        synchronize(device)
+        rates.append(warmup * n / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def loop_rate(cfg: Config, store: Path, out: Path) -> float:
+    """Images/s of the training loop: the median over its log rows after the first (start-up and
+    warm-up excluded); a row is ``warmup`` steps."""
+    rows = []
+    train(cfg, store, out, lambda done, total, info: rows.append(info))
+    return statistics.median(r["images_per_s"] for r in rows[1:] if "images_per_s" in r)
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    vanilla, sra2 = build_config(args, align=False), build_config(args, align=True)
+    device = dist.device(args.device)
+    side = sra2.data.image_size // 8
+    shape = (4, side, side)
+    print(f"machine: {torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", torch {torch.__version__}")
+    t = sra2.train
+    print(f"config:  {sra2.model.name}, latents {shape}, global batch {t.global_batch}, micro-batch "
+          f"{t.batch_per_gpu or t.global_batch}, {t.precision}, compile {t.compile}, "
+          f"{t.workers} reader(s), {args.items} latents (chunks of {args.chunk_size})")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "latents"
+        write_synthetic_store(store, args.items, shape, sra2.model.num_classes, args.chunk_size,
+                              max(args.chunk_size, 1024))
+        rates = {"bare step, vanilla SiT": bare_step_rate(vanilla, shape, device, args.steps, args.warmup),
+                 "bare step, SiT + SRA 2": bare_step_rate(sra2, shape, device, args.steps, args.warmup)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rates["training loop, SiT + SRA 2"] = loop_rate(sra2, store, Path(tmp) / "run")
+        rates["bare step, SiT + SRA 2 (again)"] = bare_step_rate(sra2, shape, device, args.steps, args.warmup)
+    bare = (rates["bare step, SiT + SRA 2"] + rates["bare step, SiT + SRA 2 (again)"]) / 2
+    print(f"\n{'':34}{'images/s':>10}{'/ bare SRA 2':>14}")
+    for name, rate in rates.items():
+        print(f"{name:34}{rate:10.1f}{rate / bare:14.3f}")
+
+    report = flops.report(sra2.model.name, side, sra2.align.layer, sra2.align.depth, sra2.align.width)
+    train_flops = 3 * report.flops_with_projector  # forward + backward (twice the forward)
+    peak = peak_tflops(args, device)
+    achieved = rates["training loop, SiT + SRA 2"] * train_flops / 1e12
+    mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "n/a (no known peak)"
+    rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f"\nmodel FLOPs per image: {train_flops / 1e9:.2f} GFLOP (3 x forward of SiT + projector, "
+          f"projector +{report.extra_percent:.1f}%)")
+    print(f"achieved: {achieved:.3f} TFLOP/s; MFU {mfu}")
+    print(f"peak host RSS (largest process): {rss / 1024:.0f} MB")
+    if device.type == "cuda":
+        print(f"peak GPU memory of the loop: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print(f"SRA 2 / vanilla step time: {rates['bare step, vanilla SiT'] / rates['bare step, SiT + SRA 2']:.3f}")
+    print(f"loop / bare ratio: {rates['training loop, SiT + SRA 2'] / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
