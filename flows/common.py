@@ -4,8 +4,10 @@ and tables."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from typing import Sequence
 
 from sra2.config import Config, ConfigError, load
 
@@ -13,7 +15,9 @@ from sra2.config import Config, ConfigError, load
 def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
           argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parse ``--params`` and the stage's paths (name: (default, help)); a bad parameter file ends
-    the process at once, before Prefect starts, with the offending key named."""
+    the process at once, before Prefect starts and before any data loads, with the offending key
+    named: the values (sra2.config), then what needs several sections, the process count or the
+    stage (sra2.checks)."""
     parser = argparse.ArgumentParser(prog=f"python -m flows.{stage}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml",
@@ -23,9 +27,10 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
     args = vars(parser.parse_args(argv))
     try:
         cfg = load(args["params"])
-        from sra2 import launch
+        from sra2 import checks, launch
 
-        launch.plan(cfg.launch)
+        plan = launch.plan(cfg.launch)
+        checks.check(cfg, stage, plan.nproc_per_node * plan.nnodes, args["params"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
     return cfg, args
@@ -49,18 +54,32 @@ class Progress:
             update_progress_artifact(self.id, 100.0 * done / total if total else 100.0)
 
 
-def run_workers(stage: str, cfg: Config, args: dict, description: str) -> dict | None:
-    """Run ``stage`` on the processes of ``cfg.launch`` (torch.distributed.run), showing rank 0's
-    progress in a Prefect artifact; returns rank 0's result."""
+def output_locks(cfg: Config, outputs: Sequence[str]) -> contextlib.AbstractContextManager:
+    """The locks of the stage's outputs, taken by the node of launch.node_rank 0 only: the other
+    nodes of a multi-node run write the same outputs on purpose."""
+    from sra2 import launch, lock
+
+    if launch.plan(cfg.launch).node_rank != 0:
+        return contextlib.nullcontext()
+    return lock.hold(outputs)
+
+
+def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
+                outputs: Sequence[str] = ()) -> dict | None:
+    """Call the library function ``work`` on the processes of ``cfg.launch``
+    (torch.distributed.run), showing rank 0's progress in a Prefect artifact; returns rank 0's
+    result. ``outputs`` (paths the stage writes)
+    are locked first: sra2.lock.OutputBusy, before any worker starts, if another run writes one."""
     from sra2 import launch
 
-    progress = Progress(f"{stage}-progress", description)
+    with output_locks(cfg, outputs):
+        progress = Progress(f"{stage}-progress", description)
 
-    def on_event(event: dict) -> None:
-        if event["kind"] == "progress":
-            progress(event["done"], event["total"], event["info"])
+        def on_event(event: dict) -> None:
+            if event["kind"] == "progress":
+                progress(event["done"], event["total"], event["info"])
 
-    return launch.run(stage, cfg, args, on_event)
+        return launch.run(work, cfg, args, on_event)
 
 
 def table(key: str, values: dict, description: str) -> None:

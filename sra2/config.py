@@ -8,10 +8,12 @@ holds only what a run changes, so ``dvc exp run -S preset=sit-b2 -S +train.lr=2e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
+                      PositiveFloat, PositiveInt, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "train", "sample", "evaluate")
@@ -21,9 +23,26 @@ class ConfigError(ValueError):
     """A parameter file that names an unknown key, a wrong type or a bad value."""
 
 
+# Value ranges, so that a bad number stops the stage with its key named before any work starts
+Seed = NonNegativeInt  # numpy's generators refuse negative seeds
+Time = Annotated[float, Field(ge=0, le=1)]  # SiT time: 0 = noise, 1 = data
+# a closed interval of SiT time, [low, high]
+Interval = Annotated[list[Time], Field(min_length=2, max_length=2)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
+
+
+def _at_least(value: float, info: ValidationInfo, low: str, key: str) -> float:
+    """``value`` must not be below the section's earlier field ``low`` (named ``key`` in the
+    message); unchecked when ``low`` itself was invalid, whose own error is reported."""
+    if low in info.data and value < info.data[low]:
+        raise ValueError(f"must be at least {key} ({info.data[low]!r})")
+    return value
+
+
 class Section(BaseModel):
     # strict: a string where a number belongs is an error, not a silent conversion
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan: an inf or nan learning rate, decay or scale is always a typo
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Launch(Section):
@@ -41,32 +60,48 @@ class Launch(Section):
 
 
 class DemoData(Section):
-    classes: int  # one drawn shape or texture per class (at most 10)
-    per_class: int  # JPEG files per class
-    min_side: int  # image sides are drawn from [min_side, max_side] pixels
-    max_side: int
-    seed: int
+    classes: Annotated[int, Field(ge=1, le=10)]  # one drawn shape or texture per class
+    per_class: PositiveInt  # JPEG files per class
+    min_side: PositiveInt  # image sides are drawn from [min_side, max_side] pixels
+    max_side: PositiveInt
+    seed: Seed
+
+    @field_validator("max_side")
+    @classmethod
+    def _sides_ordered(cls, value: int, info: ValidationInfo) -> int:
+        return _at_least(value, info, "min_side", "data.demo.min_side")
 
 
 class Data(Section):
-    root: str  # ImageFolder: root/<class>/<image>; class index = rank of the folder name
-    image_size: int  # side of the ADM centre crop the VAE sees (latents are 1/8 of it)
+    # ImageFolder: root/<class>/<image>; class index = rank of the folder name. It must exist for
+    # the encode stage unless `demo` is set (sra2.checks)
+    root: Annotated[str, Field(min_length=1)]
+    image_size: PositiveInt  # side of the ADM centre crop the VAE sees (latents are 1/8 of it)
     demo: DemoData | None = None  # when set, the demo stage draws this dataset into `root`
 
 
 class RandomVAE(Section):
     """An AutoencoderKL of this shape with seeded weights; SD-VAE is [128, 256, 512, 512], 2, 32."""
 
-    block_out_channels: list[int]
-    layers_per_block: int
-    norm_num_groups: int
-    seed: int
+    block_out_channels: Annotated[list[PositiveInt], Field(min_length=1)]
+    layers_per_block: PositiveInt
+    norm_num_groups: PositiveInt
+    seed: Seed
+
+    @field_validator("norm_num_groups")
+    @classmethod
+    def _groups_divide(cls, value: int, info: ValidationInfo) -> int:
+        # GroupNorm splits every block's channels into this many groups
+        channels = info.data.get("block_out_channels", [])
+        if any(c % value for c in channels):
+            raise ValueError(f"must divide every vae.random.block_out_channels ({channels})")
+        return value
 
 
 class VAE(Section):
     source: str  # hub id, local directory, or "random" (seeded weights, offline demo)
     random: RandomVAE | None = None
-    scale: float = 0.18215  # latents are multiplied by this before diffusion
+    scale: PositiveFloat = 0.18215  # latents are multiplied by this before diffusion
 
     @model_validator(mode="after")
     def _random_needs_shape(self):
@@ -76,10 +111,10 @@ class VAE(Section):
 
 
 class Encode(Section):
-    batch_size: int  # images per VAE call
-    shard_size: int  # images per shard: the unit of writing and of resuming
-    chunk_size: int  # images per chunk: the unit of random reads
-    workers: int  # processes decoding and cropping JPEGs
+    batch_size: PositiveInt  # images per VAE call
+    shard_size: PositiveInt  # images per shard: the unit of writing and of resuming
+    chunk_size: PositiveInt  # images per chunk: the unit of random reads
+    workers: NonNegativeInt  # processes decoding and cropping JPEGs (0: in the worker itself)
     dtype: Literal["float32", "float16"]
     precision: Literal["fp32", "bf16", "fp16"]  # VAE compute dtype on a GPU; CPU runs fp32
     flip: bool  # also store the latents of the horizontally flipped image
@@ -96,80 +131,99 @@ class Encode(Section):
 
 class Model(Section):
     name: str  # a key of sra2.models.SiT_models, e.g. "SiT-B/2"
-    num_classes: int  # label num_classes is the null class of classifier-free guidance
+    num_classes: PositiveInt  # label num_classes is the null class of classifier-free guidance
     learn_sigma: bool  # 8 output channels as in the official SiT (the second half is unused)
-    class_dropout: float  # probability of training on the null label
+    class_dropout: Annotated[float, Field(ge=0, lt=1)]  # probability of training on the null label
 
 
 class Align(Section):
     enabled: bool
-    layer: int  # 1-based block whose output the projector reads
-    depth: int  # Linear layers in the projector
-    width: int | None  # hidden width; None means 2 * hidden size
+    # 1-based block whose output the projector reads; its range [1, depth of model.name] is checked
+    # in one place, sra2.checks (sra2.align keeps its own check for a bare Align)
+    layer: int
+    depth: PositiveInt  # Linear layers in the projector
+    width: PositiveInt | None  # hidden width; None means 2 * hidden size
     loss: Literal["smooth_l1", "l1", "l2", "cosine"]
-    beta: float  # smooth-L1 transition point
-    weight: float  # lambda
-    t_min: float  # alignment loss is zero outside [t_min, t_max] (SiT time, 1 = data)
-    t_max: float
+    beta: NonNegativeFloat  # smooth-L1 transition point (0 is L1)
+    weight: NonNegativeFloat  # lambda
+    t_min: Time  # alignment loss is zero outside [t_min, t_max] (SiT time, 1 = data)
+    t_max: Time
     target: Literal["sample", "mean"]
+
+    @field_validator("t_max")
+    @classmethod
+    def _interval(cls, value: float, info: ValidationInfo) -> float:
+        return _at_least(value, info, "t_min", "align.t_min")
 
 
 class Train(Section):
-    steps: int  # optimizer steps in total; raising it resumes a finished run
-    global_batch: int  # images per step over all processes
+    steps: PositiveInt  # optimizer steps in total; raising it resumes a finished run
+    # images per step over all processes; it must split evenly into processes x batch_per_gpu
+    # (sra2.checks, with the process count of `launch`)
+    global_batch: PositiveInt
     # images per forward/backward on one process; None: global_batch / processes (no accumulation)
-    batch_per_gpu: int | None = None
-    lr: float  # AdamW, constant
-    weight_decay: float
-    betas: list[float]
-    ema_decay: float  # EMA of the SiT weights, updated every step
-    grad_clip: float  # max global gradient norm
+    batch_per_gpu: PositiveInt | None = None
+    lr: PositiveFloat  # AdamW, constant
+    weight_decay: NonNegativeFloat
+    betas: Annotated[list[Beta], Field(min_length=2, max_length=2)]
+    ema_decay: Annotated[float, Field(gt=0, lt=1)]  # EMA of the SiT weights, updated every step
+    grad_clip: PositiveFloat  # max global gradient norm
     precision: Literal["fp32", "bf16"]  # bf16 autocast on a GPU; losses are computed in fp32
-    ckpt_every: int  # steps between checkpoints (the unit of resuming)
-    log_every: int  # steps averaged into one row of metrics.csv
-    seed: int
+    ckpt_every: PositiveInt  # steps between checkpoints (the unit of resuming)
+    log_every: PositiveInt  # steps averaged into one row of metrics.csv
+    seed: Seed
     device: Literal["auto", "cpu", "cuda"]
-    workers: int = 2  # processes reading latents from the store ahead of the training step
+    workers: NonNegativeInt = 2  # processes reading latents from the store ahead of the step
     compile: bool = False  # torch.compile the model and its loss
 
 
 class Sample(Section):
-    num_samples: int
-    batch_size: int  # images per network call (does not change the images)
-    shard_size: int  # images per shard: the unit of resuming
+    num_samples: PositiveInt
+    batch_size: PositiveInt  # images per network call (does not change the images)
+    shard_size: PositiveInt  # images per shard: the unit of resuming
     sampler: Literal["sde", "ode-euler", "ode-heun"]
-    steps: int  # network evaluations for sde and ode-euler; ode-heun takes two per step
-    last_step: float  # SDE only: the final deterministic step, from 1 - last_step to 1
+    steps: PositiveInt  # network evaluations for sde and ode-euler; ode-heun takes two per step
+    # SDE only: the final deterministic step, from 1 - last_step to 1 (0 would divide by 1 - t = 0)
+    last_step: Annotated[float, Field(gt=0, lt=1)]
     cfg_scale: float  # 1 means no guidance
-    cfg_channels: int  # guidance on the first N latent channels (SiT: 3, REPA: 4)
+    # guidance on the first N of the VAE's 4 latent channels (SiT: 3, REPA: 4)
+    cfg_channels: Annotated[int, Field(ge=1, le=4)]
     # [t_low, t_high] in SiT time (1 = data): guidance only inside. REPA's --guidance-low/-high are
     # in its reversed time, so [low, high] there is [1 - high, 1 - low] here: REPA's
     # --guidance-high 0.7 (no guidance on the noisiest 30%) is cfg_interval [0.3, 1.0]
-    cfg_interval: list[float]
+    cfg_interval: Interval
     # time convention of the weights: sit (t = 1 is data, predicts x1 - x0) or repa (REPA and the
     # SRA code on it: t = 1 is noise, predicts eps - x, run here as v(x, t) = -v_repa(x, 1 - t));
     # auto tells them apart by the file's layout (sra2.models.detect_convention) and stops with an
     # error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
     convention: Literal["auto", "sit", "repa"] = "auto"
-    grid: int  # images in the PNG grid
-    seed: int  # sample i's label and noise depend on (seed, i) only
+    grid: PositiveInt  # images in the PNG grid (the first ones)
+    seed: Seed  # sample i's label and noise depend on (seed, i) only
     # class labels: uniform random in [0, num_classes) (SiT, REPA), or balanced: num_samples //
     # num_classes of each class (the rest to distinct seeded classes), in a seeded random order
     labels: Literal["uniform", "balanced"]
     precision: Literal["fp32", "bf16"]  # network compute on a GPU (the sampler's state stays fp32)
     device: Literal["auto", "cpu", "cuda"]
 
+    @field_validator("cfg_interval")
+    @classmethod
+    def _ordered(cls, value: list[float]) -> list[float]:
+        # low > high would turn guidance off without a word
+        if value[0] > value[1]:
+            raise ValueError("must be [low, high] with low <= high")
+        return value
+
 
 class Evaluate(Section):
     inception: str  # "random" (seeded, offline demo), "download", or a local .pth path
-    inception_seed: int
+    inception_seed: Seed
     # an ADM reference batch (VIRTUAL_imagenet256_labeled.npz, what papers report against): mu,
     # sigma (FID), mu_s, sigma_s (sFID) and its images arr_0 (precision/recall), or None: the
     # real images of the encoded dataset for all of them (and for precision/recall without arr_0)
     reference: str | None
-    num_real: int | None  # real images used where the reference is the dataset; None means all
-    batch_size: int  # images per Inception call
-    seed: int  # picks the num_real subset
+    num_real: PositiveInt | None  # real images used where the reference is the dataset; None: all
+    batch_size: PositiveInt  # images per Inception call
+    seed: Seed  # picks the num_real subset
     device: Literal["auto", "cpu", "cuda"]
 
 
@@ -219,7 +273,9 @@ def _explain(error: ValidationError, source: str) -> ConfigError:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e['input']!r})")
+            # our validators' messages read as the rest without pydantic's "Value error, "
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {message} (got {e['input']!r})")
     return ConfigError(f"invalid parameters in {source}:\n" + "\n".join(lines))
 
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 import time
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import with_overrides
 from sra2.config import ConfigError, available_presets, load, resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +63,137 @@ def test_a_typo_fails_the_stage_at_once(tmp_path):
     assert "train.lr" in run.stderr and "1e-4x" in run.stderr
     assert "Traceback" not in run.stderr
     assert time.monotonic() - start < 30  # no Prefect server was started
+
+
+# ------------------------------------------------------------------ values checked before any work
+#
+# Each case: the stage, the overrides of the tiny preset, the key the error must name and the
+# value it must show. parse() is what every stage's main() runs first.
+
+MISSING = "/nonexistent/sra2-images"
+BAD_VALUES = [
+    ("train", {"train": {"steps": -5}}, "train.steps", -5),
+    ("train", {"train": {"steps": 0}}, "train.steps", 0),
+    ("train", {"train": {"global_batch": 0}}, "train.global_batch", 0),
+    ("train", {"train": {"batch_per_gpu": 0}}, "train.batch_per_gpu", 0),
+    ("train", {"train": {"lr": -1.0}}, "train.lr", -1.0),
+    ("train", {"train": {"lr": float("nan")}}, "train.lr", float("nan")),
+    ("train", {"train": {"ema_decay": 1.5}}, "train.ema_decay", 1.5),
+    ("train", {"train": {"ema_decay": 0.0}}, "train.ema_decay", 0.0),
+    ("train", {"train": {"betas": [0.9, 1.0]}}, "train.betas.1", 1.0),
+    ("train", {"train": {"betas": [0.9]}}, "train.betas", [0.9]),
+    ("train", {"train": {"grad_clip": 0.0}}, "train.grad_clip", 0.0),
+    ("train", {"train": {"log_every": 0}}, "train.log_every", 0),
+    ("train", {"train": {"ckpt_every": -1}}, "train.ckpt_every", -1),
+    ("train", {"train": {"workers": -1}}, "train.workers", -1),
+    ("train", {"train": {"seed": -1}}, "train.seed", -1),
+    ("train", {"model": {"class_dropout": 1.0}}, "model.class_dropout", 1.0),
+    ("train", {"model": {"name": "SiT-Q/2"}}, "model.name", "SiT-Q/2"),
+    ("train", {"align": {"layer": 99}}, "align.layer", 99),
+    ("train", {"align": {"layer": 0}}, "align.layer", 0),
+    ("train", {"align": {"t_min": 0.8, "t_max": 0.2}}, "align.t_max", 0.2),
+    ("train", {"align": {"t_max": 1.5}}, "align.t_max", 1.5),
+    ("train", {"align": {"t_min": -0.1}}, "align.t_min", -0.1),
+    ("train", {"data": {"image_size": 40}}, "data.image_size", 40),
+    # tiny's global batch of 8 split over 3 processes, or into micro-batches of 3
+    ("train", {"launch": {"nproc_per_node": 3}}, "train.global_batch", 8),
+    ("train", {"train": {"batch_per_gpu": 3}}, "train.global_batch", 8),
+    ("sample", {"sample": {"cfg_interval": [0.7, 0.3]}}, "sample.cfg_interval", [0.7, 0.3]),
+    ("sample", {"sample": {"cfg_interval": [0.3]}}, "sample.cfg_interval", [0.3]),
+    ("sample", {"sample": {"cfg_interval": [0.3, 1.5]}}, "sample.cfg_interval.1", 1.5),
+    ("sample", {"sample": {"num_samples": -3}}, "sample.num_samples", -3),
+    ("sample", {"sample": {"batch_size": 0}}, "sample.batch_size", 0),
+    ("sample", {"sample": {"shard_size": 0}}, "sample.shard_size", 0),
+    ("sample", {"sample": {"steps": 0}}, "sample.steps", 0),
+    ("sample", {"sample": {"grid": 0}}, "sample.grid", 0),
+    ("sample", {"sample": {"last_step": 0.0}}, "sample.last_step", 0.0),
+    ("sample", {"sample": {"cfg_channels": 5}}, "sample.cfg_channels", 5),
+    ("sample", {"sample": {"cfg_channels": 0}}, "sample.cfg_channels", 0),
+    ("sample", {"sample": {"cfg_scale": float("inf")}}, "sample.cfg_scale", float("inf")),
+    ("encode", {"data": {"root": MISSING, "demo": None}}, "data.root", MISSING),
+    ("encode", {"encode": {"batch_size": 0}}, "encode.batch_size", 0),
+    ("encode", {"encode": {"chunk_size": 0}}, "encode.chunk_size", 0),
+    ("encode", {"encode": {"shard_size": -16}}, "encode.shard_size", -16),
+    ("encode", {"encode": {"workers": -1}}, "encode.workers", -1),
+    ("encode", {"vae": {"scale": 0.0}}, "vae.scale", 0.0),
+    ("encode", {"vae": {"random": {"block_out_channels": [16, 12], "layers_per_block": 1,
+                                   "norm_num_groups": 8, "seed": 0}}},
+     "vae.random.norm_num_groups", 8),
+    ("demo_data", {"data": {"demo": {"classes": 11, "per_class": 8, "min_side": 40,
+                                     "max_side": 140, "seed": 0}}}, "data.demo.classes", 11),
+    ("demo_data", {"data": {"demo": {"classes": 3, "per_class": 0, "min_side": 40,
+                                     "max_side": 140, "seed": 0}}}, "data.demo.per_class", 0),
+    ("demo_data", {"data": {"demo": {"classes": 3, "per_class": 8, "min_side": 40,
+                                     "max_side": 30, "seed": 0}}}, "data.demo.max_side", 30),
+    ("demo_data", {"model": {"num_classes": 2}}, "data.demo.classes", 3),
+    ("evaluate", {"evaluate": {"batch_size": 0}}, "evaluate.batch_size", 0),
+    ("evaluate", {"evaluate": {"num_real": 0}}, "evaluate.num_real", 0),
+    ("evaluate", {"evaluate": {"reference": MISSING + ".npz"}}, "evaluate.reference",
+     MISSING + ".npz"),
+    ("evaluate", {"evaluate": {"inception": MISSING + ".pth"}}, "evaluate.inception",
+     MISSING + ".pth"),
+]
+
+
+def params_file(tmp_path: Path, overrides: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny", **overrides}))
+    return path
+
+
+@pytest.mark.parametrize("stage, overrides, key, value", BAD_VALUES,
+                         ids=[f"{c[0]}-{c[2]}={c[3]}" for c in BAD_VALUES])
+def test_bad_values_stop_the_stage_naming_key_and_value(tmp_path, stage, overrides, key, value):
+    from flows.common import parse
+
+    with pytest.raises(SystemExit) as stop:
+        parse(stage, "", {}, ["--params", str(params_file(tmp_path, overrides))])
+    message = str(stop.value.code)
+    assert message.startswith("error: invalid parameters in ")
+    assert f"\n  {key}: " in message and f"(got {value!r})" in message, message
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "sit-b2", "sit-l2", "sit-xl2"])
+def test_every_preset_passes_the_stage_checks(name):
+    from sra2 import checks
+
+    cfg = resolve({"preset": name})
+    for stage in ("demo_data", "train", "sample"):
+        checks.check(cfg, stage, world=1)
+    # the most processes the global batch splits into
+    checks.check(cfg, "train", world=cfg.train.global_batch // (cfg.train.batch_per_gpu or 1))
+    if cfg.data.demo is not None:  # the demo-data stage draws data.root before encode reads it
+        checks.check(with_overrides(cfg, data={"root": MISSING}), "encode", world=1)
+
+
+def test_intervals_may_be_a_single_time():
+    cfg = resolve({"preset": "tiny", "sample": {"cfg_interval": [0.5, 0.5]},
+                   "align": {"t_min": 0.3, "t_max": 0.3}})
+    assert cfg.sample.cfg_interval == [0.5, 0.5] and cfg.align.t_max == 0.3
+
+
+# A few of the cases run as the stage's own command: they must stop in seconds with the key named,
+# before Prefect starts a server or a flow run (the subprocess has no PREFECT_API_URL, so reaching
+# Prefect would start a temporary server and print it).
+COMMANDS = [
+    ("train", {"train": {"steps": -5}}, "train.steps"),
+    ("train", {"align": {"layer": 99}}, "align.layer"),
+    ("train", {"launch": {"nproc_per_node": 3}}, "train.global_batch"),
+    ("sample", {"sample": {"cfg_interval": [0.7, 0.3]}}, "sample.cfg_interval"),
+    ("encode", {"data": {"root": MISSING, "demo": None}}, "data.root"),
+]
+
+
+@pytest.mark.parametrize("stage, overrides, key", COMMANDS, ids=[c[2] for c in COMMANDS])
+def test_the_stage_command_fails_before_prefect_starts(tmp_path, stage, overrides, key):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", f"flows.{stage}", "--params",
+                          str(params_file(tmp_path, overrides))], cwd=REPO, capture_output=True,
+                         text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=60)
+    took = time.monotonic() - start
+    output = (run.stdout + run.stderr).lower()
+    assert run.returncode != 0 and key in run.stderr, run.stderr
+    assert "temporary server" not in output and "flow run" not in output, output
+    assert "traceback" not in output, output
+    assert took < 10, f"{took:.1f} s"
