@@ -1,0 +1,110 @@
+"""FID over training: at every ``train.eval_every`` steps the EMA weights are kept as a snapshot,
+``train.eval_samples`` images are sampled from it with the configured sampler on all processes,
+and rank 0 scores them (FID, sFID, Inception Score) into ``<out>/fid.csv``, the curve that
+``dvc plots`` draws against the step.
+
+Resumable: a snapshot is written once, the samples are sharded like the sample stage's (finished
+shards are kept), and a step that has its row in ``fid.csv`` is never evaluated again. A resumed
+run re-reaches the same step with the same bytes, so its row would be the same anyway. The
+reference side (statistics of ``evaluate.reference`` or of the real images) is computed once per
+run folder and cached in ``fid_reference.npz``.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sra2 import atomic, dist
+from sra2.config import Config
+from sra2.generate import generate
+from sra2.metrics import (ArrayImages, frechet_distance, inception_features, inception_score,
+                          inception_weights, reference_side, statistics)
+from sra2.store import ShardedStore
+
+COLUMNS = ["step", "fid", "sfid", "inception_score"]
+
+
+def snapshot(cfg: Config, ema: torch.nn.Module, step: int, out: Path) -> Path:
+    """The EMA weights at ``step`` in the export format the sample stage reads (written once)."""
+    path = out / "snapshots" / f"step-{step:07d}.pt"
+    if not path.exists():
+        atomic.save_torch({"name": cfg.model.name, "model_config": cfg.model.model_dump(),
+                           "step": step, "ema": ema.state_dict()}, path)
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    rows = [r for r in read_rows(path) if int(r["step"]) != row["step"]] + [row]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
+    atomic.write_text(path, buf.getvalue())
+
+
+def eval_config(cfg: Config) -> Config:
+    """The sample settings of an evaluation: the configured sampler, ``eval_samples`` images."""
+    n = cfg.train.eval_samples
+    sample = {**cfg.sample.model_dump(), "num_samples": n, "shard_size": min(cfg.sample.shard_size, n)}
+    return cfg.model_copy(update={"sample": cfg.sample.model_validate(sample)})
+
+
+def reference(cfg: Config, latents: str | Path, out: Path, features) -> dict:
+    """The reference statistics (FID and sFID), computed once per run folder."""
+    path = out / "fid_reference.npz"
+    if not path.exists():
+        side = reference_side(cfg, latents, features)
+        atomic.write_with(path, lambda f: np.savez(f, mu=side["fid"][0], sigma=side["fid"][1],
+                                                   mu_s=side["sfid"][0], sigma_s=side["sfid"][1]))
+    with np.load(path) as npz:
+        return {"fid": (npz["mu"], npz["sigma"]), "sfid": (npz["mu_s"], npz["sigma_s"])}
+
+
+def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
+    ec = cfg.evaluate
+    device = dist.device(ec.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
+        features = functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
+                                     device=device)
+        fake = features(ArrayImages(images))
+        ref = reference(cfg, latents, out, features)
+    return {"fid": frechet_distance(*statistics(fake["pool"]), *ref["fid"]),
+            "sfid": frechet_distance(*statistics(fake["spatial"]), *ref["sfid"]),
+            "inception_score": inception_score(fake["logits"])}
+
+
+def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, out: str | Path,
+                  latents: str | Path) -> dict | None:
+    """Snapshot, sample (all ranks) and score (rank 0) the EMA at ``step``; returns the row on
+    rank 0 (None elsewhere, or when the step was evaluated before)."""
+    out = Path(out)
+    log = out / "fid.csv"
+    if any(int(r["step"]) == step for r in read_rows(log)):
+        return None
+    rank = dist.init()[0]
+    if rank == 0:
+        snapshot(cfg, ema, step, out)
+    dist.barrier()
+    path = generate(eval_config(cfg), out / "snapshots" / f"step-{step:07d}.pt",
+                    out / "evals" / f"step-{step:07d}")
+    if rank != 0:
+        return None
+    scores = score(cfg, ShardedStore(path).array("images"), latents, out)
+    row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}}
+    append_row(log, row)
+    return row

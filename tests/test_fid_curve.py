@@ -1,0 +1,44 @@
+"""FID over training: snapshots, scores in fid.csv, nothing evaluated twice, snapshots sampleable."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from sra2.data import write_demo_dataset
+from sra2.encode import encode_dataset
+from sra2.fid_curve import evaluate_step
+from sra2.generate import sample_stage
+from sra2.train import build_model
+
+from conftest import randomize, with_overrides
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from sra2.config import resolve
+
+    root = tmp_path_factory.mktemp("fid")
+    cfg = resolve({"preset": "tiny"})
+    d = cfg.data.demo
+    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
+    cfg = with_overrides(cfg, data={"root": str(root / "images")}, train={"eval_samples": 6},
+                         sample={"steps": 4})
+    encode_dataset(cfg, root / "latents")
+    return cfg, root / "latents"
+
+
+def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):
+    cfg, latents = setup
+    ema = randomize(build_model(cfg, 4), seed=3, std=0.05)
+    row = evaluate_step(cfg, ema, 20, tmp_path, latents)
+    assert row["step"] == 20 and all(np.isfinite(row[k]) for k in ("fid", "sfid", "inception_score"))
+    assert evaluate_step(cfg, ema, 20, tmp_path, latents) is None  # done before: not redone
+    with open(tmp_path / "fid.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [20] and float(rows[0]["fid"]) == row["fid"]
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == ["step-0000020.pt"]
+    # the sample stage takes any snapshot
+    result = sample_stage(with_overrides(cfg, sample={"num_samples": 2, "shard_size": 2}),
+                          tmp_path / "snapshots/step-0000020.pt", tmp_path / "samples")
+    assert result["samples"] == 2 and (tmp_path / "samples/samples.npz").exists()
