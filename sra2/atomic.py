@@ -53,7 +53,9 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as JSON; a NaN or an infinity in it is a ValueError, never a file that other tools
+    cannot read."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -1,7 +1,9 @@
 """Every knob of the pipeline, validated before any heavy work starts.
 
-The effective configuration is a preset (``sra2/presets/<name>.yaml``, complete) with the sections
-of ``params.yaml`` laid over it key by key. ``params.yaml`` names the preset (``preset: demo``) and
+The effective configuration is a preset (``sra2/presets/<name>.yaml``) with the sections of
+``params.yaml`` laid over it key by key. A preset may name a base (``base: _imagenet``) that it is
+laid over the same way, so that presets list only what differs; files whose name starts with ``_``
+are bases, not presets. ``params.yaml`` names the preset (``preset: demo``) and
 holds only what a run changes, so ``dvc exp run -S preset=sit-b2 -S +train.lr=2e-4`` works.
 """
 
@@ -59,12 +61,27 @@ class Launch(Section):
     max_restarts: int = 0  # torchrun restarts all workers this often after a failure (they resume)
 
 
+class DemoVAE(Section):
+    """Training of the demo's VAE on the demo images, by the demo-data stage: the AutoencoderKL of
+    vae.random, from its seeded weights, saved where vae.source points (random weights decode
+    noise, and SD-VAE cannot be downloaded offline)."""
+
+    steps: PositiveInt  # AdamW steps, the learning rate decaying to zero over them (cosine)
+    batch_size: PositiveInt  # crops per step
+    crop: PositiveInt  # side of the random square training crops, a multiple of the downsampling
+    lr: PositiveFloat  # peak learning rate
+    # weight of the KL to N(0, 1) per latent value against the squared error per pixel value:
+    # enough to give the posterior std a meaning, too little to blur the reconstructions
+    kl_weight: NonNegativeFloat
+
+
 class DemoData(Section):
     classes: Annotated[int, Field(ge=1, le=10)]  # one drawn shape or texture per class
     per_class: PositiveInt  # JPEG files per class
     min_side: PositiveInt  # image sides are drawn from [min_side, max_side] pixels
     max_side: PositiveInt
     seed: Seed
+    vae: DemoVAE | None = None  # when set, the demo stage also trains the demo's VAE on the images
 
     @field_validator("max_side")
     @classmethod
@@ -170,7 +187,17 @@ class Train(Section):
     grad_clip: PositiveFloat  # max global gradient norm
     precision: Literal["fp32", "bf16"]  # bf16 autocast on a GPU; losses are computed in fp32
     ckpt_every: PositiveInt  # steps between checkpoints (the unit of resuming)
+    # also save when this many minutes of wall time have passed since the last save (0: off); rank 0
+    # decides, every rank saves at the same step
+    ckpt_minutes: NonNegativeFloat = 30.0
+    # step checkpoints kept per run: older ones are deleted once a newer one is complete (written
+    # and named by `latest`); files outside the run folder's step-*.pt (snapshots/) are never deleted
+    keep_checkpoints: PositiveInt = 3
     log_every: PositiveInt  # steps averaged into one row of metrics.csv
+    # FID over training: every eval_every steps (0: off) the EMA is kept as snapshots/step-N.pt and
+    # eval_samples images sampled from it (the sample section's sampler) are scored into fid.csv
+    eval_every: NonNegativeInt = 0
+    eval_samples: PositiveInt = 10000
     seed: Seed
     device: Literal["auto", "cpu", "cuda"]
     workers: NonNegativeInt = 2  # processes reading latents from the store ahead of the step
@@ -241,7 +268,36 @@ class Config(Section):
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    """The presets params.yaml may name: sra2/presets/*.yaml but the bases (``_*.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def preset_chain(name: str) -> list[str]:
+    """The files preset ``name`` is made of, its bases first: ``["_imagenet", "sit-b2"]``."""
+    chain = [name]
+    while True:
+        path = PRESETS_DIR / f"{chain[0]}.yaml"
+        base = _read_yaml(path).get("base")
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not (PRESETS_DIR / f"{base}.yaml").is_file():
+            bases = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            raise ConfigError(f"{path}: base must name a file of {PRESETS_DIR} (one of {bases}), "
+                              f"got {base!r}")
+        if base in chain:
+            raise ConfigError(f"{path}: base {base!r} makes a cycle: "
+                              f"{' -> '.join(reversed(chain))} -> {base}")
+        chain.insert(0, base)
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """Preset ``name`` with its bases laid under it key by key (the ``base`` keys dropped)."""
+    merged: dict[str, Any] = {}
+    for part in preset_chain(name):
+        layer = _read_yaml(PRESETS_DIR / f"{part}.yaml")
+        layer.pop("base", None)
+        merged = _overlay(merged, layer)
+    return merged
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -294,7 +350,7 @@ def resolve(params: dict[str, Any], source: str = "params") -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"invalid parameters in {source}:\n  {section}: expected a mapping "
                               f"of keys, got {value!r}")
-    merged = _overlay(_read_yaml(PRESETS_DIR / f"{name}.yaml"), params)
+    merged = _overlay(read_preset(name), params)
     try:
         return Config.model_validate({"preset": name, **merged})
     except ValidationError as e:

@@ -5,19 +5,28 @@ sra2.worker <module:function>`` on every GPU of the node, or on several nodes (t
 Workers report through a file of JSON lines (:mod:`sra2.worker`): rank 0 appends progress and its
 result, any rank appends its error. The parent reads the file as it grows, hands each record to
 ``on_event`` and returns the result, or raises :class:`WorkerFailed` with the worker's own message.
+
+Stopping: when the parent is interrupted (Ctrl-C, SIGTERM), it sends SIGTERM to its workers and
+waits for them to save (training checkpoints its current step) before it exits with 130 or 143;
+workers stopped by a signal of their own make it raise :class:`WorkersStopped` ("stopped at step N
+... run the stage again"): either way the stage fails and ``dvc repro`` resumes it. Workers watch
+the parent (``SRA2_PARENT_PID``) and stop by themselves when it is killed outright.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -30,6 +39,15 @@ SLURM_PORT = 29500
 
 class WorkerFailed(RuntimeError):
     """A worker process failed; the message starts with its rank and its own error."""
+
+
+class WorkersStopped(WorkerFailed):
+    """The workers stopped on a signal after saving their work: running the stage again resumes."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM reached a launch that nothing else handles: once the workers are stopped, the
+    process exits with 143 (128 + SIGTERM), as Ctrl-C ends it with KeyboardInterrupt (130)."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +120,6 @@ def follow(path: Path) -> Callable[[], list[Event]]:
     return read
 
 
-def _stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGTERM the launcher we started (it passes it to its workers), then SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def failure(errors: list[Event], returncode: int) -> WorkerFailed:
     if not errors:
         return WorkerFailed(f"the workers exited with code {returncode} without reporting an "
@@ -121,6 +128,11 @@ def failure(errors: list[Event], returncode: int) -> WorkerFailed:
     others = f" (and {len(errors) - 1} more rank(s))" if len(errors) > 1 else ""
     return WorkerFailed(f"rank {first['rank']}: {first['error']}{others}\n\n"
                         f"worker traceback:\n{first['traceback']}")
+
+
+def stop_message(stopped: list[Event]) -> str:
+    first = min(stopped, key=lambda e: e["rank"])
+    return f"rank {first['rank']}: {first['message']}"
 
 
 def shielded(on_event: Callable[[Event], None] | None) -> Callable[[Event], None]:
@@ -142,34 +154,150 @@ def shielded(on_event: Callable[[Event], None] | None) -> Callable[[Event], None
     return call
 
 
+@dataclass
+class Reports:
+    """What the workers have reported so far; records other than results and errors go on to
+    ``report``."""
+
+    read: Callable[[], list[Event]]
+    report: Callable[[Event], None]
+    result: dict | None = None
+    errors: list[Event] = field(default_factory=list)
+    stopped: list[Event] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # this node's workers, as they started
+
+    def take(self) -> None:
+        for event in self.read():
+            if event["kind"] == "result":
+                self.result = event["result"]
+            elif event["kind"] == "error":
+                self.errors.append(event)
+            else:
+                if event["kind"] == "started":
+                    self.pids.append(event["pid"])
+                elif event["kind"] == "stopped":
+                    self.stopped.append(event)
+                self.report(event)
+
+
+# --- stopping the workers when the caller is interrupted
+
+ASK_EVERY = 30.0  # seconds between two SIGTERMs to a worker that has not stopped yet
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises :class:`Terminated` in the main thread while the workers run, unless the
+    caller handles SIGTERM itself (Prefect's flow engine raises its own exception)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """SIGINT and SIGTERM do nothing (in the main thread) while the workers save: a second Ctrl-C
+    does not cut the wait short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: float) -> None:
+    """Ask the workers of torchrun ``proc`` to stop, wait up to ``grace`` seconds for them to save
+    (training: a checkpoint at its current step) and exit, then SIGKILL torchrun if still there.
+
+    When all ``expected`` workers have reported their pid, SIGTERM goes to each of them (while it
+    is still a child of ``proc``) every ASK_EVERY seconds: a repeat changes nothing, and it makes up
+    for one that came before a worker set its handler. Else it goes once to torchrun, which passes
+    it on but kills its workers after its own shutdown timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT from
+    torch 2.12, 30 s before)."""
+    if proc.poll() is not None:
+        return
+    print(f"stopping the workers: waiting up to {grace:.0f} s for them to save their work (Ctrl-C "
+          f"is ignored meanwhile; kill -9 {os.getpid()} leaves it to them)", file=sys.stderr)
+    with _signals_ignored():
+        direct = len([pid for pid in workers if _parent_of(pid) == proc.pid]) == expected
+        if not direct:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in workers if direct else ():
+                if _parent_of(pid) == proc.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(min(ASK_EVERY, max(deadline - time.monotonic(), 0.0)))
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], None] | None = None,
-        poll: float = 0.5) -> dict | None:
+        poll: float = 0.5, grace: float | None = None) -> dict | None:
     """Call the library function ``work(cfg, **args, progress=...)`` on every process
-    ``cfg.launch`` describes; returns rank 0's result (None on a node without rank 0)."""
+    ``cfg.launch`` describes; returns rank 0's result (None on a node without rank 0).
+
+    Interrupted (Ctrl-C, SIGTERM, an exception), it asks the workers to stop and waits up to
+    ``grace`` seconds (default: ``SRA2_STOP_GRACE`` or 600) for them to save, then the interrupt
+    goes on: the process ends with 130 after Ctrl-C, 143 after SIGTERM. Workers that stopped on a
+    signal of their own raise :class:`WorkersStopped`."""
     settings = plan(cfg.launch)
+    grace = worker.stop_grace() if grace is None else grace
     with tempfile.TemporaryDirectory(prefix=f"sra2-{work.__name__}-") as tmp:
         config, events = Path(tmp) / "config.json", Path(tmp) / "events.jsonl"
         config.write_text(cfg.model_dump_json())
         events.touch()
         cmd = [sys.executable, "-m", "torch.distributed.run", *settings.launcher_args(),
                "-m", worker.__name__, f"{work.__module__}:{work.__name__}", str(config), json.dumps(args)]
-        proc = subprocess.Popen(cmd, env={**os.environ, "SRA2_EVENTS": str(events)})
-        read, result, errors, report = follow(events), None, [], shielded(on_event)
-        try:
-            while True:
-                finished = proc.poll() is not None  # read after it ends: nothing is missed
-                for event in read():
-                    if event["kind"] == "result":
-                        result = event["result"]
-                    elif event["kind"] == "error":
-                        errors.append(event)
-                    else:
-                        report(event)
-                if finished:
-                    break
-                time.sleep(poll)
-        finally:
-            _stop(proc)
-    if errors or proc.returncode:
-        raise failure(errors, proc.returncode)
-    return result
+        env = {**os.environ, "SRA2_EVENTS": str(events), worker.PARENT_PID: str(os.getpid()),
+               worker.STOP_GRACE: str(grace),
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(grace))}
+        with _sigterm_raises():
+            # a session of its own: a terminal's Ctrl-C reaches this process alone, which stops the
+            # workers once and waits for them (torchrun would give them 30 s at most)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+            reports = Reports(follow(events), shielded(on_event))
+            try:
+                while True:
+                    finished = proc.poll() is not None  # read after it ends: nothing is missed
+                    reports.take()
+                    if finished:
+                        break
+                    time.sleep(poll)
+            except BaseException:
+                _stop(proc, reports.pids, settings.nproc_per_node, grace)
+                reports.take()
+                if reports.stopped:
+                    print(stop_message(reports.stopped), file=sys.stderr)
+                raise
+    if reports.errors:
+        raise failure(reports.errors, proc.returncode)
+    if reports.stopped:
+        raise WorkersStopped(stop_message(reports.stopped))
+    if proc.returncode:
+        raise failure([], proc.returncode)
+    return reports.result

@@ -5,6 +5,13 @@ dropout) comes from generators seeded by (seed, s) for the whole global batch, s
 from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run would take.
 Each process splits its part of the batch into micro-batches of ``train.batch_per_gpu`` whose
 gradients add up to the step's; per-step work stays on the device (one host sync per log row).
+
+Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
+:mod:`sra2.worker`) ends the step in progress, saves it and raises :class:`sra2.worker.Stopped`;
+all ranks stop at the same step (:class:`Consensus`). A checkpoint also holds the metrics of the
+steps since the last row, so a run resumed from any step writes the bytes of an unbroken one.
+Checkpoints are also written every ``train.ckpt_minutes``, the ``train.keep_checkpoints`` newest are
+kept, and a non-finite loss, gradient or weight stops the run before it is saved.
 """
 
 from __future__ import annotations
@@ -12,25 +19,33 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import multiprocessing.forkserver
+import os
+import re
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
 from sra2 import atomic, dist
 from sra2.align import projector_for
-from sra2.config import Config
+from sra2.config import Config, Train
+from sra2.fid_curve import evaluate_step
 from sra2.latents import StepBatches, step_loader
 from sra2.models import SiT, build
 from sra2.plots import write_loss_plot
 from sra2.store import digest
 from sra2.transport import training_loss
+from sra2.worker import StopSignals, Stopped
 
 Progress = Callable[[int, int, dict], None]
 LOG_COLUMNS = ["step", "loss", "loss_velocity", "loss_align", "grad_norm"]
@@ -52,25 +67,35 @@ class Objective(nn.Module):
         return torch.stack([losses.total, losses.velocity, losses.align])
 
 
+# --- checkpoints and the metrics log
+
 def signature(cfg: Config, data_signature: dict) -> dict:
     """What a run's numbers depend on (not its length, logging, speed knobs or process count):
     its checkpoint folder."""
     fixed = cfg.train.model_dump(exclude={"steps", "ckpt_every", "log_every", "device", "workers",
-                                          "compile", "batch_per_gpu"})
+                                          "compile", "batch_per_gpu", "ckpt_minutes",
+                                          "keep_checkpoints", "eval_every", "eval_samples"})
     return {"model": cfg.model.model_dump(), "align": cfg.align.model_dump(), "train": fixed,
             "latents": data_signature}
 
 
 class Checkpoints:
-    """``<folder>/<run>/step-NNNNNNN.pt`` and a ``latest`` pointer, each written atomically.
+    """``<folder>/<run>/step-NNNNNNN.pt`` and a ``latest`` pointer, each written atomically; the
+    ``keep`` newest step files stay, older ones go once a newer one is complete.
 
     ``run`` is a hash of the signature: other settings start a new run beside the old one
     instead of resuming it or overwriting it, and going back to old settings resumes the old run.
+    Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/``).
     """
 
-    def __init__(self, folder: str | Path, signature: dict):
+    STEP_FILE = re.compile(r"step-(\d+)\.pt")
+
+    def __init__(self, folder: str | Path, signature: dict, keep: int = 3):
         self.folder = Path(folder) / digest(signature)
-        self.signature = signature
+        self.signature, self.keep = signature, keep
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:07d}.pt"
 
     def latest(self) -> Path | None:
         pointer = self.folder / "latest"
@@ -79,10 +104,19 @@ class Checkpoints:
     def save(self, state: dict) -> Path:
         if not (self.folder / "signature.json").exists():
             atomic.write_json(self.folder / "signature.json", self.signature)
-        path = self.folder / f"step-{state['step']:07d}.pt"
+        path = self.path(state["step"])
         atomic.save_torch(state, path)
         atomic.write_text(self.folder / "latest", path.name + "\n")
+        self.prune(state["step"])
         return path
+
+    def prune(self, newest: int) -> None:
+        """Delete the step files older than the ``keep`` newest up to ``newest`` (the one
+        ``latest`` names; a later file left by a crash is written again on the way)."""
+        names = (self.STEP_FILE.fullmatch(p.name) for p in self.folder.iterdir())
+        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= newest)
+        for step in steps[:-self.keep]:
+            self.path(step).unlink(missing_ok=True)
 
     def load(self) -> dict | None:
         path = self.latest()
@@ -109,6 +143,8 @@ class MetricsLog:
         atomic.write_text(self.path, buf.getvalue())
 
 
+# --- randomness of a step
+
 def step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
@@ -127,6 +163,8 @@ def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: t
     return eps[part], x0[part], t[part], drop[part]
 
 
+# --- the model and one step
+
 @dataclass
 class Trainer:
     """Everything a run is made of; built once, then stepped."""
@@ -141,9 +179,9 @@ class Trainer:
     micro: int  # micro-batches per step on this process
     device: torch.device
 
-    def state(self, step: int) -> dict:
+    def state(self, step: int, meter: dict) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(),
+                "opt": self.opt.state_dict(), "meter": meter,
                 "projector": self.projector.state_dict() if self.projector is not None else None}
 
     def load(self, state: dict) -> None:
@@ -215,6 +253,8 @@ def train_step(tr: Trainer, inputs) -> torch.Tensor:
     return torch.cat([losses, grad_norm.reshape(1).float()])
 
 
+# --- values of the steps, and saving only finite ones
+
 class Meter:
     """Sums of step values on the device, and the first non-finite step, read once per row."""
 
@@ -226,12 +266,13 @@ class Meter:
 
     def _reset(self) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        self.count, self.tick = 0, time.perf_counter()
+        self.count, self.timed, self.tick = 0, 0, time.perf_counter()
 
     def add(self, values: torch.Tensor) -> None:
         values = values.double()
         self.sums += values
         self.count += 1
+        self.timed += 1
         self.step += 1  # counted on the device: no host-to-device copy per step
         new = ~torch.isfinite(values).all() & (self.first_bad[0] < 0)
         self.first_bad = torch.where(new, torch.cat([self.step, values]), self.first_bad)
@@ -248,9 +289,137 @@ class Meter:
         """The mean of the values since the last row over all processes, and images/s."""
         self.check()
         means = dist.mean_across_ranks(self.sums / self.count)
-        rate = self.count * global_batch / (time.perf_counter() - self.tick)
+        rate = self.timed * global_batch / (time.perf_counter() - self.tick)
         self._reset()
         return dict(zip(LOG_COLUMNS, [done, *np.round(means, 6).tolist()])), rate
+
+    def partial(self, world: int) -> dict:
+        """The sums of every rank since the last row (a collective), for a checkpoint."""
+        parts = [self.sums]
+        if world > 1:
+            parts = [torch.empty_like(self.sums) for _ in range(world)]
+            tdist.all_gather(parts, self.sums)
+        return {"sums": torch.stack(parts).cpu(), "count": self.count}
+
+    def restore(self, partial: dict | None, rank: int, world: int) -> None:
+        """Continue a row a checkpoint broke off: with the process count it was saved with, from
+        this rank's own sums (the bytes of an unbroken run), else from their mean (its values)."""
+        if partial is None or partial["count"] == 0:
+            return
+        sums = partial["sums"]
+        own = sums[rank] if len(sums) == world else sums.mean(0)
+        self.sums, self.count = own.to(self.device, torch.float64), partial["count"]
+
+
+def check_weights(tr: Trainer, step: int) -> None:
+    """Raise unless every weight and optimizer moment is finite (a host sync, at saves only)."""
+    moments = (t for s in tr.opt.state.values() for t in s.values() if torch.is_tensor(t))
+    tensors = [*tr.params, *tr.ema.parameters(), *moments]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise NonFiniteError(f"the weights after training step {step} are not finite: stopped "
+                             "before saving them; lower train.lr or raise train.grad_clip")
+
+
+def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, world: int) -> str:
+    """Checkpoint ``step`` (every rank calls this at the same step, rank 0 writes): never a
+    non-finite state, and no rank runs ahead of a checkpoint being written."""
+    meter.check()
+    check_weights(tr, step)
+    partial = meter.partial(world)
+    if rank == 0:
+        ckpts.save(tr.state(step, partial))
+    dist.barrier()
+    return str(ckpts.path(step))
+
+
+# --- stopping and timed saves, at the same step on every rank
+
+class Consensus:
+    """Flags every rank acts on at the same step, without waiting for each other at every step.
+
+    With one process a flag counts at once. With several, each step's flags go into an
+    asynchronous all-reduce (max) on a CPU (gloo) group, and its result is read one step later:
+    by then every rank has sent its part (the gradient all-reduce keeps the ranks within a step of
+    each other), so the wait is short, the device is never waited on, and all ranks see the same
+    flags after the same step. Per step: an all-reduce of a few bytes on gloo's threads.
+    """
+
+    def __init__(self, world: int):
+        self.group, self.pending = None, None
+        if world > 1:
+            gloo = tdist.get_backend() == "gloo"
+            self.group = tdist.group.WORLD if gloo else tdist.new_group(backend="gloo")
+
+    def __call__(self, *flags: bool) -> tuple[bool, ...]:
+        """This rank's ``flags`` after this step -> the flags to act on now."""
+        if self.group is None:
+            return flags
+        values = torch.tensor(flags, dtype=torch.int32)
+        work = tdist.all_reduce(values, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
+        previous, self.pending = self.pending, (work, values)
+        return self._result(previous) if previous else (False,) * len(flags)
+
+    def close(self) -> None:
+        """Wait for the last all-reduce (each rank sent as many)."""
+        if self.pending:
+            self._result(self.pending)
+            self.pending = None
+
+    @staticmethod
+    def _result(pending) -> tuple[bool, ...]:
+        work, values = pending
+        work.wait()
+        return tuple(bool(v) for v in values.tolist())
+
+
+class SaveClock:
+    """Whether ``minutes`` of wall time have passed since the last save (never with 0)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+
+# --- batches, read by processes that outlive a stop signal
+
+def _own_process_group(_worker: int) -> None:
+    # a reader leaves the trainer's process group: torchrun's SIGTERM to that group and a
+    # terminal's Ctrl-C are the trainer's to handle, which stops the readers when done with them
+    with suppress(OSError):
+        os.setpgid(0, 0)
+
+
+def stream(data: StepBatches, start: int, tc: Train, device: torch.device):
+    """Batches of steps ``start``.. ``tc.steps - 1``, read ahead by ``tc.workers`` processes that
+    outlive a stop signal: the step in progress and the next (which several ranks may need before
+    they agree to stop) still get their data."""
+    if start >= tc.steps:
+        return []
+    if tc.workers and threading.current_thread() is threading.main_thread():
+        # the fork server that starts the readers ignores SIGTERM (it stays ignored across its
+        # exec; it ignores SIGINT itself): started here, before the trainer handles SIGTERM
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    loader = step_loader(data, start, tc.steps, tc.workers, device.type == "cuda")
+    loader.worker_init_fn = _own_process_group
+    return loader
+
+
+# --- the run
+
+def stopped(signals: StopSignals, step: int, checkpoint: str) -> Stopped:
+    cause = signal.Signals(signals.received).name if signals.received else "another rank's signal"
+    return Stopped(f"stopped at step {step} on {cause}: saved {checkpoint}; run the stage again "
+                   "(dvc repro) to resume from there", step, checkpoint, cause)
 
 
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog) -> None:
@@ -264,7 +433,10 @@ def export(tr: Trainer, out: Path, steps: int, log: MetricsLog) -> None:
 
 
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
-    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``); returns a summary."""
+    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``); returns a summary.
+
+    Raises :class:`Stopped` on SIGTERM or SIGINT once the step in progress is saved, and
+    :class:`NonFiniteError` at a non-finite step, which is never saved."""
     rank, world = dist.init()
     tc, out = cfg.train, Path(out)
     device = dist.device(tc.device, rank)
@@ -277,7 +449,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
 
     # --- model, optimizer and resume
     tr = build_trainer(cfg, data.shape, device, world)
-    ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature))
+    ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
     state = ckpts.load()
     start = state["step"] if state else 0
     if start > tc.steps:
@@ -285,6 +457,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
                          f"{start}: raise train.steps, or sample from that checkpoint")
     if state:
         tr.load(state)
+    resumed_meter = state.get("meter") if state else None
     del state
     log = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
     n_params = sum(p.numel() for p in tr.model.parameters())
@@ -294,30 +467,40 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
               f"{n_proj / 1e6:.2f}M, {len(data)} latents {data.shape}, steps {start} -> {tc.steps}, "
               f"{world} process(es) x {tr.micro} micro-batch(es)")
 
-    # --- the loop
-    meter, last_ckpt = Meter(device, start), str(ckpts.latest() or "")
-    loader = step_loader(data, start, tc.steps, tc.workers, device.type == "cuda") if start < tc.steps else []
+    # --- the loop: a step; then, where due, a metrics row, a checkpoint, a stop
+    meter, last_ckpt, fid = Meter(device, start), str(ckpts.latest() or ""), {}
+    meter.restore(resumed_meter, rank, world)
+    clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
+    loader = stream(data, start, tc, device)
     bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
-    for step, batch in zip(range(start, tc.steps), loader):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        noise = draws(cfg, step, data.shape, rank, world, device)
-        meter.add(train_step(tr, step_inputs(cfg, batch, noise, tr.micro)))
-        done = step + 1
-        bar.update(1)
-        if done % tc.ckpt_every == 0 or done == tc.steps:
-            meter.check()  # never save a non-finite state
-            if rank == 0:
-                last_ckpt = str(ckpts.save(tr.state(done)))
-            dist.barrier()  # no rank runs ahead of a checkpoint being written
-        if done % tc.log_every == 0 or done == tc.steps:
-            row, rate = meter.row(done, tc.global_batch)
-            if log is not None:
-                log.append(row)
+    with StopSignals() as signals, bar:
+        for step, batch in zip(range(start, tc.steps), loader):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            noise = draws(cfg, step, data.shape, rank, world, device)
+            meter.add(train_step(tr, step_inputs(cfg, batch, noise, tr.micro)))
+            done = step + 1
+            bar.update(1)
+            stop, timed = consensus(signals.received > 0, rank == 0 and clock.due())
+            row = None
+            if done % tc.log_every == 0 or done == tc.steps:
+                row, rate = meter.row(done, tc.global_batch)
+                if log is not None:  # before the checkpoint: rows after it are dropped on resume
+                    log.append(row)
+            if done % tc.ckpt_every == 0 or done == tc.steps or stop or timed:
+                last_ckpt = save(tr, ckpts, meter, done, rank, world)
+                clock.reset()
+            if tc.eval_every and done % tc.eval_every == 0:  # after the save: a crash here costs nothing
+                scored = evaluate_step(cfg, tr.ema, done, out, latents)
+                fid = {"fid": scored["fid"], "fid_step": done} if scored else fid
+            if row is not None and log is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
                 if progress:
                     progress(done, tc.steps, {**row, "images_per_s": round(rate, 1),
-                                              "checkpoint": last_ckpt})
-    bar.close()
+                                              "checkpoint": last_ckpt, **fid})
+            if stop and done < tc.steps:
+                consensus.close()
+                raise stopped(signals, done, last_ckpt)
+    consensus.close()
 
     # --- export
     meter.check()

@@ -3,7 +3,19 @@
 ``function(cfg, **args, progress=...)``.
 
 Workers import no Prefect. They report through the JSON-lines file named by ``SRA2_EVENTS``:
-rank 0 appends ``progress`` records and its ``result``; a failing rank appends its ``error``.
+every rank appends ``started`` (its pid), rank 0 appends ``progress`` records and its ``result``;
+a failing rank appends its ``error``.
+
+Stopping. Work that can stop cleanly (training) holds :class:`StopSignals` open: SIGTERM and SIGINT
+are then recorded instead of ending the process, the work saves what it has done and raises
+:class:`Stopped`. The rank appends ``stopped`` and exits 0, so that torchrun does not restart it
+(``launch.max_restarts``); the launcher turns the records into the stage's failure ("stopped at
+step N ... run the stage again"). Work without a handler ends on SIGTERM as any process does.
+
+Orphans. Each rank watches the processes that started it (torchrun, and the flow whose pid
+``SRA2_PARENT_PID`` holds): when one is gone (killed with SIGKILL, say), the rank sends SIGTERM to
+itself, which stops it as above, and SIGKILL after ``SRA2_STOP_GRACE`` seconds. Only the rank's own
+pid is ever signalled.
 """
 
 from __future__ import annotations
@@ -11,12 +23,22 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 from sra2.config import Config
+
+PARENT_PID = "SRA2_PARENT_PID"  # the launching process (the flow), watched by every rank
+STOP_GRACE = "SRA2_STOP_GRACE"  # seconds a stopping rank may take to save its work
+
+
+def stop_grace() -> float:
+    """How long a stopping stage may take to save (``SRA2_STOP_GRACE``, default 10 minutes)."""
+    return float(os.environ.get(STOP_GRACE, "600"))
 
 
 class Events:
@@ -35,15 +57,100 @@ class Events:
         self.emit("progress", done=done, total=total, info=info or {})
 
 
+# --- stopping on a signal
+
+class Stopped(Exception):
+    """The work stopped on a signal after saving what it had done; running it again resumes."""
+
+    def __init__(self, message: str, step: int, checkpoint: str, signal_name: str):
+        super().__init__(message)
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+
+
+class StopSignals:
+    """While open, SIGTERM and SIGINT set ``received`` (the first one's number) instead of ending
+    the process; the work polls it. Handlers can only be set in the main thread: elsewhere the
+    signals keep theirs. The handler only records (printing there could re-enter a stream)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict = {}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# --- watching the launching processes
+
+def started_at(pid: int) -> str | None:
+    """A token of process ``pid`` that a later process reusing the pid does not share (its start
+    time), or None when it is gone or a zombie. Without /proc: whether the pid exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "alive"
+    state, *fields = stat.rsplit(")", 1)[1].split()
+    return None if state in ("Z", "X") else fields[18]  # field 22 of proc(5): starttime
+
+
+def watch_parents(interval: float = 2.0) -> threading.Thread:
+    """Stop this process (SIGTERM to itself, SIGKILL after the grace period) once torchrun or the
+    flow that started it is gone, checked every ``interval`` seconds from a daemon thread."""
+    pids = {os.getppid()}
+    if os.environ.get(PARENT_PID):
+        pids.add(int(os.environ[PARENT_PID]))
+    tokens = {pid: started_at(pid) for pid in pids}
+
+    def watch() -> None:
+        while all(token is not None and started_at(pid) == token for pid, token in tokens.items()):
+            time.sleep(interval)
+        print(f"worker {os.getpid()}: the process that started it is gone: stopping",
+              file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(stop_grace())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="sra2-watch-parents", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> None:
     target, config, args = argv
     cfg = Config.model_validate_json(Path(config).read_text())
     rank = int(os.environ.get("RANK", "0"))
     events = Events(os.environ.get("SRA2_EVENTS"))
+    events.emit("started", rank=rank, pid=os.getpid())
+    watch_parents()
     try:
         module, name = target.split(":")
         work = getattr(importlib.import_module(module), name)
         result = work(cfg, **json.loads(args), progress=events.progress if rank == 0 else None)
+    except Stopped as e:
+        events.emit("stopped", rank=rank, step=e.step, checkpoint=e.checkpoint,
+                    signal=e.signal_name, message=str(e))
+        if rank == 0:
+            print(f"rank 0: {e}", file=sys.stderr)
+        return  # exit 0: torchrun must not restart a rank that was asked to stop
     except BaseException as e:
         events.emit("error", rank=rank, error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc())
@@ -53,4 +160,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # run as sra2.worker, not __main__: the work raises sra2.worker.Stopped, which main catches
+    from sra2.worker import main as worker_main
+
+    worker_main(sys.argv[1:])

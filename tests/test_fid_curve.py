@@ -42,3 +42,16 @@ def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):
     result = sample_stage(with_overrides(cfg, sample={"num_samples": 2, "shard_size": 2}),
                           tmp_path / "snapshots/step-0000020.pt", tmp_path / "samples")
     assert result["samples"] == 2 and (tmp_path / "samples/samples.npz").exists()
+
+
+def test_training_writes_the_fid_curve(tmp_path, setup):
+    from sra2.train import train
+
+    cfg, latents = setup
+    rows = []
+    train(with_overrides(cfg, train={"steps": 10, "eval_every": 10, "ckpt_every": 10, "log_every": 5}),
+          latents, tmp_path, lambda done, total, info: rows.append(info))
+    with open(tmp_path / "fid.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [10]
+    assert rows[-1]["fid_step"] == 10 and np.isfinite(rows[-1]["fid"])
+    assert (tmp_path / "snapshots/step-0000010.pt").exists()
