@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="images per network call (default: the preset's)")
     p.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 250)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
-    p.add_argument("--vae", choices=["preset", "random-sd"], default="preset",
-                   help="random-sd: the SD-VAE architecture with seeded weights")
+    p.add_argument("--vae", choices=["preset", "random", "random-sd"], default="random",
+                   help="random: the preset's demo VAE shape with seeded weights (speed does not depend "
+                        "on them); random-sd: the SD-VAE architecture with seeded weights; preset: vae.source")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -57,8 +58,9 @@ def build_config(args: argparse.Namespace) -> Config:
     data["sample"] = {**data["sample"], **sample}
     if args.model:
         data["model"] = {**data["model"], "name": args.model}
-    if args.vae == "random-sd":
-        data["vae"] = {**data["vae"], "source": "random", "random": SD_VAE_SHAPE}
+    if args.vae != "preset":
+        shape = data["vae"].get("random") if args.vae == "random" else None
+        data["vae"] = {**data["vae"], "source": "random", "random": shape or SD_VAE_SHAPE}
     return Config.model_validate(data)
 
 
