@@ -1,14 +1,14 @@
 """What the stage flows share: the command line, the config check, the workers, Prefect progress
-and tables."""
+and tables (shown through flows.monitor, so that a failing Prefect API never fails the stage)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
-import time
-from typing import Sequence
+from typing import Callable, Sequence
 
+from flows.monitor import Picture, Watch, current
 from sra2.config import Config, ConfigError, load
 
 
@@ -37,21 +37,16 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
 
 
 class Progress:
-    """A Prefect progress artifact, updated at most every ``every`` seconds."""
+    """A progress artifact ``<name>-progress`` for work that runs in the flow's process, updated at
+    most every ``every`` seconds; ``progress(done, total, ...)``. Shown through flows.monitor, so
+    that the Prefect API failing never stops the work."""
 
     def __init__(self, key: str, description: str, every: float = 5.0):
-        from prefect.artifacts import create_progress_artifact
-
-        self.id = create_progress_artifact(0.0, key=key, description=description)
-        self.every, self.last = every, 0.0
+        self.watch = Watch(current(), key.removesuffix("-progress"), "steps", description,
+                           every=every)
 
     def __call__(self, done: int, total: int, *_) -> None:
-        from prefect.artifacts import update_progress_artifact
-
-        now = time.monotonic()
-        if done >= total or now - self.last >= self.every:
-            self.last = now
-            update_progress_artifact(self.id, 100.0 * done / total if total else 100.0)
+        self.watch.update(done, total)
 
 
 def output_locks(cfg: Config, outputs: Sequence[str]) -> contextlib.AbstractContextManager:
@@ -65,25 +60,25 @@ def output_locks(cfg: Config, outputs: Sequence[str]) -> contextlib.AbstractCont
 
 
 def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
-                outputs: Sequence[str] = ()) -> dict | None:
+                outputs: Sequence[str] = (), unit: str = "images",
+                pictures: Callable[[list[dict]], list[Picture]] | None = None) -> dict | None:
     """Call the library function ``work`` on the processes of ``cfg.launch``
-    (torch.distributed.run), showing rank 0's progress in a Prefect artifact; returns rank 0's
-    result. ``outputs`` (paths the stage writes)
-    are locked first: sra2.lock.OutputBusy, before any worker starts, if another run writes one."""
+    (torch.distributed.run), showing rank 0's progress (counted in ``unit``) in the stage's log
+    and artifacts (flows.monitor.Watch, with ``pictures`` of its rows); returns rank 0's result.
+    ``outputs`` (paths the stage writes) are locked first: sra2.lock.OutputBusy, before any worker
+    starts, if another run writes one."""
     from sra2 import launch
 
     with output_locks(cfg, outputs):
-        progress = Progress(f"{stage}-progress", description)
-
-        def on_event(event: dict) -> None:
-            if event["kind"] == "progress":
-                progress(event["done"], event["total"], event["info"])
-
-        return launch.run(work, cfg, args, on_event)
+        watch = Watch(current(stage), stage, unit, description, pictures)
+        try:
+            return launch.run(work, cfg, args, watch)
+        finally:
+            watch.finish()  # the rows since the last update, even when the workers failed
 
 
 def table(key: str, values: dict, description: str) -> None:
     from prefect.artifacts import create_table_artifact
 
     rows = [{"name": k, "value": v} for k, v in values.items() if not isinstance(v, (list, dict))]
-    create_table_artifact(rows, key=key, description=description)
+    current().call(create_table_artifact, rows, key=key, description=description)

@@ -6,19 +6,24 @@ rerun samples only the missing ones.
 
 from __future__ import annotations
 
-from prefect import flow
-
 from flows.common import parse, run_workers
+from flows.monitor import current, run_stage, show_pictures, stage_flow
 from sra2.config import Config
 from sra2.generate import sample_stage
 
 
-@flow(name="sra2-sample", log_prints=True)
+@stage_flow("sample")
 def sample_flow(cfg: Config, ema: str, out: str) -> dict:
+    sc, mon = cfg.sample, current()
+    mon.say(f"sample: preset {cfg.preset}, {sc.num_samples} images from {ema}, {sc.sampler} "
+            f"{sc.steps} steps, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
+            f"batch {sc.batch_size}, shards of {sc.shard_size} -> {out}")
     result = run_workers("sample", sample_stage, cfg, {"ema_path": ema, "out": out},
                          f"sampling {cfg.sample.num_samples} images", outputs=[out])
     if result is not None:
-        print(f"wrote {result['npz']} and {result['grid']}")
+        show_pictures(mon, "sample-grid", [(f"the first {sc.grid} samples", result["grid"])],
+                      f"samples of {ema}")
+        mon.say(f"sample: wrote {result['npz']} ({result['samples']} images) and {result['grid']}")
     return result
 
 
@@ -26,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse("sample", __doc__, {
         "ema": ("data/train/ema.pt", "weights: our export, or an official SiT / REPA checkpoint"),
         "out": ("data/samples", "shards/, samples.npz (ADM format) and grid.png")}, argv)
-    sample_flow(cfg, args["ema"], args["out"])
+    run_stage(sample_flow, cfg.preset, cfg=cfg, ema=args["ema"], out=args["out"])
 
 
 if __name__ == "__main__":

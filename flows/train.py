@@ -9,31 +9,59 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
-
 from flows.common import parse, run_workers, table
+from flows.monitor import Picture, current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
+from sra2.plots import loss_plot
+from sra2.store import pointed_store
 from sra2.train import train
 
 
-@flow(name="sra2-train", log_prints=True)
+def loss_pictures(cfg: Config):
+    """The loss curve of the rows received so far (``pictures`` of flows.common.run_workers)."""
+    kind = "SRA 2" if cfg.align.enabled else "no alignment"
+
+    def draw(rows: list[dict]) -> list[Picture]:
+        rows = [r for r in rows if "loss" in r]
+        title = f"{cfg.model.name} + {kind}: training loss"
+        return [("training loss", loss_plot(rows, title))] if rows else []
+
+    return draw
+
+
+@stage_flow("train")
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
+    tc, align = cfg.train, cfg.align
+    aligned = (f"layer {align.layer} weight {align.weight} ({align.loss})" if align.enabled
+               else "off")
+    current().say(
+        f"train: preset {cfg.preset}, {cfg.model.name}, alignment {aligned}, "
+        f"{tc.steps} steps of {tc.global_batch} images, lr {tc.lr}, EMA {tc.ema_decay}, "
+        f"{tc.precision}, checkpoint every {tc.ckpt_every}, log every {tc.log_every}; "
+        f"latents {latents} -> {out}")
     result = run_workers("train", train, cfg, {"latents": latents, "out": out},
-                         f"training {cfg.model.name}", outputs=[out])
+                         f"training {cfg.model.name}", outputs=[out], unit="step",
+                         pictures=loss_pictures(cfg))
     if result is not None:
         atomic.write_json(summary, result)
         table("train-summary", result, f"{cfg.model.name} after {cfg.train.steps} steps")
+        losses = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "loss_velocity", "loss_align")
+                           if k in result)
+        current().say(f"train: {result['steps']} steps on {result['processes']} process(es), "
+                      f"final {losses or 'losses: none (nothing left to do)'}; wrote {out}/ema.pt")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse("train", __doc__, {
-        "latents": ("data/latents", "the latent store written by encode"),
+        "latents": ("data/latents.json", "the latent store written by encode, or the pointer "
+                                         "file naming it"),
         "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
         "summary": ("data/train.json", "final losses and the process count, for dvc metrics")}, argv)
     Path(args["out"]).mkdir(parents=True, exist_ok=True)
-    train_flow(cfg, args["latents"], args["out"], args["summary"])
+    run_stage(train_flow, cfg.preset, cfg=cfg, latents=str(pointed_store(args["latents"])),
+              out=args["out"], summary=args["summary"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Encode an ImageFolder into a latent store: decode and crop in worker processes, run the VAE
-in batches, write finished shards from a background thread."""
+in batches, write finished shards from a background thread.
+
+The encode stage keeps one store per encode settings, ``<out>/<digest>/`` (:func:`settings_store`):
+changing a setting starts a new store beside the old ones, and going back reopens the old one,
+finished, instead of encoding again."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from tqdm import tqdm
 from sra2 import dist, vae as vae_lib
 from sra2.config import Config
 from sra2.data import BadImage, ImageList, list_images, load_cropped
-from sra2.store import ShardedStore, digest
+from sra2.store import ShardedStore, attributes, digest
 
 Progress = Callable[[int, int], None]
 
@@ -45,6 +49,13 @@ def _signature(cfg: Config, images: ImageList) -> dict:
     return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest({"files": images.files, "labels": images.labels}),
             **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"})}
+
+
+def settings_store(cfg: Config, folder: str | Path, images: ImageList) -> Path:
+    """``folder/<digest>``: the store for these settings and files, named by the digest of the
+    attributes the store records (so it is the one store that would open without a mismatch)."""
+    attrs = attributes(len(images), cfg.encode.shard_size, _signature(cfg, images))
+    return Path(folder) / digest(attrs)
 
 
 def latent_arrays(cfg: Config, latent_shape: tuple[int, ...]) -> dict[str, tuple]:
@@ -135,16 +146,23 @@ def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world:
     return line + f"; about {todo / rate / 60:.1f} min at the VAE's {rate:.0f} images/s"
 
 
-def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = None) -> dict:
-    """Encode ``cfg.data.root`` into the store at ``out``; returns a summary of the whole store."""
+def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = None,
+                   per_settings: bool = False) -> dict:
+    """Encode ``cfg.data.root`` into the store at ``out`` (with ``per_settings``, into
+    ``out/<digest of the settings>``, :func:`settings_store`); returns a summary of the whole
+    store, with its path (``store``) and the images this call encoded (``encoded_now``)."""
     rank, world = dist.init()
     images = list_images(cfg.data.root)
+    if per_settings:
+        out = settings_store(cfg, out, images)
     device = dist.device(cfg.encode.device, rank)
     vae = vae_lib.load_vae(cfg.vae, device)
     side = cfg.data.image_size // vae_lib.downsampling(vae)
     latent_shape = (vae.config.latent_channels, side, side)
     if rank == 0:
         store = open_store(cfg, out, images, latent_shape)
+        # every rank's share, counted before any rank starts writing
+        pending = sum(stop - start for start, stop in map(store.shard_range, store.pending_shards()))
     dist.barrier()
     store = ShardedStore(out) if rank else store
     shards = store.pending_shards(rank, world)
@@ -199,7 +217,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     if progress and not todo:  # nothing left to encode: say it is complete
         progress(0, 0)
     dist.barrier()
-    return summarize(store, seconds, done)
+    return summarize(store, seconds, done, pending if rank == 0 else None)
 
 
 def rejects(store: ShardedStore) -> list[dict]:
@@ -207,10 +225,15 @@ def rejects(store: ShardedStore) -> list[dict]:
     return [r for rec in store.records() for r in rec["rejects"]]
 
 
-def summarize(store: ShardedStore, seconds: float, encoded_now: int) -> dict:
+def summarize(store: ShardedStore, seconds: float, encoded_now: int,
+              encoded_all: int | None = None) -> dict:
+    """``encoded_now`` images were encoded by this process in ``seconds``; ``encoded_all`` by all
+    processes of the run (rank 0 knows it; default ``encoded_now``)."""
     rejected = rejects(store)
     return {
+        "store": str(store.path),
         "files": store.num_items,
+        "encoded_now": encoded_now if encoded_all is None else encoded_all,
         "encoded": store.num_items - len(rejected) if store.complete else None,
         "rejected": len(rejected),
         "rejects": rejected,

@@ -1,7 +1,9 @@
 """FID over training: at every ``train.eval_every`` steps the EMA weights are kept as a snapshot,
 ``train.eval_samples`` images are sampled from it with the configured sampler on all processes,
-and rank 0 scores them (FID, sFID, Inception Score) into ``<out>/fid.csv``, the curve that
-``dvc plots`` draws against the step.
+and rank 0 scores them (FID, sFID, Inception Score) into ``fid.csv``, the curve that ``dvc plots``
+draws against the step. All of it lives in the run's checkpoint folder (``snapshots/``,
+``evals/``, ``fid.csv``), so runs with other settings never share a row; ``fid.csv`` is mirrored to
+the stage's output.
 
 Resumable: a snapshot is written once, the samples are sharded like the sample stage's (finished
 shards are kept), and a step that has its row in ``fid.csv`` is never evaluated again. A resumed
@@ -47,13 +49,18 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def append_row(path: Path, row: dict) -> None:
-    rows = [r for r in read_rows(path) if int(r["step"]) != row["step"]] + [row]
+def write_rows(rows: list[dict], *paths: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
-    atomic.write_text(path, buf.getvalue())
+    for path in paths:
+        atomic.write_text(path, buf.getvalue())
+
+
+def mirror(run: Path, path: Path) -> None:
+    """The run's curve at ``path`` (only the header when nothing was evaluated)."""
+    write_rows(read_rows(run / "fid.csv"), path)
 
 
 def eval_config(cfg: Config) -> Config:
@@ -88,23 +95,23 @@ def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
             "inception_score": inception_score(fake["logits"])}
 
 
-def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, out: str | Path,
-                  latents: str | Path) -> dict | None:
-    """Snapshot, sample (all ranks) and score (rank 0) the EMA at ``step``; returns the row on
-    rank 0 (None elsewhere, or when the step was evaluated before)."""
-    out = Path(out)
-    log = out / "fid.csv"
-    if any(int(r["step"]) == step for r in read_rows(log)):
+def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
+                  latents: str | Path, mirror_to: str | Path) -> dict | None:
+    """Snapshot, sample (all ranks) and score (rank 0) the EMA at ``step`` in the run folder
+    ``run``; returns the row on rank 0 (None elsewhere, or when the step was evaluated before)."""
+    run = Path(run)
+    rows = read_rows(run / "fid.csv")
+    if any(int(r["step"]) == step for r in rows):
         return None
     rank = dist.init()[0]
     if rank == 0:
-        snapshot(cfg, ema, step, out)
+        snapshot(cfg, ema, step, run)
     dist.barrier()
-    path = generate(eval_config(cfg), out / "snapshots" / f"step-{step:07d}.pt",
-                    out / "evals" / f"step-{step:07d}")
+    path = generate(eval_config(cfg), run / "snapshots" / f"step-{step:07d}.pt",
+                    run / "evals" / f"step-{step:07d}")
     if rank != 0:
         return None
-    scores = score(cfg, ShardedStore(path).array("images"), latents, out)
+    scores = score(cfg, ShardedStore(path).array("images"), latents, run)
     row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}}
-    append_row(log, row)
+    write_rows(rows + [row], run / "fid.csv", Path(mirror_to))
     return row

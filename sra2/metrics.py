@@ -220,16 +220,23 @@ def adm_spatial(output: torch.Tensor) -> torch.Tensor:
 
 
 def inception_features(images: Dataset, weights: str | Path | None, batch_size: int,
-                       device: torch.device) -> dict[str, np.ndarray]:
+                       device: torch.device, seen: Callable[[int], None] | None = None
+                       ) -> dict[str, np.ndarray]:
     """float32 features of each image: ``pool`` [N, 2048], ``logits`` [N, 1008] (no bias) and
-    ``spatial`` [N, 2023]; ``weights`` None lets torch-fidelity download the real ones."""
+    ``spatial`` [N, 2023]; ``weights`` None lets torch-fidelity download the real ones.
+    ``seen(n)`` is called as each batch of n images goes through the network."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     cuda = device.type == "cuda"
     network = inception_network(str(weights) if weights else None, cuda)
     spatial = []
-    hook = spatial_layer(network).register_forward_hook(
-        lambda module, inputs, output: spatial.append(adm_spatial(output)))
+
+    def keep_spatial(module, inputs, output) -> None:
+        spatial.append(adm_spatial(output))
+        if seen is not None:  # torch-fidelity's own loop has no callback: its batches pass here
+            seen(len(output))
+
+    hook = spatial_layer(network).register_forward_hook(keep_spatial)
     try:
         out = get_featuresdict_from_dataset(images, network, batch_size, cuda, save_cpu_ram=True,
                                             verbose=False)
@@ -307,16 +314,42 @@ def adm_metrics(fake: dict[str, np.ndarray], reference: dict, device: torch.devi
             "precision": precision, "recall": recall}
 
 
-def evaluate(cfg: Config, samples: str | Path, latents: str | Path) -> dict:
+def _reference_size(cfg: Config, latents: str | Path) -> int:
+    """How many images :func:`reference_side` sends through Inception (a progress total)."""
+    ec = cfg.evaluate
+    images = load_reference(ec.reference)["images"] if ec.reference else None
+    if images is not None:
+        return len(images)
+    return len(real_files(latents, cfg.data.root, ec.num_real, ec.seed))
+
+
+def _counter(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """Adds up the images of each batch and calls ``progress(done, total)``; says 0 at once."""
+    done = 0
+
+    def seen(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    progress(0, total)
+    return seen
+
+
+def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
+             progress: Callable[[int, int], None] | None = None) -> dict:
     """FID, sFID, Inception Score, precision and recall of the ADM ``.npz`` at ``samples``, against
-    ``evaluate.reference`` (an ADM reference batch) or the real images of the encoded dataset."""
+    ``evaluate.reference`` (an ADM reference batch) or the real images of the encoded dataset.
+    ``progress(done, total)`` counts the images (samples, then reference) through Inception."""
     ec = cfg.evaluate
     device = dist.device(ec.device)
+    fakes = ArrayImages(read_npz_images(samples))
+    seen = _counter(progress, len(fakes) + _reference_size(cfg, latents)) if progress else None
     with tempfile.TemporaryDirectory() as scratch:
         weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
         features = functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
-                                     device=device)
-        fake = features(ArrayImages(read_npz_images(samples)))
+                                     device=device, seen=seen)
+        fake = features(fakes)
         reference = reference_side(cfg, latents, features)
     note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
             if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")

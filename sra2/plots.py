@@ -13,6 +13,12 @@ COLOURS = {"loss": (31, 119, 180), "loss_velocity": (255, 127, 14), "loss_align"
 
 def write_loss_plot(rows: list[dict], path: str | Path, title: str,
                     size: tuple[int, int] = (640, 400)) -> None:
+    """:func:`loss_plot` as a PNG file, written atomically."""
+    img = loss_plot(rows, title, size)
+    atomic.write_with(path, lambda f: img.save(f, format="PNG"))
+
+
+def loss_plot(rows: list[dict], title: str, size: tuple[int, int] = (640, 400)) -> Image.Image:
     """Lines of every ``COLOURS`` column against ``step``, with min/max labels and a legend."""
     w, h = size
     left, right, top, bottom = 60, 20, 30, 40
@@ -35,4 +41,4 @@ def write_loss_plot(rows: list[dict], path: str | Path, title: str,
         if len(points) > 1:
             d.line(points, fill=colour, width=2)
         d.text((w - right - 110, top + 6 + 12 * i), key, fill=colour)
-    atomic.write_with(path, lambda f: img.save(f, format="PNG"))
+    return img

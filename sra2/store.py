@@ -5,12 +5,17 @@ of items is one file per array (the unit of writing) and chunked into small runs
 unit of reading); ``done/shard-NNNNNN.json``, written atomically after the shard's data, holds
 what the writer wants to remember about it (for example rejected files). A shard without a done
 mark is rewritten whole on resume, so a killed run ends with the same bytes as an unbroken one.
+
+Stores made with different settings live side by side as ``<folder>/<digest of the settings>/``
+(:func:`attributes`, :func:`digest`); a small pointer file (:func:`write_pointer`) tells readers
+which one to open (:func:`pointed_store`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,49 @@ class StoreMismatch(ValueError):
 def digest(signature: dict[str, Any]) -> str:
     """A short name for a set of settings: runs with other settings get other folders."""
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def attributes(num_items: int, shard_size: int, signature: dict[str, Any] | None) -> dict[str, Any]:
+    """What a store records about how it was made, as JSON reads it back: reopening compares it,
+    and its digest names the store's folder where stores of several settings share a folder."""
+    return json.loads(json.dumps({"num_items": num_items, "shard_size": shard_size,
+                                  "signature": signature or {}}))
+
+
+def write_pointer(pointer: str | Path, store: str | Path) -> dict[str, Any]:
+    """Write the small JSON file ``pointer`` naming ``store`` (its path relative to the pointer's
+    folder) with the store's digest and attributes; returns what it wrote.
+
+    Its bytes depend on the store's settings only, so a DVC stage that depends on the pointer
+    re-runs when the store it reads changes, and not when a store of other settings is added
+    beside it or a run re-opens a finished store.
+    """
+    pointer, store = Path(pointer), Path(store)
+    attrs = ShardedStore(store).attrs
+    rel = Path(os.path.relpath(store.absolute(), pointer.absolute().parent)).as_posix()
+    record = {"store": rel, "digest": digest(attrs), **attrs}
+    atomic.write_json(pointer, record)
+    return record
+
+
+def pointed_store(latents: str | Path) -> Path:
+    """The store ``latents`` names: a store folder itself, or a pointer file that
+    :func:`write_pointer` wrote (its ``store`` is relative to the pointer's folder)."""
+    latents = Path(latents)
+    if latents.is_dir():
+        return latents
+    try:
+        record = json.loads(latents.read_text())
+        store = latents.parent / record["store"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{latents}: no latent store or pointer file here; run the "
+                                f"encode stage first") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{latents}: not a latent store pointer ({e!r})") from None
+    if not store.is_dir():
+        raise FileNotFoundError(f"{latents} points at {store}, which does not exist: run the "
+                                f"encode stage (dvc repro encode, or dvc checkout data/latents)")
+    return store
 
 
 def sweep_partial_writes(path: Path) -> None:
@@ -61,10 +109,10 @@ class ShardedStore:
         ``signature`` describes what the bytes depend on: reopening with another one fails.
         """
         path = Path(path)
-        attrs = {"num_items": num_items, "shard_size": shard_size, "signature": signature or {}}
+        attrs = attributes(num_items, shard_size, signature)
         if path.exists():
             found = zarr.open_group(path, mode="r").attrs.asdict()
-            if found != json.loads(json.dumps(attrs)):
+            if found != attrs:
                 raise StoreMismatch(
                     f"{path} exists but was made with other settings:\n  found    {found}\n"
                     f"  expected {attrs}\nDelete it to start over, or restore the old settings.")

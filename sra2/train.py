@@ -36,10 +36,9 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2 import atomic, dist
+from sra2 import atomic, dist, fid_curve
 from sra2.align import projector_for
 from sra2.config import Config, Train
-from sra2.fid_curve import evaluate_step
 from sra2.latents import StepBatches, step_loader
 from sra2.models import SiT, build
 from sra2.plots import write_loss_plot
@@ -124,11 +123,12 @@ class Checkpoints:
 
 
 class MetricsLog:
-    """Per-step rows in a CSV (what ``dvc plots show`` draws), rewritten atomically; on resume,
-    rows after the checkpoint's step are dropped so the file matches an unbroken run."""
+    """Per-step rows in a CSV kept in the run's folder (so runs with other settings never mix their
+    rows) and mirrored to ``mirror`` (what ``dvc plots show`` draws), rewritten atomically; on
+    resume, rows after the checkpoint's step are dropped so the file matches an unbroken run."""
 
-    def __init__(self, path: str | Path, resume_step: int):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, resume_step: int, mirror: str | Path):
+        self.path, self.mirror = Path(path), Path(mirror)
         self.rows: list[dict] = []
         if self.path.exists() and resume_step > 0:
             with open(self.path) as f:
@@ -136,11 +136,15 @@ class MetricsLog:
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        self.write()
+
+    def write(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic.write_text(self.path, buf.getvalue())
+        for path in (self.path, self.mirror):
+            atomic.write_text(path, buf.getvalue())
 
 
 # --- randomness of a step
@@ -422,11 +426,13 @@ def stopped(signals: StopSignals, step: int, checkpoint: str) -> Stopped:
                    "(dvc repro) to resume from there", step, checkpoint, cause)
 
 
-def export(tr: Trainer, out: Path, steps: int, log: MetricsLog) -> None:
-    """``ema.pt`` (a plain SiT, no projector) and the loss curve."""
+def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
+    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves, the loss plot."""
     cfg = tr.cfg
     atomic.save_torch({"name": cfg.model.name, "model_config": cfg.model.model_dump(),
                        "step": steps, "ema": tr.ema.state_dict()}, out / "ema.pt")
+    log.write()
+    fid_curve.mirror(run, out / "fid.csv")
     if log.rows:
         kind = "SRA 2" if cfg.align.enabled else "no alignment"
         write_loss_plot(log.rows, out / "loss.png", f"{cfg.model.name} + {kind}: training loss")
@@ -459,7 +465,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
     del state
-    log = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
+    log = MetricsLog(ckpts.folder / "metrics.csv", start, out / "metrics.csv") if rank == 0 else None
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_proj = sum(p.numel() for p in tr.projector.parameters()) if tr.projector is not None else 0
     if rank == 0:
@@ -490,7 +496,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
                 last_ckpt = save(tr, ckpts, meter, done, rank, world)
                 clock.reset()
             if tc.eval_every and done % tc.eval_every == 0:  # after the save: a crash here costs nothing
-                scored = evaluate_step(cfg, tr.ema, done, out, latents)
+                scored = fid_curve.evaluate_step(cfg, tr.ema, done, ckpts.folder, latents,
+                                                 out / "fid.csv")
                 fid = {"fid": scored["fid"], "fid_step": done} if scored else fid
             if row is not None and log is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
@@ -505,7 +512,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     # --- export
     meter.check()
     if rank == 0:
-        export(tr, out, tc.steps, log)
+        export(tr, out, tc.steps, log, ckpts.folder)
         if progress and start == tc.steps:  # nothing left to do: say so
             progress(tc.steps, tc.steps, {"checkpoint": last_ckpt})
     final = log.rows[-1] if log is not None and log.rows else {}

@@ -1,11 +1,13 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sra2 import vae as vae_lib
-from sra2.data import BadImage, load_cropped
-from sra2.encode import encode_dataset
+from sra2.data import BadImage, list_images, load_cropped
+from sra2.encode import encode_dataset, settings_store
 from sra2.store import ShardedStore
 
 from conftest import jpeg_bytes, with_overrides, write_folder
@@ -69,3 +71,25 @@ def test_flip_option_stores_the_mirrored_images_latents(tmp_path, tiny, awkward)
     mean, _ = vae_lib.encode(vae_lib.load_vae(cfg.vae), (pixels.float() / 127.5 - 1).flip(3))
     np.testing.assert_allclose(store.array("mean_flip")[0], mean[0].numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(store.array("mean_flip")[0], store.array("mean")[0])
+
+
+def test_each_setting_gets_its_own_store_and_going_back_reuses_it(tmp_path, tiny, awkward):
+    cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None})
+    first = encode_dataset(cfg, tmp_path / "latents", per_settings=True)
+    store = Path(first["store"])
+    assert store == settings_store(cfg, tmp_path / "latents", list_images(awkward))
+    assert store.parent == tmp_path / "latents" and first["encoded_now"] == 10
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()}
+
+    # another dtype: a store of its own beside the first (no StoreMismatch)
+    half = encode_dataset(with_overrides(cfg, encode={"dtype": "float16"}), tmp_path / "latents",
+                          per_settings=True)
+    assert Path(half["store"]).parent == store.parent and half["store"] != first["store"]
+    assert half["encoded_now"] == 10 and ShardedStore(half["store"]).array("mean").dtype == np.float16
+    # back to the first settings (and a batch size, which does not change the bytes): the first
+    # store, finished, untouched
+    again = encode_dataset(with_overrides(cfg, encode={"batch_size": 2}), tmp_path / "latents",
+                           per_settings=True)
+    assert again["store"] == first["store"] and again["encoded_now"] == 0 and again["complete"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()} == files
+    assert {p.name for p in store.parent.iterdir()} == {store.name, Path(half["store"]).name}

@@ -247,7 +247,7 @@ def test_retention_keeps_the_newest_step_files_and_never_snapshots(tmp_path, set
     (run / "snapshots" / "step-0000002.pt").write_bytes(b"an evaluation snapshot")
     train(with_overrides(cfg, train={"steps": 12}), latents, tmp_path)
     assert sorted(p.name for p in run.iterdir()) == [
-        "latest", "signature.json", "snapshots", "step-0000010.pt", "step-0000012.pt"]
+        "latest", "metrics.csv", "signature.json", "snapshots", "step-0000010.pt", "step-0000012.pt"]
     assert (run / "latest").read_text() == "step-0000012.pt\n"
     assert (run / "snapshots" / "step-0000002.pt").exists()
 

@@ -31,9 +31,10 @@ def setup(tmp_path_factory):
 def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):
     cfg, latents = setup
     ema = randomize(build_model(cfg, 4), seed=3, std=0.05)
-    row = evaluate_step(cfg, ema, 20, tmp_path, latents)
+    row = evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv")
     assert row["step"] == 20 and all(np.isfinite(row[k]) for k in ("fid", "sfid", "inception_score"))
-    assert evaluate_step(cfg, ema, 20, tmp_path, latents) is None  # done before: not redone
+    assert evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv") is None  # not redone
+    assert (tmp_path / "out.csv").read_text() == (tmp_path / "fid.csv").read_text()
     with open(tmp_path / "fid.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [20] and float(rows[0]["fid"]) == row["fid"]
@@ -54,4 +55,7 @@ def test_training_writes_the_fid_curve(tmp_path, setup):
     with open(tmp_path / "fid.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [10]
     assert rows[-1]["fid_step"] == 10 and np.isfinite(rows[-1]["fid"])
-    assert (tmp_path / "snapshots/step-0000010.pt").exists()
+    (run,) = (tmp_path / "checkpoints").iterdir()  # everything of the run lives in its own folder
+    assert (run / "snapshots/step-0000010.pt").exists()
+    assert (run / "fid.csv").read_text() == (tmp_path / "fid.csv").read_text()
+    assert (run / "metrics.csv").read_text() == (tmp_path / "metrics.csv").read_text()

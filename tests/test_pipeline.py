@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` of the tiny preset in a temporary copy of the repository."""
+"""End to end: `dvc repro` and `dvc exp run` of the tiny preset in a temporary copy of the
+repository."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run(cmd, cwd, env):
+def run(cmd, cwd, env, stdout_only=False):
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return out.stdout + out.stderr
+    return out.stdout if stdout_only else out.stdout + out.stderr
 
 
 def ran_stages(log: str) -> list[str]:
@@ -42,6 +44,8 @@ def copy_repo(work: Path, **params) -> Path:
             shutil.copy2(REPO / rel, work / rel)
     set_params(work, **params)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    for key, value in (("user.name", "sra2 tests"), ("user.email", "tests@sra2.invalid")):
+        subprocess.run(["git", "config", key, value], cwd=work, check=True)  # experiments commit
     return work
 
 
@@ -61,10 +65,14 @@ def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
     import zarr
 
     assert len(list((work / "data/demo/train").rglob("*.JPEG"))) == 24
-    latents = zarr.open_group(work / "data/latents", mode="r")
+    # the store of these encode settings, data/latents/<digest>/, named by data/latents.json
+    pointer = json.loads((work / "data/latents.json").read_text())
+    assert pointer["store"] == f"latents/{pointer['digest']}"
+    latents = zarr.open_group(work / "data" / pointer["store"], mode="r")
     assert latents["mean"].shape == (24, 4, 4, 4) and latents["std"].dtype == np.float32
     assert (latents["std"][:] > 0).all()
-    assert json.loads((work / "data/encode.json").read_text())["encoded"] == 24
+    summary = json.loads((work / "data/encode.json").read_text())
+    assert summary["encoded"] == summary["encoded_now"] == 24
     rows = (work / "data/train/metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 1 + 40 // 5
     with np.load(work / "data/samples/samples.npz") as npz:
@@ -75,6 +83,13 @@ def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
     assert "RANDOM" in metrics["inception_weights"]
     shown = run(["dvc", "metrics", "show", "--json"], work, env)
     assert '"fid"' in shown and '"inception_score"' in shown
+    # the small results are git's (experiments commit them), the big outputs are not
+    results = ["data/latents.json", "data/encode.json", "data/train.json", "data/metrics.json",
+               "data/train/metrics.csv", "data/train/fid.csv"]
+    big = ["data/latents", "data/train/ema.pt", "data/train/checkpoints", "data/samples/samples.npz"]
+    ignored = subprocess.run(["git", "check-ignore", *results, *big], cwd=work,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == big
 
 
 def test_second_repro_has_nothing_to_do(pipeline):
@@ -108,8 +123,105 @@ def test_two_processes_give_the_bytes_of_one_and_one_flow_run_per_stage(pipeline
     assert processes == [1, 2]
 
 
-def test_a_training_parameter_reruns_train_sample_evaluate_only(pipeline):
+def wait_for_queue(work: Path, env: dict, timeout: float = 1800) -> str:
+    """`dvc queue status` once no experiment is queued or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], work, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+
+
+def test_queued_experiments_keep_their_results(pipeline):
+    """Two Table 1 rows (alignment off and on, 20 steps) as queued experiments: each keeps its
+    metrics, losses and loss curve, beside the baseline's; encode is restored, not run."""
     work, env, _ = pipeline
-    set_params(work, preset="tiny", train={"lr": 2.0e-4})
-    log = run(["dvc", "repro"], work, env)
-    assert ran_stages(log) == ["train", "sample", "evaluate"]
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-q", "-m", "baseline"], work, env)
+    rows = ["vanilla", "layer2"]
+    names = [f"table1-{r}" for r in rows]
+    run([sys.executable, "-m", "flows.table1", "queue", "--preset", "tiny", "--rows", *rows,
+         "-S", "train.steps=20", "--start"], work, env)
+    status = wait_for_queue(work, env)
+    for name in names:
+        log = run(["dvc", "queue", "logs", name], work, env)
+        # a training parameter re-runs train, sample and evaluate only: encode's outputs are
+        # restored in the experiment's workspace, so it is up to date
+        assert ran_stages(log) == ["train", "sample", "evaluate"], (status, log)
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], work, env, stdout_only=True))
+    baseline = next(b for b in shown if b["rev"] != "workspace")
+    runs = {"baseline": baseline["data"],
+            **{e["name"]: e["revs"][0]["data"] for e in baseline["experiments"] or []}}
+    assert set(names) <= set(runs), list(runs)
+    results = {name: {path: m["data"] for path, m in runs[name]["metrics"].items()}
+               for name in ["baseline", *names]}
+    for name, metrics in results.items():
+        fid, losses = metrics["data/metrics.json"], metrics["data/train.json"]
+        values = [fid["fid"], fid["inception_score"], fid["sfid"], losses["loss"],
+                  losses["loss_velocity"], losses["loss_align"]]
+        assert np.isfinite(values).all(), (name, metrics)
+        assert metrics["data/encode.json"] == results["baseline"]["data/encode.json"]
+        assert losses["steps"] == (40 if name == "baseline" else 20)
+    vanilla, aligned = (results[n]["data/train.json"] for n in names)
+    assert vanilla["loss_align"] == 0 and vanilla["projector_parameters"] == 0
+    assert aligned["loss_align"] > 0 and aligned["projector_parameters"] > 0
+
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", *names, "--json"], work, env,
+                           stdout_only=True))
+    curves = plots["data"]["data/train/metrics.csv"]
+    assert {v["rev"] for c in curves for v in c["content"]["data"]["values"]} == {"HEAD", *names}
+    fid_curves = plots["data"].get("data/train/fid.csv") or []
+    if (work / "data/train/fid.csv").exists():  # where train writes FID over the steps
+        assert {v["rev"] for c in fid_curves for v in c["content"]["data"]["values"]} == {"HEAD", *names}
+    # nothing else failed to load
+    assert [e for e in plots.get("errors", []) if e["source"] != "data/train/fid.csv"] == []
+
+    table = run([sys.executable, "-m", "flows.table1", "show", "--rows", *rows], work, env)
+    for row, name in zip(rows, names):
+        fid = results[name]["data/metrics.json"]["fid"]
+        assert re.search(rf"\| {fid:.2f} \| [0-9.]+ \| SiT-Micro/2, 20 steps \(tiny\) \| {name} ",
+                         table), table
+
+    # applying an experiment brings back its own results
+    run(["dvc", "exp", "apply", names[0]], work, env)
+    assert json.loads((work / "data/metrics.json").read_text()) == results[names[0]]["data/metrics.json"]
+    assert json.loads((work / "data/train.json").read_text())["steps"] == 20
+
+    # the FID curve's plot (train.eval_every writes it; written by hand here): FID against step
+    (work / "data/train/fid.csv").write_text("step,fid,sfid,inception_score\n10,90.5,80,1.1\n"
+                                             "20,70.25,60,1.2\n")
+    plots = json.loads(run(["dvc", "plots", "diff", "--json"], work, env, stdout_only=True))
+    (curve,) = plots["data"]["data/train/fid.csv"]
+    assert curve["content"]["encoding"]["x"]["field"] == "step"
+    assert [(v["step"], v["fid"]) for v in curve["content"]["data"]["values"]
+            if v["rev"] == "workspace"] == [("10", "90.5"), ("20", "70.25")]
+    (work / "data/train/fid.csv").unlink()
+
+
+def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
+    import zarr
+
+    work, env, _ = pipeline
+    first = json.loads((work / "data/latents.json").read_text())
+    store = work / "data" / first["store"]
+    files = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+
+    set_params(work, preset="tiny", encode={"dtype": "float16"})
+    log = run(["dvc", "repro"], work, env)  # no StoreMismatch: a new store beside the first
+    assert ran_stages(log) == ["encode", "train", "sample", "evaluate"]
+    half = json.loads((work / "data/latents.json").read_text())
+    assert half["digest"] != first["digest"] and half["signature"]["dtype"] == "float16"
+    assert zarr.open_group(work / "data" / half["store"], mode="r")["mean"].dtype == np.float16
+    assert np.isfinite(json.loads((work / "data/metrics.json").read_text())["fid"])
+
+    set_params(work, preset="tiny")  # back: the first store, finished, untouched
+    log = run(["dvc", "repro", "encode"], work, env)
+    assert ran_stages(log) == ["encode"]
+    assert json.loads((work / "data/latents.json").read_text()) == first
+    assert json.loads((work / "data/encode.json").read_text())["encoded_now"] == 0
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in (work / "data/latents").iterdir()) == sorted(
+        [first["digest"], half["digest"]])

@@ -33,3 +33,32 @@ def test_reopening_with_other_settings_fails(tmp_path):
     make(tmp_path / "s")
     with pytest.raises(StoreMismatch, match="other settings"):
         make(tmp_path / "s", signature={"v": 2})
+
+
+def test_pointer_names_the_store_relative_to_itself(tmp_path):
+    from sra2.store import digest, pointed_store, write_pointer
+
+    store = make(tmp_path / "data/latents/abc")
+    record = write_pointer(tmp_path / "data/latents.json", store.path)
+    assert record["store"] == "latents/abc" and record["num_items"] == 10
+    assert record["digest"] == digest(store.attrs) and record["signature"] == {"v": 1}
+    first = (tmp_path / "data/latents.json").read_bytes()
+    write_pointer(tmp_path / "data/latents.json", store.path)  # the same store: the same bytes
+    assert (tmp_path / "data/latents.json").read_bytes() == first
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "data").rename(moved)  # the pair moves together
+    assert pointed_store(moved / "latents.json") == moved / "latents/abc"
+    assert pointed_store(moved / "latents/abc") == moved / "latents/abc"  # a store names itself
+
+
+def test_a_missing_pointer_or_store_is_named(tmp_path):
+    from sra2.store import pointed_store
+
+    with pytest.raises(FileNotFoundError, match="latents.json.*encode stage"):
+        pointed_store(tmp_path / "latents.json")
+    (tmp_path / "latents.json").write_text('{"store": "latents/gone"}')
+    with pytest.raises(FileNotFoundError, match="latents/gone"):
+        pointed_store(tmp_path / "latents.json")
+    (tmp_path / "latents.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a latent store pointer"):
+        pointed_store(tmp_path / "latents.json")

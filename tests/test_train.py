@@ -47,7 +47,7 @@ def test_training_lowers_the_loss_and_exports_a_plain_sit(tmp_path, tiny, latent
     assert not any(k.startswith("projector") for k in export["ema"])
     (run,) = (tmp_path / "checkpoints").iterdir()
     assert sorted(p.name for p in run.iterdir()) == [
-        "latest", "signature.json", "step-0000030.pt", "step-0000060.pt"]
+        "latest", "metrics.csv", "signature.json", "step-0000030.pt", "step-0000060.pt"]
 
 
 def test_resume_ends_where_an_unbroken_run_ends(tmp_path, tiny, latents):

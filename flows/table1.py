@@ -1,0 +1,222 @@
+"""The paper's Table 1 (SRA 2 ablations, SiT-B/2 at 400K steps) as DVC experiments.
+
+  python -m flows.table1 queue --preset sit-b2     # one queued `dvc exp run` per row, named
+  dvc queue start -j 1                             # run them (or: queue ... --start)
+  python -m flows.table1 show                      # Markdown table: our FID beside the paper's
+
+Each row is the preset with the row's change (sra2.paper.TABLE1) on top of this workspace's
+params.yaml, queued as `dvc exp run --queue -n <prefix>-<row> -S ...`; `-S KEY=VALUE` adds the same
+override to every row (e.g. `-S train.steps=100000` for a shorter run; passed on as ++KEY=VALUE,
+which sets the key whether or not params.yaml lists it). `show` reads
+`dvc exp show --json` and finds the experiments by those names, whichever commit they ran on
+(the newest run of a name wins). Not a pipeline stage: it only drives DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import sys
+from typing import Any, Iterable
+
+import yaml
+
+from sra2.paper import TABLE1, TABLE1_MODEL, TABLE1_STEPS, Row
+
+PREFIX = "table1"
+
+
+def value_text(value: Any) -> str:
+    """A value as a `-S` override writes it (YAML: false, 0.1, cosine)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
+def row_overrides(row: Row, preset: str | None, extra: Iterable[str] = ()) -> list[str]:
+    """The `-S` values of one row: the preset, the row's changes, then ``extra``; all with `++`,
+    which sets a key whether or not params.yaml lists it already."""
+    out = [f"preset={preset}"] if preset else []
+    out += [f"++{key}={value_text(value)}" for key, value in row.changes.items()]
+    return out + ["++" + override.lstrip("+") for override in extra]
+
+
+def queue_command(row: Row, preset: str | None, prefix: str, extra: Iterable[str] = ()) -> list[str]:
+    command = ["dvc", "exp", "run", "--queue", "-n", f"{prefix}-{row.name}"]
+    for override in row_overrides(row, preset, extra):
+        command += ["-S", override]
+    return command
+
+
+def apply_overrides(params: dict, overrides: Iterable[str]) -> dict:
+    """params.yaml's mapping with `-S`-style overrides (`[+|++]section.key=value`) applied."""
+    params = copy.deepcopy(params)
+    for override in overrides:
+        key, sep, text = override.lstrip("+").partition("=")
+        if not sep or not key:
+            raise ValueError(f"-S {override!r}: expected KEY=VALUE")
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"-S {override!r}: {part} is not a section")
+        node[last] = yaml.safe_load(text)
+    return params
+
+
+def check_row(params: dict, row: Row, preset: str | None, extra: Iterable[str]) -> None:
+    """Resolve and check the row's parameters here, so that a row that cannot run (e.g. a block
+    the model does not have) stops the queueing with its key named, before anything is queued."""
+    from sra2 import checks
+    from sra2.config import ConfigError, resolve
+
+    source = f"row {row.name}"
+    cfg = resolve(apply_overrides(params, row_overrides(row, preset, extra)), source)
+    problems = checks.model_problems(cfg) + checks.data_problems(cfg)
+    if problems:
+        raise ConfigError(f"invalid parameters in {source}:\n" +
+                          "\n".join(f"  {p}" for p in problems))
+
+
+def select(names: list[str] | None) -> list[Row]:
+    if not names:
+        return list(TABLE1)
+    known = {r.name: r for r in TABLE1}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"error: unknown row(s) {unknown}; rows are {list(known)}")
+    return [known[n] for n in names]
+
+
+def queue(args: argparse.Namespace) -> None:
+    from sra2.config import ConfigError
+
+    rows = select(args.rows)
+    with open(args.params) as f:
+        params = yaml.safe_load(f) or {}
+    changed = sorted({k for r in TABLE1 for k in r.changes} & {
+        f"{s}.{k}" for s, keys in params.items() if isinstance(keys, dict) for k in keys})
+    if changed:
+        print(f"note: {args.params} sets {', '.join(changed)}: rows that do not change a key "
+              f"inherit its value there", file=sys.stderr)
+    try:
+        for row in rows:
+            check_row(params, row, args.preset, args.set)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    for row in rows:
+        command = queue_command(row, args.preset, args.prefix, args.set)
+        print("$ " + " ".join(command), flush=True)
+        if not args.dry_run:
+            subprocess.run(command, check=True)
+    if args.start and not args.dry_run:
+        subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+    elif not args.dry_run:
+        print(f"queued {len(rows)} experiment(s): run them with `dvc queue start`, watch them with "
+              f"`dvc queue status`, then `python -m flows.table1 show`")
+
+
+def _experiments(shown: list[dict]) -> Iterable[tuple[dict, dict]]:
+    """(experiment entry, its newest revision) for every experiment of `dvc exp show --json`."""
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if revs:
+                yield exp, revs[0]
+
+
+def collect(shown: list[dict], prefix: str = PREFIX) -> dict[str, dict]:
+    """Row name -> {experiment, state, rev, timestamp, params, metrics, error} of the newest
+    experiment named ``<prefix>-<row>``."""
+    found: dict[str, dict] = {}
+    for exp, rev in _experiments(shown):
+        name = exp.get("name") or rev.get("name") or ""
+        if not name.startswith(f"{prefix}-"):
+            continue
+        data = rev.get("data") or {}
+        metrics = {}
+        for values in (data.get("metrics") or {}).values():
+            metrics.update(values.get("data") or {})
+        entry = {"experiment": name, "state": (exp.get("executor") or {}).get("state") or "done",
+                 "rev": rev.get("rev", "")[:7], "timestamp": data.get("timestamp") or "",
+                 "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
+                 "metrics": metrics, "error": rev.get("error")}
+        row = name.removeprefix(f"{prefix}-")
+        if row not in found or entry["timestamp"] >= found[row]["timestamp"]:
+            found[row] = entry
+    return found
+
+
+def _number(value: Any, digits: int) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}f}"
+    return "-"
+
+
+def _setting(params: dict) -> str:
+    """model and training steps of an experiment's parameters ("?" if they no longer resolve)."""
+    from sra2.config import ConfigError, resolve
+
+    try:
+        cfg = resolve(params, "experiment")
+    except (ConfigError, TypeError, ValueError):
+        return "?"
+    return f"{cfg.model.name}, {cfg.train.steps} steps ({cfg.preset})"
+
+
+def render(found: dict[str, dict], rows: Iterable[Row] = TABLE1) -> str:
+    lines = [f"Table 1 of SRA 2 (SPEC.md section 1; sra2/paper.py): {TABLE1_MODEL} at "
+             f"{TABLE1_STEPS // 1000}K steps, FID-50K, SDE 250 steps, no CFG.", "",
+             "| row | change | paper FID | our FID | our IS | our run | experiment |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for row in rows:
+        change = ", ".join(f"{k}={value_text(v)}" for k, v in row.changes.items())
+        entry = found.get(row.name)
+        if entry is None:
+            ours, setting, experiment = ("-", "-"), "-", "not run"
+        else:
+            m = entry["metrics"]
+            ours = (_number(m.get("fid"), 2), _number(m.get("inception_score"), 2))
+            setting = _setting(entry["params"])
+            experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
+        lines.append(f"| {row.label} | {change} | {row.fid:.2f} | {ours[0]} | {ours[1]} | "
+                     f"{setting} | {experiment} |")
+    return "\n".join(lines)
+
+
+def show(args: argparse.Namespace) -> None:
+    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed:\n{run.stderr}")
+    found = collect(json.loads(run.stdout), args.prefix)
+    print(render(found, select(args.rows)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.table1", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("queue", help="queue one experiment per row")
+    q.add_argument("--preset", help="the preset every row runs (default: params.yaml's)")
+    q.add_argument("--params", default="params.yaml", help="the workspace's parameter file")
+    q.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override for every row, as `dvc exp run -S` takes it (repeatable)")
+    q.add_argument("--start", action="store_true", help="then start the queue (dvc queue start)")
+    q.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once with --start")
+    q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    s = sub.add_parser("show", help="print the table with the paper's numbers")
+    s.add_argument("--all-commits", action=argparse.BooleanOptionalAction, default=True,
+                   help="look for the experiments on every commit, not only HEAD (default: yes)")
+    for p in (q, s):
+        p.add_argument("--rows", nargs="+", metavar="ROW",
+                       help=f"some rows only: {' '.join(r.name for r in TABLE1)}")
+        p.add_argument("--prefix", default=PREFIX, help="experiment names are <prefix>-<row>")
+    args = parser.parse_args(argv)
+    (queue if args.command == "queue" else show)(args)
+
+
+if __name__ == "__main__":
+    main()

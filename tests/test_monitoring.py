@@ -1,0 +1,130 @@
+"""Monitoring never costs work: a training stage whose Prefect server dies part-way through
+finishes, writes its outputs and exits 0, having warned once and kept its local log."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sra2.latents import write_synthetic_store
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 300  # the server dies at step 5; the rest takes 8-15 s here (tiny: 20-40 steps/s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(api: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End a process this test started, by its pid."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real `prefect server start` of this test's own (its own home and database); yields the
+    process and its API URL, and ends it by its pid."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api}
+    env.pop("PREFECT_API_URL", None)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start",
+                                   "--host", "127.0.0.1", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not healthy(api):
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the Prefect server did not start in 60 s"
+            time.sleep(0.5)
+        yield server, api
+    finally:
+        stop(server)
+
+
+def artifact_keys(api: str) -> set[str]:
+    request = urllib.request.Request(f"{api}/artifacts/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return {a["key"] for a in json.load(answer)}
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the stage ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_training_finishes_when_the_prefect_server_dies_mid_run(tmp_path, prefect_server):
+    server, api = prefect_server
+    write_synthetic_store(tmp_path / "latents", 24, (4, 4, 4), 3, chunk_size=4, shard_size=8)
+    params = tmp_path / "params.yaml"
+    # workers 0: batches read in the training process, one process less to start
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
+        "steps": STEPS, "log_every": 5, "ckpt_every": 200, "workers": 0}}))
+    # the repository's code, run from a scratch folder: data/logs lands there
+    env = {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    log = tmp_path / "data/logs/train.log"
+    start = time.monotonic()
+    with open(tmp_path / "stage.out", "w") as out:
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+             str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
+             str(tmp_path / "train.json")], cwd=tmp_path, env=env, stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        # the first metrics row: training runs, and the UI has its progress, table and picture
+        wait_for(lambda: log.exists() and f"train: step 5 / {STEPS}" in log.read_text(), 60, stage,
+                 "first training row")
+        shown = {"train-progress", "train-metrics", "train-pictures"}
+        wait_for(lambda: shown <= artifact_keys(api), 20, stage, "artifacts")
+        stop(server, signal.SIGKILL)  # the server dies mid-run
+        killed = time.monotonic() - start
+        code = stage.wait(75)
+    finally:
+        stop(stage, signal.SIGINT)
+    output = (tmp_path / "stage.out").read_text()
+    took = time.monotonic() - start
+    assert code == 0, output[-4000:]
+    assert (tmp_path / "train/ema.pt").stat().st_size > 0
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == STEPS
+
+    lines = log.read_text().splitlines()
+    warnings = [i for i, line in enumerate(lines) if "the Prefect API failed" in line]
+    assert len(warnings) == 1, "\n".join(lines)  # warned once, however many calls came after
+    assert lines[warnings[0]].split()[2] == "WARNING"
+    # the local log goes on: every row after the kill (at step 5), then the end
+    rows = [line for line in lines if f" / {STEPS} (" in line]
+    assert len(rows) == STEPS // 5 and f"step {STEPS} / {STEPS}" in rows[-1]
+    assert any("train finished in" in line for line in lines[warnings[0]:])
+    assert "Traceback" not in output, output[-4000:]  # no storm of retried-call tracebacks
+    print(f"server killed {killed:.0f} s after the stage started; the stage took {took:.0f} s")
