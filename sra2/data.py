@@ -81,6 +81,15 @@ def load_cropped(path: str | Path, size: int) -> np.ndarray:
     return center_crop_arr(load_rgb(path), size)
 
 
+def load_crops(root: str | Path, size: int, count: int | None = None) -> np.ndarray:
+    """uint8 NHWC crops of every file under ``root``, or of ``count`` files spread evenly over the
+    sorted listing (so that every class shows)."""
+    listed = list_images(root)
+    n = len(listed) if count is None else min(count, len(listed))
+    picked = np.linspace(0, len(listed) - 1, n).round().astype(int)
+    return np.stack([load_cropped(listed.root / listed.files[i], size) for i in picked])
+
+
 def to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW in [-1, 1]."""
     return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2)

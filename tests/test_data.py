@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sra2.data import (BadImage, DataError, center_crop_arr, list_images, load_cropped, load_rgb,
-                       write_demo_dataset)
+from sra2.data import (BadImage, DataError, center_crop_arr, list_images, load_cropped, load_crops,
+                       load_rgb, write_demo_dataset)
 
 from conftest import jpeg_bytes, write_folder
 
@@ -72,3 +72,14 @@ def test_demo_dataset_is_real_jpegs_and_deterministic(tmp_path):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
         with Image.open(tmp_path / "a" / rel) as im:
             assert im.format == "JPEG" and 40 <= min(im.size) and max(im.size) <= 140
+
+
+def test_load_crops_takes_every_file_or_a_spread_over_the_classes(tmp_path):
+    write_demo_dataset(tmp_path, 3, 4, 40, 140, seed=7)
+    listed = list_images(tmp_path)
+    every = load_crops(tmp_path, 16)
+    assert every.shape == (12, 16, 16, 3) and every.dtype == np.uint8
+    np.testing.assert_array_equal(every[5], load_cropped(tmp_path / listed.files[5], 16))
+    spread = load_crops(tmp_path, 16, count=3)  # files 0, 6 and 11: one of each class
+    np.testing.assert_array_equal(spread, every[[0, 6, 11]])
+    assert [listed.labels[i] for i in (0, 6, 11)] == [0, 1, 2]
