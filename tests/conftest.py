@@ -64,3 +64,23 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(payload)
     return root
+
+
+def encoded_tiny(root: Path, **sections) -> tuple[Config, Path]:
+    """The tiny preset's demo JPEGs drawn under ``root`` and encoded; returns the config (with
+    ``sections`` overridden, data.root pointing at the images) and the latent store."""
+    from sra2.data import write_demo_dataset
+    from sra2.encode import encode_dataset
+
+    cfg = resolve({"preset": "tiny"})
+    d = cfg.data.demo
+    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
+    cfg = with_overrides(cfg, data={"root": str(root / "images")}, **sections)
+    encode_dataset(cfg, root / "latents")
+    return cfg, root / "latents"
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """The same intra-op thread count in every process: results are then bitwise comparable."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")

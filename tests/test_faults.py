@@ -20,12 +20,10 @@ import pytest
 import torch
 
 from sra2 import atomic, launch
-from sra2.data import write_demo_dataset
-from sra2.encode import encode_dataset
 from sra2.train import NonFiniteError, build_trainer, check_weights, train
 from sra2.worker import Stopped, started_at
 
-from conftest import with_overrides
+from conftest import encoded_tiny, with_overrides
 
 PARENT = '''
 import json, sys
@@ -45,25 +43,14 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # the same intra-op thread count in every process: results are then bitwise comparable
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sra2.config import resolve
-
-    root = tmp_path_factory.mktemp("faults")
-    cfg = resolve({"preset": "tiny"})
-    d = cfg.data.demo
-    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
     # 2 micro-batches of 4 on one process, one on each of two: the same bytes
-    cfg = with_overrides(cfg, data={"root": str(root / "images")},
-                         train={"batch_per_gpu": 4, "workers": 1, "log_every": 5})
-    encode_dataset(cfg, root / "latents")
-    return cfg, root / "latents"
+    return encoded_tiny(tmp_path_factory.mktemp("faults"),
+                        train={"batch_per_gpu": 4, "workers": 1, "log_every": 5})
 
 
 def run_folder(out: Path) -> Path:

@@ -5,27 +5,17 @@ import csv
 import numpy as np
 import pytest
 
-from sra2.data import write_demo_dataset
-from sra2.encode import encode_dataset
 from sra2.fid_curve import evaluate_step
 from sra2.generate import sample_stage
 from sra2.train import build_model
 
-from conftest import randomize, with_overrides
+from conftest import encoded_tiny, randomize, with_overrides
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sra2.config import resolve
-
-    root = tmp_path_factory.mktemp("fid")
-    cfg = resolve({"preset": "tiny"})
-    d = cfg.data.demo
-    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
-    cfg = with_overrides(cfg, data={"root": str(root / "images")}, train={"eval_samples": 6},
-                         sample={"steps": 4})
-    encode_dataset(cfg, root / "latents")
-    return cfg, root / "latents"
+    return encoded_tiny(tmp_path_factory.mktemp("fid"), train={"eval_samples": 6},
+                        sample={"steps": 4})
 
 
 def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):

@@ -1,7 +1,6 @@
 """Worker processes started by torch.distributed.run: the plan, several processes and nodes
 training like one, and a worker's own error reaching the caller."""
 
-import os
 import socket
 import threading
 from pathlib import Path
@@ -10,32 +9,19 @@ import pytest
 
 from sra2 import launch
 from sra2.config import ConfigError, Launch
-from sra2.data import write_demo_dataset
-from sra2.encode import encode_dataset
 from sra2.train import train
 
-from conftest import with_overrides
+from conftest import encoded_tiny, with_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    # the same intra-op thread count in every process: results are then bitwise comparable
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from sra2.config import resolve
-
-    root = tmp_path_factory.mktemp("launch")
-    cfg = resolve({"preset": "tiny"})
-    d = cfg.data.demo
-    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
-    cfg = with_overrides(cfg, data={"root": str(root / "images")},
-                         train={"steps": 4, "ckpt_every": 2, "log_every": 2, "batch_per_gpu": 4,
-                                "workers": 1})
-    encode_dataset(cfg, root / "latents")
-    return cfg, root / "latents"
+    return encoded_tiny(tmp_path_factory.mktemp("launch"),
+                        train={"steps": 4, "ckpt_every": 2, "log_every": 2, "batch_per_gpu": 4,
+                               "workers": 1})
 
 
 def free_port() -> int:

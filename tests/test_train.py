@@ -5,25 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from sra2.encode import encode_dataset
-from sra2.data import write_demo_dataset
 from sra2.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
 from sra2.train import build_trainer, draws, step_inputs, train, train_step
 
-from conftest import with_overrides
+from conftest import encoded_tiny, with_overrides
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
-    from sra2.config import resolve
-
-    cfg = resolve({"preset": "tiny"})
-    root = tmp_path_factory.mktemp("tiny")
-    d = cfg.data.demo
-    write_demo_dataset(root / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
-    cfg = with_overrides(cfg, data={"root": str(root / "images")})
-    encode_dataset(cfg, root / "latents")
-    return root / "latents"
+    return encoded_tiny(tmp_path_factory.mktemp("tiny"))[1]
 
 
 def test_batches_walk_seeded_epochs_and_split_across_ranks():
