@@ -162,7 +162,8 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
     if dist.init()[0] != 0:
         return None
     write_npz(store, out / "samples.npz")
-    caption = "DEMO: random-weight VAE, decoded images mean nothing" if vae_lib.is_random(cfg.vae) else ""
+    # demo weights say what they are on the picture itself
+    caption = f"DEMO: {vae_lib.describe(cfg.vae)}" if cfg.data.demo is not None else ""
     write_grid(store.array("images")[: cfg.sample.grid], out / "grid.png", caption)
     return {"samples": store.num_items, "npz": str(out / "samples.npz"), "grid": str(out / "grid.png"),
             "shards": str(store.path)}
