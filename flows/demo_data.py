@@ -33,8 +33,9 @@ def train_vae(cfg: Config) -> None:
     was made) and reconstructions.png (real images above what it gives back for them)."""
     knobs, folder = cfg.data.demo.vae, Path(cfg.vae.source)
     images = load_crops(cfg.data.root, cfg.data.image_size)
-    print(f"training the demo VAE ({knobs.steps} steps of {knobs.batch_size} crops of "
-          f"{knobs.crop} px) on {len(images)} images")
+    print(f"training the demo VAE on {len(images)} images: {knobs.steps} steps, of "
+          f"{knobs.batch_size} crops of {knobs.crop} px, the last {knobs.whole_steps} of whole "
+          "images")
     progress = Progress("demo-vae-progress", f"training the demo VAE on {len(images)} images")
     start = time.monotonic()
     vae = vae_lib.train_demo_vae(images, cfg.vae, knobs, progress)

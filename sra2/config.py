@@ -68,11 +68,23 @@ class DemoVAE(Section):
 
     steps: PositiveInt  # AdamW steps, the learning rate decaying to zero over them (cosine)
     batch_size: PositiveInt  # crops per step
-    crop: PositiveInt  # side of the random square training crops, a multiple of the downsampling
+    # side of the random square crops (a multiple of the downsampling): smaller crops are more
+    # images per second, so the first steps learn faster on them
+    crop: PositiveInt
+    # the last steps see whole images (as many pixels per step as the crops): GroupNorm and the
+    # attention then meet whole-image statistics, which crops alone leave blurred and off-colour
+    whole_steps: NonNegativeInt
     lr: PositiveFloat  # peak learning rate
     # weight of the KL to N(0, 1) per latent value against the squared error per pixel value:
     # enough to give the posterior std a meaning, too little to blur the reconstructions
     kl_weight: NonNegativeFloat
+
+    @field_validator("whole_steps")
+    @classmethod
+    def _within_steps(cls, value: int, info: ValidationInfo) -> int:
+        if "steps" in info.data and value > info.data["steps"]:
+            raise ValueError(f"must be at most data.demo.vae.steps ({info.data['steps']})")
+        return value
 
 
 class DemoData(Section):

@@ -137,6 +137,16 @@ def _random_crops(x: torch.Tensor, side: int, step: int, g: torch.Generator) -> 
                         for img, r, c in zip(x, rows.tolist(), cols.tolist())])
 
 
+def _training_batch(x: torch.Tensor, step: int, knobs: DemoVAE, down: int,
+                    g: torch.Generator) -> torch.Tensor:
+    """Random crops, or in the last ``knobs.whole_steps`` steps whole images, as many pixels."""
+    if step < knobs.steps - knobs.whole_steps:
+        picked = torch.randint(len(x), (knobs.batch_size,), generator=g)
+        return _random_crops(x[picked], knobs.crop, down, g)
+    whole = max(1, knobs.batch_size * knobs.crop ** 2 // (x.shape[2] * x.shape[3]))
+    return x[torch.randint(len(x), (whole,), generator=g)]
+
+
 def _vae_loss(vae: torch.nn.Module, x: torch.Tensor, kl_weight: float,
               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared error of the decoded posterior sample (per pixel value) + kl_weight x KL to N(0, 1)
@@ -170,8 +180,8 @@ def train_demo_vae(images: np.ndarray, cfg: VAE, knobs: DemoVAE,
     opt = torch.optim.AdamW(vae.parameters(), lr=knobs.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_with_warmup(knobs.steps))
     for step in range(knobs.steps):
-        batch = x[torch.randint(len(x), (knobs.batch_size,), generator=g)]
-        loss, error = _vae_loss(vae, _random_crops(batch, knobs.crop, down, g), knobs.kl_weight, g)
+        batch = _training_batch(x, step, knobs, down, g)
+        loss, error = _vae_loss(vae, batch, knobs.kl_weight, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"demo VAE training: loss {loss.item()} at step {step}; "
                                      "lower data.demo.vae.lr")
@@ -218,5 +228,9 @@ def save_trained_vae(vae: torch.nn.Module, folder: str | Path, scale: float, inf
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(tmp)
     atomic.write_json(tmp / TRAINING_INFO, info)
+    for f in tmp.iterdir():  # on disk before the rename; safetensors writes 0600, open() would not
+        os.chmod(f, atomic.FILE_MODE)
+        with open(f, "rb") as opened:
+            os.fsync(opened.fileno())
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -12,7 +12,12 @@ from sra2.data import load_crops, write_demo_dataset
 
 from conftest import with_overrides
 
-KNOBS = DemoVAE(steps=25, batch_size=4, crop=16, lr=2e-3, kl_weight=1e-4)
+KNOBS = DemoVAE(steps=25, batch_size=4, crop=16, whole_steps=5, lr=2e-3, kl_weight=1e-4)
+
+
+def knobs(**changes) -> DemoVAE:
+    """KNOBS with some values changed, validated again."""
+    return DemoVAE(**{**KNOBS.model_dump(), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +37,16 @@ def test_training_lowers_the_reconstruction_error(images, tiny):
 
 
 def test_training_is_deterministic(images, tiny):
-    a, b = (vae_lib.train_demo_vae(images, tiny.vae, KNOBS.model_copy(update={"steps": 3}))
+    a, b = (vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
             for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     other_seed = with_overrides(tiny, vae={"random": {**tiny.vae.random.model_dump(), "seed": 1}})
-    c = vae_lib.train_demo_vae(images, other_seed.vae, KNOBS.model_copy(update={"steps": 3}))
+    c = vae_lib.train_demo_vae(images, other_seed.vae, knobs(steps=3, whole_steps=1))
     assert not torch.equal(a.decoder.conv_out.weight, c.decoder.conv_out.weight)
 
 
 def test_saved_vae_loads_back_through_load_vae_with_identical_outputs(images, tiny, tmp_path):
-    trained = vae_lib.train_demo_vae(images, tiny.vae, KNOBS.model_copy(update={"steps": 3}))
+    trained = vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
     folder = tmp_path / "demo" / "vae"
     vae_lib.save_trained_vae(trained, folder, 0.25, {"description": "VAE trained 3 steps"})
     cfg = with_overrides(tiny, vae={"source": str(folder), "random": None}).vae
@@ -57,9 +62,11 @@ def test_saved_vae_loads_back_through_load_vae_with_identical_outputs(images, ti
     assert sorted(p.name for p in folder.parent.iterdir()) == ["vae"]  # no temporary left
 
 
-def test_a_crop_off_the_latent_grid_is_refused(images, tiny):
+def test_a_crop_off_the_latent_grid_and_too_many_whole_steps_are_refused(images, tiny):
     with pytest.raises(ValueError, match="data.demo.vae.crop"):
-        vae_lib.train_demo_vae(images, tiny.vae, KNOBS.model_copy(update={"crop": 12}))
+        vae_lib.train_demo_vae(images, tiny.vae, knobs(crop=12))
+    with pytest.raises(ValueError, match="at most data.demo.vae.steps"):
+        knobs(whole_steps=26)
 
 
 def test_reconstruction_grid_puts_each_real_image_above_its_decoding(images, tiny):
@@ -79,7 +86,7 @@ def test_weights_digest_tells_a_retrained_vae_at_the_same_path(images, tiny, tmp
     cfg = with_overrides(tiny, vae={"source": str(folder), "random": None}).vae
     digests = []
     for steps in (1, 1, 2):
-        trained = vae_lib.train_demo_vae(images, tiny.vae, KNOBS.model_copy(update={"steps": steps}))
+        trained = vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=steps, whole_steps=1))
         vae_lib.save_trained_vae(trained, folder, 0.25, {"description": f"{steps} steps"})
         digests.append(vae_lib.weights_digest(cfg))
     assert digests[0] == digests[1] != digests[2]
