@@ -84,7 +84,8 @@ def _check_vae_target(cfg: Config, out: str) -> None:
     folder, images = Path(cfg.vae.source).resolve(), Path(cfg.data.root).resolve()
     if not folder.is_relative_to(Path(out).resolve()) or folder == Path(out).resolve():
         raise SystemExit(f"error: vae.source ({cfg.vae.source}) must be a folder inside {out} "
-                         "when data.demo.vae is set: the demo's VAE is trained and saved there")
+                         "when data.demo.vae is set: the demo's VAE is trained and saved there "
+                         "(data.demo.vae: null keeps vae.source and trains nothing)")
     if folder.is_relative_to(images) or images.is_relative_to(folder):
         raise SystemExit(f"error: vae.source ({cfg.vae.source}) and data.root ({cfg.data.root}) "
                          "must not overlap: saving the VAE replaces its folder")

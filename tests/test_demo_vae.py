@@ -58,7 +58,8 @@ def test_saved_vae_loads_back_through_load_vae_with_identical_outputs(images, ti
     assert torch.equal(vae_lib.decode(loaded, z, 0.25), vae_lib.decode(trained, z, 0.25))
     assert loaded.config.scaling_factor == 0.25
     assert vae_lib.describe(cfg) == "VAE trained 3 steps"
-    assert json.loads((folder / "training.json").read_text())["description"] == "VAE trained 3 steps"
+    info = json.loads((folder / "training.json").read_text())
+    assert info["description"] == "VAE trained 3 steps"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["vae"]  # no temporary left
 
 
