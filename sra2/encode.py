@@ -46,9 +46,14 @@ class _CroppedFiles(Dataset):
 
 
 def _signature(cfg: Config, images: ImageList) -> dict:
+    # a retrained VAE at the same path, or drawn demo images under the same names, are other
+    # bytes: their weights' digest and the drawing settings name the store too
+    weights, demo = vae_lib.weights_digest(cfg.vae), cfg.data.demo
     return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest({"files": images.files, "labels": images.labels}),
-            **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"})}
+            **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"}),
+            **({"vae_weights": weights} if weights else {}),
+            **({"demo": demo.model_dump(exclude={"vae"})} if demo else {})}
 
 
 def settings_store(cfg: Config, folder: str | Path, images: ImageList) -> Path:

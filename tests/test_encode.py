@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sra2 import vae as vae_lib
-from sra2.data import BadImage, list_images, load_cropped
+from sra2.data import BadImage, list_images, load_cropped, write_demo_dataset
 from sra2.encode import encode_dataset, settings_store
 from sra2.store import ShardedStore
 
@@ -93,3 +93,22 @@ def test_each_setting_gets_its_own_store_and_going_back_reuses_it(tmp_path, tiny
     assert again["store"] == first["store"] and again["encoded_now"] == 0 and again["complete"]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()} == files
     assert {p.name for p in store.parent.iterdir()} == {store.name, Path(half["store"]).name}
+
+
+def test_other_drawn_images_or_vae_weights_name_another_store(tmp_path, tiny):
+    """Same file names, other pixels (another demo seed) or a retrained VAE at the same path:
+    another store, never the old latents."""
+    from sra2.encode import _signature
+
+    d = tiny.data.demo
+    write_demo_dataset(tmp_path / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
+    images = list_images(tmp_path / "images")
+    other_seed = with_overrides(tiny, data={"demo": {**d.model_dump(), "seed": 1}})
+    assert _signature(tiny, images) != _signature(other_seed, images)
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights 1")
+    local = with_overrides(tiny, vae={"source": str(folder)})
+    before = _signature(local, images)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights 2")
+    assert _signature(local, images) != before
