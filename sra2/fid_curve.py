@@ -15,7 +15,6 @@ run folder and cached in ``fid_reference.npz``.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import tempfile
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from sra2 import atomic, dist
 from sra2.config import Config
 from sra2.generate import generate
-from sra2.metrics import (ArrayImages, frechet_distance, inception_features, inception_score,
-                          inception_weights, reference_side, statistics)
+from sra2.metrics import (ArrayImages, feature_function, frechet_scores, inception_score,
+                          reference_side)
 from sra2.store import ShardedStore
 
 COLUMNS = ["step", "fid", "sfid", "inception_score"]
@@ -82,17 +81,12 @@ def reference(cfg: Config, latents: str | Path, out: Path, features) -> dict:
 
 
 def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
-    ec = cfg.evaluate
-    device = dist.device(ec.device)
+    device = dist.device(cfg.evaluate.device)
     with tempfile.TemporaryDirectory() as scratch:
-        weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
-        features = functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
-                                     device=device)
+        features = feature_function(cfg, device, Path(scratch))
         fake = features(ArrayImages(images))
         ref = reference(cfg, latents, out, features)
-    return {"fid": frechet_distance(*statistics(fake["pool"]), *ref["fid"]),
-            "sfid": frechet_distance(*statistics(fake["spatial"]), *ref["sfid"]),
-            "inception_score": inception_score(fake["logits"])}
+    return {**frechet_scores(fake, ref), "inception_score": inception_score(fake["logits"])}
 
 
 def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,

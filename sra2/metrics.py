@@ -305,12 +305,24 @@ def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict
             "fid_reference": source, "pr_reference": source}
 
 
+def frechet_scores(fake: dict[str, np.ndarray], reference: dict) -> dict[str, float]:
+    """FID and sFID of sample features against a reference side's statistics."""
+    return {"fid": frechet_distance(*statistics(fake["pool"]), *reference["fid"]),
+            "sfid": frechet_distance(*statistics(fake["spatial"]), *reference["sfid"])}
+
+
+def feature_function(cfg: Config, device: torch.device, scratch: Path, seen=None) -> Features:
+    """Inception features with evaluate's weights (random ones written under ``scratch``)."""
+    ec = cfg.evaluate
+    weights = inception_weights(ec.inception, ec.inception_seed, scratch)
+    return functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
+                             device=device, seen=seen)
+
+
 def adm_metrics(fake: dict[str, np.ndarray], reference: dict, device: torch.device) -> dict[str, float]:
     """The five numbers ADM's evaluator prints, for sample features against a reference side."""
     precision, recall = precision_recall(reference["pool"], fake["pool"], device=device)
-    return {"fid": frechet_distance(*statistics(fake["pool"]), *reference["fid"]),
-            "sfid": frechet_distance(*statistics(fake["spatial"]), *reference["sfid"]),
-            "inception_score": inception_score(fake["logits"]),
+    return {**frechet_scores(fake, reference), "inception_score": inception_score(fake["logits"]),
             "precision": precision, "recall": recall}
 
 
@@ -346,9 +358,7 @@ def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
     fakes = ArrayImages(read_npz_images(samples))
     seen = _counter(progress, len(fakes) + _reference_size(cfg, latents)) if progress else None
     with tempfile.TemporaryDirectory() as scratch:
-        weights = inception_weights(ec.inception, ec.inception_seed, Path(scratch))
-        features = functools.partial(inception_features, weights=weights, batch_size=ec.batch_size,
-                                     device=device, seen=seen)
+        features = feature_function(cfg, device, Path(scratch), seen)
         fake = features(fakes)
         reference = reference_side(cfg, latents, features)
     note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
