@@ -24,13 +24,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from bench.encode import SD_VAE_SHAPE
 from sra2 import atomic, dist
 from sra2.config import Config, resolve
 from sra2.generate import sample_stage
 from sra2.train import build_model
 
-SD_VAE_SHAPE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                "norm_num_groups": 32, "seed": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
