@@ -11,9 +11,11 @@ start runs without Prefect.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -84,6 +86,9 @@ class Monitor:
         self.result, self.error, self.tags = None, None, []
         self.settings = None  # the flow call's own copy of Prefect's settings (run_stage)
         self.began, self.lost_at = time.monotonic(), ""
+        self.server_api, self.server_pid = None, None  # a temporary server of this stage's own
+        # while the flow body runs: its flow run id and this process, for mark_crashed
+        self.running_record = self.path.with_suffix(".running.json")
         self.file = logging.FileHandler(self.path, encoding="utf-8")
         self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
         terminal = logging.StreamHandler(sys.stderr)
@@ -144,6 +149,20 @@ class Monitor:
             self.settings.client.max_retries = 0
         self.say(f"the Prefect API failed ({type(exc).__name__}: {exc}); {going_on}, its account "
                  f"continues in {self.path} only", logging.WARNING)
+
+    def record_running(self) -> None:
+        """Write which flow run this process runs (:func:`mark_crashed` reads it if we die)."""
+        from prefect.context import FlowRunContext
+
+        from sra2 import atomic
+        from sra2.worker import started_at
+
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None:
+            atomic.write_json(self.running_record, {
+                "flow_run": str(context.flow_run.id), "name": context.flow_run.name,
+                "pid": os.getpid(), "started": started_at(os.getpid()),
+                "server_pid": self.server_pid})
 
     def elapsed(self) -> str:
         return duration(time.monotonic() - self.began)
@@ -232,6 +251,42 @@ def run_tags(preset: str, env: Mapping[str, str] = os.environ) -> list[str]:
     return [f"preset:{preset}", f"exp:{experiment(env)}", f"pipeline:{pipeline_id(env)}"]
 
 
+# --- runs of killed stages -------------------------------------------------------------------
+
+def mark_crashed(mon: Monitor) -> None:
+    """Mark Crashed the flow runs that stages killed without warning (SIGKILL, a lost node) left
+    "Running": those of the records next to this stage's log whose process has gone."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    from sra2.worker import started_at
+
+    def crash(run: str, message: str) -> bool:
+        """True once marked, False for a run this server does not know (another database)."""
+        with get_client(sync_client=True) as client:
+            try:
+                client.set_flow_run_state(run, Crashed(message=message), force=True)
+            except ObjectNotFound:
+                return False
+        return True
+
+    for path in sorted(mon.path.parent.glob("*.running.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if started_at(record["pid"]) == record["started"]:
+            continue  # still running
+        message = (f"the process that ran it (pid {record['pid']}) ended without reporting an "
+                   "end: killed, or its machine lost")
+        if mon.call(crash, record["flow_run"], message):
+            mon.say(f"marked flow run '{record['name']}' ({record['flow_run']}) Crashed: {message}",
+                    logging.WARNING)
+        if mon.online:  # an unknown run is not retried; an unreachable server is, next time
+            path.unlink(missing_ok=True)
+
+
 # --- running a stage's flow ----------------------------------------------------------------------
 
 def stage_flow(stage: str):
@@ -244,6 +299,7 @@ def stage_flow(stage: str):
         def recorded(*args, **kwargs):
             mon = current(stage)
             mon.started = True
+            mon.record_running()
             mon.say(f"{stage} started (pid {os.getpid()}; tags {', '.join(mon.tags) or 'none'}; "
                     f"log {mon.path})")
             try:
@@ -267,18 +323,33 @@ def stage_flow(stage: str):
 
 def run_stage(flow, preset: str, **params):
     """Call a :func:`stage_flow` flow tagged with the preset, experiment and pipeline run, with its
-    local log. The body's own errors fail the stage; the Prefect API failing does not: before the
-    body starts, the body runs without Prefect; after it has finished, its result stands."""
+    local log, against ``PREFECT_API_URL`` or a temporary server that dies with this process
+    (flows.server); runs that killed stages left "Running" are marked crashed first. The body's
+    own errors fail the stage; the Prefect API failing does not: before the body starts, the body
+    runs without Prefect; after it has finished, its result stands."""
     from prefect import tags
-    from prefect.settings import temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import server
 
     stage = flow.name.removeprefix("sra2-")
     close_current()
     mon = current(stage)
     mon.tags = run_tags(preset)
     try:
-        # settings of this call's own, which Monitor.lost changes: no retries once the API is gone
-        with tags(*mon.tags), temporary_settings() as mon.settings:
+        with contextlib.ExitStack() as stack:
+            if server.wanted():
+                try:
+                    mon.server_api, mon.server_pid = stack.enter_context(server.temporary())
+                except RuntimeError as e:
+                    mon.lost(e, "the stage runs without Prefect")
+                    return flow.fn(**params)
+            # settings of this call's own, which Monitor.lost changes: no retries once the API
+            # is gone
+            mon.settings = stack.enter_context(temporary_settings(
+                {PREFECT_API_URL: mon.server_api} if mon.server_api else None))
+            stack.enter_context(tags(*mon.tags))
+            mark_crashed(mon)
             return flow.with_options(flow_run_name=f"{stage} {preset} {experiment()}")(**params)
     except Exception as e:
         if mon.error is e:
@@ -293,6 +364,7 @@ def run_stage(flow, preset: str, **params):
             return flow.fn(**params)
         raise
     finally:
+        mon.running_record.unlink(missing_ok=True)
         close_current()
 
 

@@ -1,10 +1,12 @@
 """Monitoring never costs work: a training stage whose Prefect server dies part-way through
 finishes, writes its outputs and exits 0, having warned once and kept its local log."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from sra2.latents import write_synthetic_store
+from sra2.worker import started_at
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300  # the server dies at step 5; the rest takes 8-15 s here (tiny: 20-40 steps/s)
@@ -128,3 +131,76 @@ def test_training_finishes_when_the_prefect_server_dies_mid_run(tmp_path, prefec
     assert any("train finished in" in line for line in lines[warnings[0]:])
     assert "Traceback" not in output, output[-4000:]  # no storm of retried-call tracebacks
     print(f"server killed {killed:.0f} s after the stage started; the stage took {took:.0f} s")
+
+
+
+def descendants(pid: int) -> dict[int, str | None]:
+    """The processes below ``pid``, each with its start token (sra2.worker.started_at)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    below, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        below[p] = started_at(p)
+        todo += children.get(p, [])
+    return below
+
+
+def stage_command(tmp_path: Path, steps: int) -> list[str]:
+    params = tmp_path / f"params-{steps}.yaml"
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
+        "steps": steps, "log_every": 5, "ckpt_every": 200, "workers": 0}}))
+    return [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+            str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
+            str(tmp_path / "train.json")]
+
+
+def test_a_killed_stage_takes_its_server_along_and_the_next_start_marks_its_run_crashed(tmp_path):
+    """SIGKILL gives a stage no chance to clean up: its temporary Prefect server must still go
+    (the kernel ends it with its parent), and the run it left "Running" in the database is marked
+    Crashed when the next stage starts."""
+    write_synthetic_store(tmp_path / "latents", 24, (4, 4, 4), 3, chunk_size=4, shard_size=8)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    record = tmp_path / "data/logs/train.running.json"
+    below: dict[int, str | None] = {}
+    with open(tmp_path / "killed.out", "w") as out:
+        stage = subprocess.Popen(stage_command(tmp_path, 100_000), cwd=tmp_path, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(record.exists, 90, stage, "the flow run's record")
+        run = json.loads(record.read_text())
+        below = descendants(stage.pid)
+        assert run["server_pid"] in below
+        stop(stage, signal.SIGKILL)
+        deadline = time.monotonic() + 60  # the workers save their step before they go
+        while any(started_at(pid) == token for pid, token in below.items()):
+            assert time.monotonic() < deadline, "processes of the killed stage are still running"
+            time.sleep(0.5)
+    finally:
+        stop(stage, signal.SIGKILL)
+        for pid, token in below.items():  # what this test started, by pid
+            if started_at(pid) == token:
+                os.kill(pid, signal.SIGKILL)
+
+    database = tmp_path / "prefect-home/prefect.db"
+
+    def state() -> str:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            (kind,) = db.execute("SELECT state_type FROM flow_run WHERE id = ?",
+                                 (run["flow_run"],)).fetchone()
+        return kind
+
+    assert state() == "RUNNING"  # what a killed stage leaves behind
+    done = subprocess.run(stage_command(tmp_path, 2), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert state() == "CRASHED"
+    assert f"pid {run['pid']}" in (tmp_path / "data/logs/train.log").read_text()
+    assert not record.exists()
