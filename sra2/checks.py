@@ -42,6 +42,10 @@ def model_problems(cfg: Config) -> list[str]:
         problems.append(_problem("data.image_size", f"must be a multiple of {step} (the VAE's "
                                  f"downsampling {down} x the patch size of {cfg.model.name})",
                                  cfg.data.image_size))
+    elif cfg.sample.sampler == "ralu" and (cfg.data.image_size // step) % 2:
+        problems.append(_problem("sample.sampler", "ralu needs an even number of tokens per side "
+                                 f"(it halves the token grid); data.image_size / {step} is odd",
+                                 cfg.sample.sampler))
     return problems
 
 

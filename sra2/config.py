@@ -216,12 +216,60 @@ class Train(Section):
     compile: bool = False  # torch.compile the model and its loss
 
 
+class Ralu(Section):
+    """RALU (sample.sampler: ralu; sra2.ralu, SPEC section 10): Euler ODE steps in three stages,
+    half-size latent, then its most edged tokens at full size, then all of it; at each stage's
+    end the upsampled tokens are re-noised to match their noise level ("noise-timestep
+    matching"). The defaults are the published FLUX-5x ends, c and top_k on SiT's uniform step
+    grid (shifts 1) with 50 evaluations: our choice, measured in bench/ralu.py, not tuned."""
+
+    # Euler steps of stages 1, 2, 3; 0 skips a stage (stage 1 only with top_k 1: no edges)
+    steps: Annotated[list[NonNegativeInt], Field(min_length=3, max_length=3)] = [20, 10, 20]
+    # SiT times where stages 1 and 2 end (stage 3 ends at 1)
+    ends: Annotated[list[Annotated[float, Field(gt=0, lt=1)]],
+                    Field(min_length=2, max_length=2)] = [0.3, 0.45]
+    # per stage, the step grid's time shift h (1: uniform, SiT's; SPEC's g(sigma))
+    shifts: Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)] = [1.0, 1.0, 1.0]
+    # noise-timestep matching: the correlation left in the noise of 4 copied children,
+    # 0 < c <= 1/4; the sampler restarts at t = e / ((1 - e) / sqrt(c) + e)
+    c: Annotated[float, Field(gt=0, le=0.25)] = 0.0177
+    top_k: Annotated[float, Field(gt=0, le=1)] = 0.2  # share of tokens upsampled in stage 2
+    # position embedding of a half-size token: at the centre of its 2x2 full-size block, in the
+    # full grid's units (centres), or on a grid of half the size (half)
+    positions: Literal["centres", "half"] = "centres"
+    # OpenCV Canny's low and high thresholds on the decoded grey image (the published ones)
+    canny: Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)] = [100, 200]
+
+    @field_validator("ends")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if value[0] >= value[1]:
+            raise ValueError("must be [stage 1 end, stage 2 end] with stage 1 ending first")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _last_stage(cls, value: list[int]) -> list[int]:
+        if value[2] < 1:
+            raise ValueError("stage 3 (full size, to t = 1) needs at least one step")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _edges_need_stage_1(cls, value: float, info: ValidationInfo) -> float:
+        if "steps" in info.data and info.data["steps"][0] == 0 and value != 1:
+            raise ValueError("must be 1 when stage 1 is skipped (steps[0] = 0): the edges come "
+                             "from stage 1's estimate")
+        return value
+
+
 class Sample(Section):
     num_samples: PositiveInt
     batch_size: PositiveInt  # images per network call (does not change the images)
     shard_size: PositiveInt  # images per shard: the unit of resuming
-    sampler: Literal["sde", "ode-euler", "ode-heun"]
-    steps: PositiveInt  # network evaluations for sde and ode-euler; ode-heun takes two per step
+    sampler: Literal["sde", "ode-euler", "ode-heun", "ralu"]
+    # network evaluations for sde and ode-euler; ode-heun takes two per step; ralu: ralu.steps
+    steps: PositiveInt
     # SDE only: the final deterministic step, from 1 - last_step to 1 (0 would divide by 1 - t = 0)
     last_step: Annotated[float, Field(gt=0, lt=1)]
     cfg_scale: float  # 1 means no guidance
@@ -236,6 +284,7 @@ class Sample(Section):
     # auto tells them apart by the file's layout (sra2.models.detect_convention) and stops with an
     # error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
     convention: Literal["auto", "sit", "repa"] = "auto"
+    ralu: Ralu = Ralu()  # sampler ralu only
     grid: PositiveInt  # images in the PNG grid (the first ones)
     seed: Seed  # sample i's label and noise depend on (seed, i) only
     # class labels: uniform random in [0, num_classes) (SiT, REPA), or balanced: num_samples //

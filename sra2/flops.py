@@ -63,7 +63,7 @@ def default_layer(name: str) -> int:
     return min(8, SiT_models[name].keywords["depth"])
 
 
-def _count_flops(fn, *args) -> int:
+def count_flops(fn, *args) -> int:
     with FlopCounterMode(display=False) as counter:
         with torch.no_grad():
             fn(*args)
@@ -81,7 +81,7 @@ def _measure(name: str, input_size: int, depth: int, width: int | None, device: 
         y = torch.zeros(1, dtype=torch.long)
         tokens = (input_size // model.patch_size) ** 2
         hidden = torch.zeros(1, tokens, model.hidden_size)
-    return model, projector, width, _count_flops(model, x, t, y), _count_flops(projector, hidden)
+    return model, projector, width, count_flops(model, x, t, y), count_flops(projector, hidden)
 
 
 def report(name: str, input_size: int = 32, align_layer: int | None = None, depth: int = 5,

@@ -17,10 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sra2 import atomic, dist, vae as vae_lib
+from sra2 import atomic, dist, ralu, vae as vae_lib
 from sra2.config import Config
 from sra2.models import load_checkpoint, read_checkpoint
-from sra2.sampling import guided_velocity, randn, sample
+from sra2.sampling import Generators, guided_velocity, randn, sample
 from sra2.store import ShardedStore, digest
 
 Progress = Callable[[int, int], None]
@@ -53,6 +53,19 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
+            noise: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """The configured sampler (with guidance) from ``noise`` to latents at t = 1."""
+    sc = cfg.sample
+    guide = (y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
+    if sc.sampler == "ralu":
+        return ralu.sample(guided_velocity(model, *guide, tokens=True), noise, generator,
+                           sc.ralu, model.patch_size, model.hidden_size,
+                           decode=lambda z: vae_lib.decode(vae, z, cfg.vae.scale))
+    return sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
+                  sc.last_step)
+
+
 def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
     """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's path."""
     sc = cfg.sample
@@ -66,8 +79,10 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, model.input_size, model.input_size)
+    # what does not change the images is left out (and ralu's settings unless it samples)
+    ignored = {"batch_size", "grid", "device"} | ({"ralu"} if sc.sampler != "ralu" else set())
     signature = {"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
-                 "sample": sc.model_dump(exclude={"batch_size", "grid", "device"})}
+                 "sample": sc.model_dump(exclude=ignored)}
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(signature)
     if rank == 0:
@@ -90,10 +105,8 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
             index = range(b, min(b + sc.batch_size, stop))
             gens = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in index]
             y = torch.from_numpy(labels[index.start:index.stop]).to(device)
-            velocity = guided_velocity(model, y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
             with dist.autocast(device, sc.precision):
-                z = sample(sc.sampler, velocity, randn((len(index), *latent), gens, device), gens,
-                           sc.steps, sc.last_step)
+                z = latents(cfg, model, vae, y, randn((len(index), *latent), gens, device), gens)
             images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
             done += len(index)
             bar.update(len(index))

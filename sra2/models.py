@@ -27,12 +27,18 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
+def sincos_at(dim: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """2D sin-cos vectors (tokens, dim) of tokens at (row, col), in grid units (any real
+    values): the first half of each vector encodes the column, the second half the row (the
+    MAE/DiT/SiT layout)."""
+    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
 def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
-    """Fixed 2D sin-cos table (tokens, dim), tokens in row-major order: the first half of each
-    vector encodes the column, the second half the row (the MAE/DiT/SiT layout)."""
+    """The fixed table of a grid_size x grid_size grid, tokens in row-major order."""
     cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32),
                              np.arange(grid_size, dtype=np.float32))
-    return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    return sincos_at(dim, rows, cols)
 
 
 class PatchEmbed(nn.Module):
@@ -190,17 +196,33 @@ class SiT(nn.Module):
 
         With ``return_hidden=k`` also returns the residual stream after block k (1-based).
         """
-        h = self.x_embedder(x) + self.pos_embed
+        out, hidden = self._trunk(self.x_embedder(x) + self.pos_embed, t, y, return_hidden)
+        out = unpatchify(out, self.patch_size, self.out_channels)
+        if self.learn_sigma:  # the variance half is not used by the interpolant
+            out = out[:, : self.in_channels]
+        return out if return_hidden is None else (out, hidden)
+
+    def tokens(self, patches: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               pos: torch.Tensor) -> torch.Tensor:
+        """Velocity of any set of tokens: ``patches`` (N, L, p*p, C) in :func:`patchify`'s layout,
+        ``pos`` their position embeddings (N, L, D) -> (N, L, p*p, C). For the raster tokens of a
+        latent and ``pos_embed`` this is :meth:`forward`; RALU gives tokens of two sizes."""
+        w = self.x_embedder.proj.weight  # (D, C, p, p): a linear map of (p, q, c)-ordered patches
+        h = patches.flatten(2) @ w.permute(0, 2, 3, 1).flatten(1).T + self.x_embedder.proj.bias
+        out, _ = self._trunk(h + pos, t, y)
+        return out.unflatten(-1, (-1, self.out_channels))[..., : self.in_channels]
+
+    def _trunk(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               return_hidden: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embedded tokens -> final-layer tokens (N, L, p*p*out), and the stream after block
+        ``return_hidden``."""
         c = self.t_embedder(t) + self.y_embedder(y)
         hidden = None
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
             if i == return_hidden:
                 hidden = h
-        out = unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels)
-        if self.learn_sigma:  # the variance half is not used by the interpolant
-            out = out[:, : self.in_channels]
-        return out if return_hidden is None else (out, hidden)
+        return self.final_layer(h, c), hidden
 
 
 def _sit(depth: int, hidden_size: int, num_heads: int, patch_size: int):
@@ -324,10 +346,15 @@ class ReversedTime(nn.Module):
         self.net = net
         # what the samplers and the sample stage read off a model
         self.num_classes, self.in_channels = net.num_classes, net.in_channels
-        self.input_size = net.input_size
+        self.input_size, self.patch_size = net.input_size, net.patch_size
+        self.hidden_size = net.hidden_size
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return -self.net(x, 1 - t, y)
+
+    def tokens(self, patches: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               pos: torch.Tensor) -> torch.Tensor:
+        return -self.net.tokens(patches, 1 - t, y, pos)
 
 
 def load_checkpoint(name: str, path_or_state, *, convention: str = "auto",

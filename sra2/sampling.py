@@ -78,19 +78,24 @@ def sample(kind: str, velocity: Velocity, x: torch.Tensor, generator: Generators
 
 
 def guided_velocity(model: torch.nn.Module, y: torch.Tensor, scale: float = 1.0,
-                    channels: int | None = None, interval: Sequence[float] = (0.0, 1.0)) -> Velocity:
+                    channels: int | None = None, interval: Sequence[float] = (0.0, 1.0),
+                    tokens: bool = False) -> Velocity:
     """Classifier-free guidance: v = v_u + scale (v_c - v_u) on the first ``channels`` channels
-    (None: all), for t inside ``interval``; elsewhere, or with scale 1, one conditional batch."""
+    (None: all), for t inside ``interval``; elsewhere, or with scale 1, one conditional batch.
+    With ``tokens`` the velocity of a token set, ``velocity(patches, t, pos)`` (``model.tokens``:
+    channels last), both halves on the same tokens."""
     null = torch.full_like(y, model.num_classes)
     low, high = interval
+    call, axis = (model.tokens, -1) if tokens else (model, 1)
 
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+    def velocity(x: torch.Tensor, t: float, *extra: torch.Tensor) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         if scale == 1.0 or not low <= t <= high:
-            return model(x, tt, y)
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).chunk(2)
-        c = v_c.shape[1] if channels is None else channels
-        guided = v_u[:, :c] + scale * (v_c[:, :c] - v_u[:, :c])
-        return torch.cat([guided, v_c[:, c:]], dim=1)
+            return call(x, tt, y, *extra)
+        v_c, v_u = call(*(torch.cat([a, a]) for a in (x, tt)), torch.cat([y, null]),
+                        *(torch.cat([a, a]) for a in extra)).chunk(2)
+        c = v_c.shape[axis] if channels is None else channels
+        guided = v_u.narrow(axis, 0, c) + scale * (v_c.narrow(axis, 0, c) - v_u.narrow(axis, 0, c))
+        return torch.cat([guided, v_c.narrow(axis, c, v_c.shape[axis] - c)], dim=axis)
 
     return velocity
