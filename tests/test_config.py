@@ -110,6 +110,13 @@ BAD_VALUES = [
     ("sample", {"sample": {"cfg_channels": 5}}, "sample.cfg_channels", 5),
     ("sample", {"sample": {"cfg_channels": 0}}, "sample.cfg_channels", 0),
     ("sample", {"sample": {"cfg_scale": float("inf")}}, "sample.cfg_scale", float("inf")),
+    # 48 px: 3 tokens per side, which RALU cannot halve
+    ("sample", {"data": {"image_size": 48}, "sample": {"sampler": "ralu"}}, "sample.sampler",
+     "ralu"),
+    ("sample", {"sample": {"ralu": {"ends": [0.5, 0.3]}}}, "sample.ralu.ends", [0.5, 0.3]),
+    ("sample", {"sample": {"ralu": {"c": 0.3}}}, "sample.ralu.c", 0.3),
+    ("sample", {"sample": {"ralu": {"steps": [4, 4, 0]}}}, "sample.ralu.steps", [4, 4, 0]),
+    ("sample", {"sample": {"ralu": {"steps": [0, 5, 5], "top_k": 0.2}}}, "sample.ralu.top_k", 0.2),
     ("encode", {"data": {"root": MISSING, "demo": None}}, "data.root", MISSING),
     ("encode", {"encode": {"batch_size": 0}}, "encode.batch_size", 0),
     ("encode", {"encode": {"chunk_size": 0}}, "encode.chunk_size", 0),
