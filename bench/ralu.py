@@ -32,6 +32,7 @@ from bench.encode import SD_VAE_SHAPE
 from sra2 import ralu, vae as vae_lib
 from sra2.config import VAE, Config, Ralu, load
 from sra2.fid_curve import score
+from sra2.flops import count_flops, token_flops
 from sra2.generate import latents, sample_labels, sample_seed
 from sra2.models import build, load_checkpoint, read_checkpoint
 from sra2.sampling import randn
@@ -74,15 +75,13 @@ def plan_flops(model, plan: Ralu, decode_flops: int) -> tuple[int, int, int]:
     """FLOPs per sample of RALU (network + decode), of one full-size evaluation, and RALU's
     network evaluations."""
     grid = model.input_size // model.patch_size // 2
-    per_stage = [ralu.token_flops(model, tokens) for tokens in ralu.stage_tokens(plan, grid)]
+    per_stage = [token_flops(model, tokens) for tokens in ralu.stage_tokens(plan, grid)]
     network = sum(steps * flops for steps, flops in zip(plan.steps, per_stage))
     decode = decode_flops if plan.steps[0] and plan.steps[1] and plan.top_k < 1 else 0
-    return network + decode, ralu.token_flops(model, (2 * grid) ** 2), sum(plan.steps)
+    return network + decode, token_flops(model, (2 * grid) ** 2), sum(plan.steps)
 
 
 def decode_flops(vae, channels: int, half_side: int) -> int:
-    from sra2.flops import count_flops
-
     param = next(vae.parameters())
     z = torch.zeros(1, channels, half_side, half_side, dtype=param.dtype, device=param.device)
     return count_flops(lambda x: vae.decode(x).sample, z)

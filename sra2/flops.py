@@ -70,6 +70,17 @@ def count_flops(fn, *args) -> int:
     return int(counter.get_total_flops())
 
 
+def token_flops(model: nn.Module, tokens: int) -> int:
+    """FLOPs of one velocity evaluation of ``tokens`` tokens of one image (``SiT.tokens``: any
+    set of tokens, as the RALU sampler gives it), on the model's device (meta counts too)."""
+    param = next(model.parameters())
+    like = {"dtype": param.dtype, "device": param.device}
+    patches = torch.zeros(1, tokens, model.patch_size ** 2, model.in_channels, **like)
+    pos = torch.zeros(1, tokens, model.hidden_size, **like)
+    y = torch.zeros(1, dtype=torch.long, device=param.device)
+    return count_flops(model.tokens, patches, torch.zeros(1, **like), y, pos)
+
+
 def _measure(name: str, input_size: int, depth: int, width: int | None, device: str):
     with torch.device(device):
         model: SiT = build(name, input_size=input_size, num_classes=1000, learn_sigma=False).eval()

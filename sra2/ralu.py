@@ -142,15 +142,20 @@ def upsample(half: torch.Tensor, full: torch.Tensor, up: torch.Tensor, new_up: t
     return m.a * half + kept * w_half, full
 
 
+def upsampled(top_k: float, grid: int) -> int:
+    """How many of a grid x grid token grid stage 2 takes to full size (at least one)."""
+    return max(1, round(top_k * grid * grid))
+
+
 def edge_tokens(images: np.ndarray, grid: int, top_k: float,
                 thresholds: tuple[int, int] = (100, 200)) -> torch.Tensor:
-    """The ``top_k`` share of a grid x grid token grid (at least one token) with the most Canny
-    edge pixels in each uint8 image (N, h, w, 3) -> up (N, grid, grid); ties go to the earlier
-    token in raster order."""
+    """The ``top_k`` share of a grid x grid token grid with the most Canny edge pixels in each
+    uint8 image (N, h, w, 3) -> up (N, grid, grid); ties go to the earlier token in raster
+    order."""
     import cv2
 
     n, h, w, _ = images.shape
-    k = max(1, round(top_k * grid * grid))
+    k = upsampled(top_k, grid)
     up = np.zeros((n, grid * grid), dtype=bool)
     for i, image in enumerate(images):
         grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
@@ -204,20 +209,6 @@ def sample(velocity: TokenVelocity, noise: torch.Tensor, generator: Generators, 
 
 def stage_tokens(cfg: Ralu, grid: int) -> list[int]:
     """Tokens per network evaluation in stages 1, 2, 3 (``grid`` half-size tokens per side)."""
-    k = grid * grid if cfg.top_k == 1 else max(1, round(cfg.top_k * grid * grid))
+    k = upsampled(cfg.top_k, grid)
     return [grid * grid, grid * grid - k + 4 * k, 4 * grid * grid]
 
-
-def token_flops(model: torch.nn.Module, tokens: int) -> int:
-    """FLOPs of one network evaluation of ``tokens`` tokens for one sample (matrix products, a
-    multiply-add = 2, as sra2.flops counts)."""
-    from sra2.flops import count_flops
-
-    p, d = model.patch_size, model.hidden_size
-    param = next(model.parameters())
-    patches = torch.zeros(1, tokens, p * p, model.in_channels, dtype=param.dtype,
-                          device=param.device)
-    pos = torch.zeros(1, tokens, d, dtype=param.dtype, device=param.device)
-    t = torch.zeros(1, dtype=param.dtype, device=param.device)
-    y = torch.zeros(1, dtype=torch.long, device=param.device)
-    return count_flops(model.tokens, patches, t, y, pos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sra2.flops import main, report
 
@@ -38,3 +39,16 @@ def test_projector_size_options_and_cli(capsys):
     assert "SiT-B/2" in out and "1.21M" in out and "46.0" in out
     with pytest.raises(SystemExit):
         main(["--model", "SiT-B/2", "--layer", "13"])  # B/2 has 12 blocks
+
+
+def test_a_token_set_costs_what_the_forward_pass_costs_at_the_same_count():
+    """The RALU sampler's cost is counted per token set (SiT.tokens); at the full grid that is the
+    forward pass's count, and the linear layers make it grow at least linearly in tokens."""
+    from sra2.flops import token_flops
+    from sra2.models import build
+
+    with torch.device("meta"):
+        model = build("SiT-B/2", input_size=32, num_classes=1000, learn_sigma=False)
+    full = token_flops(model, 256)
+    assert full == report("SiT-B/2").flops
+    assert 64 / 256 * full <= token_flops(model, 64) < full
