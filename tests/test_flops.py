@@ -43,7 +43,8 @@ def test_projector_size_options_and_cli(capsys):
 
 def test_a_token_set_costs_what_the_forward_pass_costs_at_the_same_count():
     """The RALU sampler's cost is counted per token set (SiT.tokens); at the full grid that is the
-    forward pass's count, and the linear layers make it grow at least linearly in tokens."""
+    forward pass's count. A quarter of the tokens costs less than a quarter (attention is
+    quadratic in tokens) and more than a sixteenth (the per-token layers are linear)."""
     from sra2.flops import token_flops
     from sra2.models import build
 
@@ -51,4 +52,4 @@ def test_a_token_set_costs_what_the_forward_pass_costs_at_the_same_count():
         model = build("SiT-B/2", input_size=32, num_classes=1000, learn_sigma=False)
     full = token_flops(model, 256)
     assert full == report("SiT-B/2").flops
-    assert 64 / 256 * full <= token_flops(model, 64) < full
+    assert full / 16 < token_flops(model, 64) < full / 4
