@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,25 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.server import free_port, healthy
 from sra2.latents import write_synthetic_store
 from sra2.worker import started_at
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300  # the server dies at step 5; the rest takes 8-15 s here (tiny: 20-40 steps/s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
