@@ -1,10 +1,12 @@
-"""sample stage: EMA weights -> SDE Euler-Maruyama (or ODE) -> VAE decode -> ADM .npz + PNG grid.
+"""sample stage: EMA weights -> sampler (SDE, ODE, RALU) -> VAE decode -> ADM .npz, PNG grid.
 
 Runs on every GPU of the node (params.yaml `launch`). Resumable: images are written in shards; a
 rerun samples only the missing ones.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flows.common import parse, run_workers
 from flows.monitor import current, run_stage, show_pictures, stage_flow
@@ -15,14 +17,19 @@ from sra2.generate import sample_stage
 @stage_flow("sample")
 def sample_flow(cfg: Config, ema: str, out: str) -> dict:
     sc, mon = cfg.sample, current()
+    steps = f"{sc.ralu.steps} steps" if sc.sampler == "ralu" else f"{sc.steps} steps"
     mon.say(f"sample: preset {cfg.preset}, {sc.num_samples} images from {ema}, {sc.sampler} "
-            f"{sc.steps} steps, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
+            f"{steps}, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
             f"batch {sc.batch_size}, shards of {sc.shard_size} -> {out}")
     result = run_workers("sample", sample_stage, cfg, {"ema_path": ema, "out": out},
                          f"sampling {cfg.sample.num_samples} images", outputs=[out])
     if result is not None:
-        show_pictures(mon, "sample-grid", [(f"the first {sc.grid} samples", result["grid"])],
-                      f"samples of {ema}")
+        # a VAE trained by the demo-data stage left real images beside what it gives back for
+        # them: how good a sample can look through this VAE
+        pictures = [(f"the first {sc.grid} samples", result["grid"]),
+                    ("real images (odd rows) through the same VAE (even rows)",
+                     Path(cfg.vae.source) / "reconstructions.png")]
+        show_pictures(mon, "sample-grid", pictures, f"samples of {ema}")
         mon.say(f"sample: wrote {result['npz']} ({result['samples']} images) and {result['grid']}")
     return result
 
