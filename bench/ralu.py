@@ -8,10 +8,12 @@ Samplers (all deterministic, so each sample's error is measured from the same st
 For each: wall time of sampling (RALU's edge decode included), FLOPs per sample (network: tokens
 x steps, counted by FlopCounterMode; RALU adds one half-size VAE decode), latent RMS error and
 pixel mean absolute error against the reference, FID / sFID / IS against the real images.
-Then the FLOPs of SiT-XL/2 + SD-VAE with the same RALU plan at 256 and 512 px (meta device).
+Then the FLOPs of SiT-XL/2 + SD-VAE with the same RALU plan at 256 and 512 px (meta device), and
+with ``--time-model`` the seconds of one sample of that SiT (random weights) with each sampler.
 
 Run from a checkout where the demo pipeline has run (weights, VAE, encoded store):
     cd <repo> && dvc repro && python bench/ralu.py --num 128
+    python bench/ralu.py --time-model SiT-XL/2 --device cuda     # on a GPU machine
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-steps", type=int, default=250)
     p.add_argument("--steps", type=int, nargs=3, help="ralu.steps (default: the config's)")
     p.add_argument("--no-fid", action="store_true", help="skip FID (no encoded store needed)")
+    p.add_argument("--time-model", help="also time one sample of this SiT (random weights, with "
+                                        "the SD-VAE architecture) at --time-px, e.g. SiT-XL/2")
+    p.add_argument("--time-px", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="for --time-model")
     return p.parse_args(argv)
 
 
@@ -99,6 +105,32 @@ def paper_scale(plan: Ralu) -> list[str]:
                          f"({evals} evaluations) vs Euler {evals} steps {evals * full / 1e12:.2f}: "
                          f"x{evals * full / total:.2f} fewer; same FLOPs = {total / full:.1f} "
                          "Euler steps")
+    return lines
+
+
+def time_at_scale(cfg: Config, name: str, px: int, device: str) -> list[str]:
+    """Seconds for one sample of ``name`` (random weights: the time does not depend on them)
+    with RALU, with Euler of as many evaluations and with Euler of as many FLOPs."""
+    plan = cfg.sample.ralu
+    sd = vae_lib.build_random_vae(VAE(source="random", random=SD_VAE_SHAPE, scale=0.18215))
+    sd = sd.to(device).eval()
+    model = build(name, input_size=px // 8, num_classes=1000, learn_sigma=False).to(device).eval()
+    total, full, evals = plan_flops(model, plan, decode_flops(sd, 4, px // 16))
+    same = max(1, round(total / full))
+    gens = [torch.Generator().manual_seed(0)]
+    noise = randn((1, 4, px // 8, px // 8), gens, device)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    lines = []
+    for label, c in ((f"RALU {plan.steps}", with_sample(cfg, sampler="ralu")),
+                     (f"Euler {evals}", with_sample(cfg, sampler="ode-euler", steps=evals)),
+                     (f"Euler {same} (same FLOPs)", with_sample(cfg, sampler="ode-euler", steps=same))):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        latents(c, model, sd, y, noise, gens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        lines.append(f"{name} {px}px, one sample on {device}: {label} {time.perf_counter() - began:.2f} s")
     return lines
 
 
@@ -153,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     print()
     print("\n".join(paper_scale(plan)))
+    if args.time_model:
+        print("\n".join(time_at_scale(cfg, args.time_model, args.time_px, args.device)))
 
 
 def table(rows: list[dict]) -> str:
