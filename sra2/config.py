@@ -220,8 +220,9 @@ class Ralu(Section):
     """RALU (sample.sampler: ralu; sra2.ralu, SPEC section 10): Euler ODE steps in three stages,
     half-size latent, then its most edged tokens at full size, then all of it; at each stage's
     end the upsampled tokens are re-noised to match their noise level ("noise-timestep
-    matching"). The defaults are the published FLUX-5x ends, c and top_k on SiT's uniform step
-    grid (shifts 1) with 50 evaluations: our choice, measured in bench/ralu.py, not tuned."""
+    matching"). The defaults are the published FLUX-5x ends and top_k on SiT's uniform step grid
+    (shifts 1) with 50 evaluations, and c = 1/4 (the published 0.0177, fitted to FLUX's shifted
+    schedule, re-noises almost to pure noise and did worse on the demo: bench/README.md)."""
 
     # Euler steps of stages 1, 2, 3; 0 skips a stage (stage 1 only with top_k 1: no edges)
     steps: Annotated[list[NonNegativeInt], Field(min_length=3, max_length=3)] = [20, 10, 20]
@@ -231,8 +232,9 @@ class Ralu(Section):
     # per stage, the step grid's time shift h (1: uniform, SiT's; SPEC's g(sigma))
     shifts: Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)] = [1.0, 1.0, 1.0]
     # noise-timestep matching: the correlation left in the noise of 4 copied children,
-    # 0 < c <= 1/4; the sampler restarts at t = e / ((1 - e) / sqrt(c) + e)
-    c: Annotated[float, Field(gt=0, le=0.25)] = 0.0177
+    # 0 < c <= 1/4; the sampler restarts at t = e / ((1 - e) / sqrt(c) + e) (e 0.3: 0.18 with
+    # c = 1/4, 0.054 with FLUX's 0.0177)
+    c: Annotated[float, Field(gt=0, le=0.25)] = 0.25
     top_k: Annotated[float, Field(gt=0, le=1)] = 0.2  # share of tokens upsampled in stage 2
     # position embedding of a half-size token: at the centre of its 2x2 full-size block, in the
     # full grid's units (centres), or on a grid of half the size (half)
