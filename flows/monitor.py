@@ -344,6 +344,7 @@ def run_stage(flow, preset: str, **params):
                 except RuntimeError as e:
                     mon.lost(e, "the stage runs without Prefect")
                     return flow.fn(**params)
+                stack.callback(server.drain)  # the run's last lines, before the server goes
             # settings of this call's own, which Monitor.lost changes: no retries once the API
             # is gone
             mon.settings = stack.enter_context(temporary_settings(

@@ -79,6 +79,17 @@ def temporary() -> Iterator[tuple[str, int]]:
             server.wait()
 
 
+def drain() -> None:
+    """Send what Prefect's background workers still hold (the run's last log lines, its events)
+    while the server still answers; at most a few seconds each."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # monitoring: never an error of the stage's
+            worker.drain_all(timeout=5)
+
+
 def die_with(parent: int) -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere nothing),
     and exit at once if the parent is already gone (it may die before the request is made)."""

@@ -190,3 +190,8 @@ def test_a_killed_stage_takes_its_server_along_and_the_next_start_marks_its_run_
     assert state() == "CRASHED"
     assert f"pid {run['pid']}" in (tmp_path / "data/logs/train.log").read_text()
     assert not record.exists()
+    # the second run's last log line reached its server before the server stopped
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        (finished,) = db.execute("SELECT count(*) FROM log WHERE message LIKE "
+                                 "'Finished in state Completed%'").fetchone()
+    assert finished == 1 and "Error logging to API" not in done.stderr, done.stderr[-3000:]
