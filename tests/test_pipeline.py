@@ -144,9 +144,10 @@ def test_queued_experiments_keep_their_results(pipeline):
     run(["git", "commit", "-q", "-m", "baseline"], work, env)
     rows = ["vanilla", "layer2"]
     names = [f"table1-{r}" for r in rows]
+    # two at once (-j 2): the stages spend much of their time starting processes, not computing
     run([sys.executable, "-m", "flows.table1", "queue", "--preset", "tiny", "--rows", *rows,
          "-S", "train.steps=20", "-S", "train.eval_every=20", "-S", "train.eval_samples=6",
-         "--start"], work, env)
+         "--start", "-j", "2"], work, env)
     status = wait_for_queue(work, env)
     for name in names:
         log = run(["dvc", "queue", "logs", name], work, env)
