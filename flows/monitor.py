@@ -195,11 +195,12 @@ def experiment(env: Mapping[str, str] = os.environ) -> str:
 
 
 def _stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), None without /proc or the process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+    """sra2.worker.proc_stat, None also without /proc."""
+    from sra2.worker import proc_stat
+
+    with contextlib.suppress(OSError):
+        return proc_stat(pid)
+    return None
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -220,10 +220,10 @@ def _signals_ignored():
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    with contextlib.suppress(OSError):
+        fields = worker.proc_stat(pid)
+        return int(fields[1]) if fields else None
+    return None
 
 
 def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: float) -> None:

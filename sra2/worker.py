@@ -93,13 +93,20 @@ class StopSignals:
 
 # --- watching the launching processes
 
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (proc(5): [0] state, [1] ppid, ..., [19] start time), None
+    when there is no such process; OSError where /proc cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+
+
 def started_at(pid: int) -> str | None:
     """A token of process ``pid`` that a later process reusing the pid does not share (its start
     time), or None when it is gone or a zombie. Without /proc: whether the pid exists."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return None
+        fields = proc_stat(pid)
     except OSError:
         try:
             os.kill(pid, 0)
@@ -108,8 +115,7 @@ def started_at(pid: int) -> str | None:
         except PermissionError:
             pass
         return "alive"
-    state, *fields = stat.rsplit(")", 1)[1].split()
-    return None if state in ("Z", "X") else fields[18]  # field 22 of proc(5): starttime
+    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
 
 
 def watch_parents(interval: float = 2.0) -> threading.Thread:
