@@ -15,17 +15,14 @@ from sra2 import atomic
 from sra2.config import Config
 from sra2.plots import loss_plot
 from sra2.store import pointed_store
-from sra2.train import train
+from sra2.train import loss_title, train
 
 
 def loss_pictures(cfg: Config):
     """The loss curve of the rows received so far (``pictures`` of flows.common.run_workers)."""
-    kind = "SRA 2" if cfg.align.enabled else "no alignment"
-
     def draw(rows: list[dict]) -> list[Picture]:
         rows = [r for r in rows if "loss" in r]
-        title = f"{cfg.model.name} + {kind}: training loss"
-        return [("training loss", loss_plot(rows, title))] if rows else []
+        return [("training loss", loss_plot(rows, loss_title(cfg)))] if rows else []
 
     return draw
 

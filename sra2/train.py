@@ -426,6 +426,11 @@ def stopped(signals: StopSignals, step: int, checkpoint: str) -> Stopped:
                    "(dvc repro) to resume from there", step, checkpoint, cause)
 
 
+def loss_title(cfg: Config) -> str:
+    """The loss plot's title: the model and whether it aligns."""
+    return f"{cfg.model.name} + {'SRA 2' if cfg.align.enabled else 'no alignment'}: training loss"
+
+
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
     """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves, the loss plot."""
     cfg = tr.cfg
@@ -434,8 +439,7 @@ def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> No
     log.write()
     fid_curve.mirror(run, out / "fid.csv")
     if log.rows:
-        kind = "SRA 2" if cfg.align.enabled else "no alignment"
-        write_loss_plot(log.rows, out / "loss.png", f"{cfg.model.name} + {kind}: training loss")
+        write_loss_plot(log.rows, out / "loss.png", loss_title(cfg))
 
 
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:

@@ -101,17 +101,27 @@ def describe(cfg: VAE) -> str:
 
 
 @torch.no_grad()
+def round_trip(vae: torch.nn.Module, images: np.ndarray,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``images`` (uint8 NHWC) through ``vae`` in batches: the posterior means and stds (unscaled,
+    on the CPU) and the decoded means (uint8 NHWC)."""
+    device = next(vae.parameters()).device
+    means, stds, back = [], [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(to_model_range(images[start:start + batch_size])).to(device)
+        mean, std = encode(vae, x)
+        means.append(mean.cpu())
+        stds.append(std.cpu())
+        back.append(decode(vae, mean, 1.0).cpu().numpy())
+    return torch.cat(means), torch.cat(stds), np.concatenate(back)
+
+
 def reconstruction_grid(vae: torch.nn.Module, images: np.ndarray, columns: int = 8,
                         batch_size: int = 16) -> np.ndarray:
     """Real images (uint8 NHWC) in one row and what ``vae`` gives back for them (the decoded
     posterior mean) in the row below, ``columns`` per row: one uint8 HWC picture that shows
     how much of a decoded sample's look is the VAE's own."""
-    device = next(vae.parameters()).device
-    back = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(to_model_range(images[start:start + batch_size])).to(device)
-        back.append(decode(vae, encode(vae, x)[0], 1.0).cpu().numpy())
-    back = np.concatenate(back)
+    back = round_trip(vae, images, batch_size)[2]
     n, h, w, c = images.shape
     rows = math.ceil(n / columns)
     canvas = np.full((2 * rows * h, columns * w, c), 255, np.uint8)  # white where a row is short
@@ -194,21 +204,15 @@ def train_demo_vae(images: np.ndarray, cfg: VAE, knobs: DemoVAE,
     return vae.eval().requires_grad_(False)
 
 
-@torch.no_grad()
 def latent_statistics(vae: torch.nn.Module, images: np.ndarray,
                       batch_size: int = 50) -> dict[str, float]:
     """How ``vae`` does on ``images`` (uint8 NHWC): error of the decoded posterior mean in grey
     levels (mean absolute, PSNR), and the unscaled latents' spread: ``latent_std`` of the
     posterior samples (what the SiT learns, times vae.scale: 1 / latent_std makes it unit),
     ``mean_std`` of the means and ``posterior_std``, the mean std of one posterior."""
-    means, stds, back = [], [], []
-    for start in range(0, len(images), batch_size):
-        mean, std = encode(vae, torch.from_numpy(to_model_range(images[start:start + batch_size])))
-        means.append(mean)
-        stds.append(std)
-        back.append(decode(vae, mean, 1.0).numpy())
-    mean, std = torch.cat(means).double(), torch.cat(stds).double()
-    diff = np.concatenate(back).astype(np.float64) - images
+    mean, std, back = round_trip(vae, images, batch_size)
+    mean, std = mean.double(), std.double()
+    diff = back.astype(np.float64) - images
     # samples mean + std * eps: their variance is that of the means plus the mean variance of eps
     latent_std = math.sqrt(mean.var().item() + std.square().mean().item())
     return {"l1_grey_levels": float(np.abs(diff).mean()),
