@@ -563,8 +563,8 @@ class Watch:
             self.rows.append(table_row(info, eta))
             self.infos.append(info)
             self.pending = True
-        if info.get("preview"):
-            self.preview = (info.get("step", done), info["preview"])
+        if info.get("preview"):  # the samples of the latest FID evaluation, or of this step
+            self.preview = (info.get("fid_step", info.get("step", done)), info["preview"])
             self.pending = True
         if is_row or complete or self._due("log", self.log_every):
             self.mon.say(row_line(self.stage, self.unit, done, total, info, eta,

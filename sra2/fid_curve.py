@@ -24,7 +24,7 @@ import torch
 
 from sra2 import atomic, dist
 from sra2.config import Config
-from sra2.generate import generate
+from sra2.generate import generate, write_grid
 from sra2.metrics import (ArrayImages, feature_function, frechet_scores, inception_score,
                           reference_side)
 from sra2.store import ShardedStore
@@ -92,7 +92,8 @@ def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
 def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
                   latents: str | Path, mirror_to: str | Path) -> dict | None:
     """Snapshot, sample (all ranks) and score (rank 0) the EMA at ``step`` in the run folder
-    ``run``; returns the row on rank 0 (None elsewhere, or when the step was evaluated before)."""
+    ``run``; returns the row and a grid of the samples (``grid``, a PNG) on rank 0 (None
+    elsewhere, or when the step was evaluated before)."""
     run = Path(run)
     rows = read_rows(run / "fid.csv")
     if any(int(r["step"]) == step for r in rows):
@@ -105,7 +106,10 @@ def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
                     run / "evals" / f"step-{step:07d}")
     if rank != 0:
         return None
-    scores = score(cfg, ShardedStore(path).array("images"), latents, run)
+    images = ShardedStore(path).array("images")
+    scores = score(cfg, images, latents, run)
     row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}}
     write_rows(rows + [row], run / "fid.csv", Path(mirror_to))
-    return row
+    grid = run / "evals" / f"step-{step:07d}" / "grid.png"  # what the monitor shows of the EMA
+    write_grid(images[: cfg.sample.grid], grid)
+    return {**row, "grid": str(grid)}

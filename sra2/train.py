@@ -502,7 +502,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
             if tc.eval_every and done % tc.eval_every == 0:  # after the save: a crash here costs nothing
                 scored = fid_curve.evaluate_step(cfg, tr.ema, done, ckpts.folder, latents,
                                                  out / "fid.csv")
-                fid = {"fid": scored["fid"], "fid_step": done} if scored else fid
+                if scored:
+                    fid = {"fid": scored["fid"], "fid_step": done, "preview": scored["grid"]}
             if row is not None and log is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
                 if progress:

@@ -1,9 +1,11 @@
 """FID over training: snapshots, scores in fid.csv, nothing evaluated twice, snapshots sampleable."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sra2.fid_curve import evaluate_step
 from sra2.generate import sample_stage
@@ -23,6 +25,7 @@ def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):
     ema = randomize(build_model(cfg, 4), seed=3, std=0.05)
     row = evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv")
     assert row["step"] == 20 and all(np.isfinite(row[k]) for k in ("fid", "sfid", "inception_score"))
+    assert Path(row["grid"]).is_file()
     assert evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv") is None  # not redone
     assert (tmp_path / "out.csv").read_text() == (tmp_path / "fid.csv").read_text()
     with open(tmp_path / "fid.csv") as f:
@@ -46,6 +49,9 @@ def test_training_writes_the_fid_curve(tmp_path, setup):
         assert [int(r["step"]) for r in csv.DictReader(f)] == [10]
     assert rows[-1]["fid_step"] == 10 and np.isfinite(rows[-1]["fid"])
     (run,) = (tmp_path / "checkpoints").iterdir()  # everything of the run lives in its own folder
+    # the monitor gets a picture of the evaluated EMA's samples
+    assert rows[-1]["preview"] == str(run / "evals/step-0000010/grid.png")
+    assert Image.open(rows[-1]["preview"]).size[0] > 0
     assert (run / "snapshots/step-0000010.pt").exists()
     assert (run / "fid.csv").read_text() == (tmp_path / "fid.csv").read_text()
     assert (run / "metrics.csv").read_text() == (tmp_path / "metrics.csv").read_text()
