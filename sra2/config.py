@@ -212,7 +212,13 @@ class Train(Section):
     eval_samples: PositiveInt = 10000
     seed: Seed
     device: Literal["auto", "cpu", "cuda"]
-    workers: NonNegativeInt = 2  # processes reading latents from the store ahead of the step
+    workers: NonNegativeInt = 2  # processes reading latents ahead of the step
+    # where the latents are read from: "copy", a node-local, uncompressed, memory-mapped copy of the
+    # store made once per node and checked at every start (sra2.latent_copy), or "store", the zarr
+    # store itself (decompressing chunk by chunk: ~1,000 latents/s per reader)
+    read_from: Literal["copy", "store"] = "copy"
+    # folder of the node-local copies; None: $SRA2_COPY_DIR, else $TMPDIR, else /tmp
+    copy_dir: str | None = None
     compile: bool = False  # torch.compile the model and its loss
 
 
