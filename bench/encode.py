@@ -109,7 +109,7 @@ class _Clock:
     def __init__(self):
         self.start, self.marks = time.perf_counter(), []
 
-    def __call__(self, done: int, todo: int) -> None:
+    def __call__(self, done: int, todo: int, *_) -> None:
         self.marks.append((time.perf_counter(), done))
 
     def steady_rate(self) -> float:

@@ -35,9 +35,9 @@ from sra2 import ralu, vae as vae_lib
 from sra2.config import VAE, Config, Ralu, load
 from sra2.fid_curve import score
 from sra2.flops import count_flops, token_flops
-from sra2.generate import latents, sample_labels, sample_seed
+from sra2.generate import latents, sample_labels
 from sra2.models import build, load_checkpoint, read_checkpoint
-from sra2.sampling import randn
+from sra2.sampling import derived_seed, randn
 from sra2.store import pointed_store
 
 
@@ -68,7 +68,7 @@ def run(cfg: Config, model, vae, labels: np.ndarray, batch: int) -> tuple[torch.
     out, seconds = [], 0.0
     for start in range(0, len(labels), batch):
         index = range(start, min(start + batch, len(labels)))
-        gens = [torch.Generator().manual_seed(sample_seed(cfg.sample.seed, i)) for i in index]
+        gens = [torch.Generator().manual_seed(derived_seed(cfg.sample.seed, i)) for i in index]
         noise = randn((len(index), model.in_channels, model.input_size, model.input_size), gens)
         y = torch.from_numpy(labels[index.start:index.stop])
         began = time.perf_counter()

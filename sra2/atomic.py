@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 def _file_mode() -> int:
@@ -56,6 +58,16 @@ def write_json(path: str | Path, obj: Any) -> None:
     """``obj`` as JSON; a NaN or an infinity in it is a ValueError, never a file that other tools
     cannot read."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_csv(paths: Iterable[str | Path], columns: list[str], rows: Iterable[dict]) -> None:
+    """``rows`` under a header of ``columns``, the same text written to each of ``paths``."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    for path in paths:
+        write_text(path, buf.getvalue())
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

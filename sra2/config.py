@@ -10,7 +10,7 @@ holds only what a run changes, so ``dvc exp run -S preset=sit-b2 -S +train.lr=2e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
@@ -45,6 +45,20 @@ class Section(BaseModel):
     # strict: a string where a number belongs is an error, not a silent conversion
     # allow_inf_nan: an inf or nan learning rate, decay or scale is always a typo
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class NotInResult:
+    """Marks a setting that never changes the bytes a stage computes, only how long, how often,
+    how fast or where it runs (``Annotated[int, NotInResult()]``): :func:`result_settings` leaves
+    it out of the signatures whose hash names the folders of results."""
+
+
+def result_settings(section: Section, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """``section`` as a dict without its :class:`NotInResult` settings, nor ``exclude`` (a stage's
+    own cases, explained where it passes them): what a stage's signature records."""
+    marked = {name for name, field in type(section).model_fields.items()
+              if any(isinstance(m, NotInResult) for m in field.metadata)}
+    return section.model_dump(exclude=marked | set(exclude))
 
 
 class Launch(Section):
@@ -140,15 +154,17 @@ class VAE(Section):
 
 
 class Encode(Section):
-    batch_size: PositiveInt  # images per VAE call
+    batch_size: Annotated[PositiveInt, NotInResult()]  # images per VAE call
     shard_size: PositiveInt  # images per shard: the unit of writing and of resuming
     chunk_size: PositiveInt  # images per chunk: the unit of random reads
-    workers: NonNegativeInt  # processes decoding and cropping JPEGs (0: in the worker itself)
+    # processes decoding and cropping JPEGs (0: in the worker itself)
+    workers: Annotated[NonNegativeInt, NotInResult()]
     dtype: Literal["float32", "float16"]
     precision: Literal["fp32", "bf16", "fp16"]  # VAE compute dtype on a GPU; CPU runs fp32
     flip: bool  # also store the latents of the horizontally flipped image
-    strict: bool  # stop at the first undecodable file instead of listing it as rejected
-    device: Literal["auto", "cpu", "cuda"]  # auto: this rank's GPU if there is one
+    # stop at the first undecodable file instead of listing it as rejected
+    strict: Annotated[bool, NotInResult()]
+    device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]  # auto: this rank's GPU if any
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -186,40 +202,46 @@ class Align(Section):
 
 
 class Train(Section):
-    steps: PositiveInt  # optimizer steps in total; raising it resumes a finished run
+    # optimizer steps in total; raising it resumes a finished run
+    steps: Annotated[PositiveInt, NotInResult()]
     # images per step over all processes; it must split evenly into processes x batch_per_gpu
     # (sra2.checks, with the process count of `launch`)
     global_batch: PositiveInt
     # images per forward/backward on one process; None: global_batch / processes (no accumulation)
-    batch_per_gpu: PositiveInt | None = None
+    batch_per_gpu: Annotated[PositiveInt | None, NotInResult()] = None
     lr: PositiveFloat  # AdamW, constant
     weight_decay: NonNegativeFloat
     betas: Annotated[list[Beta], Field(min_length=2, max_length=2)]
     ema_decay: Annotated[float, Field(gt=0, lt=1)]  # EMA of the SiT weights, updated every step
     grad_clip: PositiveFloat  # max global gradient norm
     precision: Literal["fp32", "bf16"]  # bf16 autocast on a GPU; losses are computed in fp32
-    ckpt_every: PositiveInt  # steps between checkpoints (the unit of resuming)
+    # steps between checkpoints (the unit of resuming)
+    ckpt_every: Annotated[PositiveInt, NotInResult()]
     # also save when this many minutes of wall time have passed since the last save (0: off); rank 0
     # decides, every rank saves at the same step
-    ckpt_minutes: NonNegativeFloat = 30.0
+    ckpt_minutes: Annotated[NonNegativeFloat, NotInResult()] = 30.0
     # step checkpoints kept per run: older ones are deleted once a newer one is complete (written
     # and named by `latest`); files outside the run folder's step-*.pt (snapshots/) are never deleted
-    keep_checkpoints: PositiveInt = 3
-    log_every: PositiveInt  # steps averaged into one row of metrics.csv
+    keep_checkpoints: Annotated[PositiveInt, NotInResult()] = 3
+    log_every: Annotated[PositiveInt, NotInResult()]  # steps averaged into one row of metrics.csv
     # FID over training: every eval_every steps (0: off) the EMA is kept as snapshots/step-N.pt and
     # eval_samples images sampled from it (the sample section's sampler) are scored into fid.csv
-    eval_every: NonNegativeInt = 0
-    eval_samples: PositiveInt = 10000
+    eval_every: Annotated[NonNegativeInt, NotInResult()] = 0
+    eval_samples: Annotated[PositiveInt, NotInResult()] = 10000
     seed: Seed
-    device: Literal["auto", "cpu", "cuda"]
-    workers: NonNegativeInt = 2  # processes reading latents ahead of the step
+    device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]
+    # processes reading latents ahead of the step
+    workers: Annotated[NonNegativeInt, NotInResult()] = 2
     # where the latents are read from: "copy", a node-local, uncompressed, memory-mapped copy of the
     # store made once per node and checked at every start (sra2.latent_copy), or "store", the zarr
     # store itself (decompressing chunk by chunk: ~1,000 latents/s per reader)
-    read_from: Literal["copy", "store"] = "copy"
+    read_from: Annotated[Literal["copy", "store"], NotInResult()] = "copy"
     # folder of the node-local copies; None: $SRA2_COPY_DIR, else $TMPDIR, else /tmp
-    copy_dir: str | None = None
-    compile: bool = False  # torch.compile the model and its loss
+    copy_dir: Annotated[str | None, NotInResult()] = None
+    compile: Annotated[bool, NotInResult()] = False  # torch.compile the model and its loss
+    # torch.use_deterministic_algorithms with cuBLAS's fixed workspace: a GPU run then repeats bit
+    # for bit (bench/gpu.py measures what it costs); the CPU's kernels are deterministic already
+    deterministic: Annotated[bool, NotInResult()] = False
 
 
 class Ralu(Section):
@@ -273,7 +295,7 @@ class Ralu(Section):
 
 class Sample(Section):
     num_samples: PositiveInt
-    batch_size: PositiveInt  # images per network call (does not change the images)
+    batch_size: Annotated[PositiveInt, NotInResult()]  # images per network call
     shard_size: PositiveInt  # images per shard: the unit of resuming
     sampler: Literal["sde", "ode-euler", "ode-heun", "ralu"]
     # network evaluations for sde and ode-euler; ode-heun takes two per step; ralu: ralu.steps
@@ -293,13 +315,13 @@ class Sample(Section):
     # error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
     convention: Literal["auto", "sit", "repa"] = "auto"
     ralu: Ralu = Ralu()  # sampler ralu only
-    grid: PositiveInt  # images in the PNG grid (the first ones)
+    grid: Annotated[PositiveInt, NotInResult()]  # images in the PNG grid (the first ones)
     seed: Seed  # sample i's label and noise depend on (seed, i) only
     # class labels: uniform random in [0, num_classes) (SiT, REPA), or balanced: num_samples //
     # num_classes of each class (the rest to distinct seeded classes), in a seeded random order
     labels: Literal["uniform", "balanced"]
     precision: Literal["fp32", "bf16"]  # network compute on a GPU (the sampler's state stays fp32)
-    device: Literal["auto", "cpu", "cuda"]
+    device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]
 
     @field_validator("cfg_interval")
     @classmethod

@@ -19,6 +19,14 @@ def init() -> tuple[int, int]:
     return 0, 1
 
 
+def deterministic(on: bool) -> None:
+    """Deterministic kernels only (or any kernel) from here on in this process. cuBLAS needs a
+    fixed workspace for it, read when its first handle is made: set before any matrix product."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,11 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sra2 import dist, vae as vae_lib
-from sra2.config import Config
+from sra2.config import Config, result_settings
 from sra2.data import BadImage, ImageList, list_images, load_cropped
 from sra2.store import ShardedStore, attributes, digest
-
-Progress = Callable[[int, int], None]
+from sra2.worker import Progress
 
 
 class _CroppedFiles(Dataset):
@@ -47,13 +45,16 @@ class _CroppedFiles(Dataset):
 
 def _signature(cfg: Config, images: ImageList) -> dict:
     # a retrained VAE at the same path, or drawn demo images under the same names, are other
-    # bytes: their weights' digest and the drawing settings name the store too
+    # bytes: their weights' digest (which stands for demo.vae, its training) and the drawing
+    # settings name the store too. Left out here only: vae.scale, which multiplies the latents
+    # after they are stored (it changes training's results, not the store's), and shard_size,
+    # which the store's attributes record beside this signature
     weights, demo = vae_lib.weights_digest(cfg.vae), cfg.data.demo
-    return {"vae": cfg.vae.model_dump(exclude={"scale"}), "image_size": cfg.data.image_size,
+    return {"vae": result_settings(cfg.vae, exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest({"files": images.files, "labels": images.labels}),
-            **cfg.encode.model_dump(include={"dtype", "precision", "flip", "chunk_size"}),
+            **result_settings(cfg.encode, exclude={"shard_size"}),
             **({"vae_weights": weights} if weights else {}),
-            **({"demo": demo.model_dump(exclude={"vae"})} if demo else {})}
+            **({"demo": result_settings(demo, exclude={"vae"})} if demo else {})}
 
 
 def settings_store(cfg: Config, folder: str | Path, images: ImageList) -> Path:

@@ -15,7 +15,6 @@ run folder and cached in ``fid_reference.npz``.
 from __future__ import annotations
 
 import csv
-import io
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,10 @@ import numpy as np
 import torch
 
 from sra2 import atomic, dist
+from sra2.checkpoints import ema_export, step_file
 from sra2.config import Config
-from sra2.generate import generate, write_grid
+from sra2.generate import generate
+from sra2.images import write_grid
 from sra2.metrics import (ArrayImages, feature_function, frechet_scores, inception_score,
                           reference_side)
 from sra2.store import ShardedStore
@@ -34,10 +35,9 @@ COLUMNS = ["step", "fid", "sfid", "inception_score"]
 
 def snapshot(cfg: Config, ema: torch.nn.Module, step: int, out: Path) -> Path:
     """The EMA weights at ``step`` in the export format the sample stage reads (written once)."""
-    path = out / "snapshots" / f"step-{step:07d}.pt"
+    path = out / "snapshots" / f"{step_file(step)}.pt"
     if not path.exists():
-        atomic.save_torch({"name": cfg.model.name, "model_config": cfg.model.model_dump(),
-                           "step": step, "ema": ema.state_dict()}, path)
+        atomic.save_torch(ema_export(cfg, ema, step), path)
     return path
 
 
@@ -49,12 +49,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def write_rows(rows: list[dict], *paths: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: int(r["step"])))
-    for path in paths:
-        atomic.write_text(path, buf.getvalue())
+    atomic.write_csv(paths, COLUMNS, sorted(rows, key=lambda r: int(r["step"])))
 
 
 def mirror(run: Path, path: Path) -> None:
@@ -102,14 +97,14 @@ def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
     if rank == 0:
         snapshot(cfg, ema, step, run)
     dist.barrier()
-    path = generate(eval_config(cfg), run / "snapshots" / f"step-{step:07d}.pt",
-                    run / "evals" / f"step-{step:07d}")
+    path = generate(eval_config(cfg), run / "snapshots" / f"{step_file(step)}.pt",
+                    run / "evals" / step_file(step))
     if rank != 0:
         return None
     images = ShardedStore(path).array("images")
     scores = score(cfg, images, latents, run)
     row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}}
     write_rows(rows + [row], run / "fid.csv", Path(mirror_to))
-    grid = run / "evals" / f"step-{step:07d}" / "grid.png"  # what the monitor shows of the EMA
+    grid = run / "evals" / step_file(step) / "grid.png"  # what the monitor shows of the EMA
     write_grid(images[: cfg.sample.grid], grid)
     return {**row, "grid": str(grid)}

@@ -21,10 +21,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sra2.align import build_projector
+from sra2.config import Config
 from sra2.models import SiT, SiT_models, build
 
 # SPEC section 1: the alignment layer (1-based block) of the paper for each model
 PAPER_LAYERS = {"SiT-B/2": 2, "SiT-L/2": 8, "SiT-XL/2": 8}
+# dense bf16 tensor-core peak per GPU, TFLOP/s (the vendors' figures without sparsity)
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,19 @@ def report(name: str, input_size: int = 32, align_layer: int | None = None, dept
     return Report(name=name, input_size=input_size, align_layer=align_layer, depth=depth,
                   width=width, params=count(model), projector_params=count(projector),
                   flops=flops, projector_flops=projector_flops, device=device)
+
+
+def train_flops(cfg: Config) -> int:
+    """Model FLOPs of one training image: forward and backward, 3 forward passes of the SiT, and
+    of the projector when the alignment is on."""
+    side = cfg.data.image_size // 8
+    r = report(cfg.model.name, side, None, cfg.align.depth, cfg.align.width)
+    return 3 * (r.flops_with_projector if cfg.align.enabled else r.flops)
+
+
+def gpu_need(cfg: Config, peak_tflops: float = PEAK_TFLOPS["H100"], mfu: float = 0.5) -> float:
+    """Training images (latents) per second one GPU of ``peak_tflops`` consumes at ``mfu``."""
+    return peak_tflops * 1e12 * mfu / train_flops(cfg)
 
 
 def table(reports: list[Report]) -> str:

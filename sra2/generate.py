@@ -7,27 +7,19 @@ Sample i's label and every noise draw (initial latent, SDE steps) come from seed
 from __future__ import annotations
 
 import hashlib
-import math
-import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from sra2 import atomic, dist, ralu, vae as vae_lib
-from sra2.config import Config
+from sra2 import dist, ralu, vae as vae_lib
+from sra2.config import Config, result_settings
+from sra2.images import write_grid, write_npz
 from sra2.models import load_checkpoint, read_checkpoint
-from sra2.sampling import Generators, guided_velocity, randn, sample
+from sra2.sampling import Generators, derived_seed, guided_velocity, randn, sample
 from sra2.store import ShardedStore, digest
-
-Progress = Callable[[int, int], None]
-
-
-def sample_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+from sra2.worker import Progress
 
 
 def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform") -> np.ndarray:
@@ -51,6 +43,14 @@ def _file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _signature(cfg: Config, ema_sha256: str) -> dict:
+    """What the images depend on: the weights (by digest), the VAE and the sample settings."""
+    sc = cfg.sample
+    # ralu's settings change the images only when ralu samples
+    sample = result_settings(sc, exclude=() if sc.sampler == "ralu" else {"ralu"})
+    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
 
 
 def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
@@ -79,10 +79,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, model.input_size, model.input_size)
-    # what does not change the images is left out (and ralu's settings unless it samples)
-    ignored = {"batch_size", "grid", "device"} | ({"ralu"} if sc.sampler != "ralu" else set())
-    signature = {"ema_sha256": _file_sha256(Path(ema_path)), "vae": cfg.vae.model_dump(),
-                 "sample": sc.model_dump(exclude=ignored)}
+    signature = _signature(cfg, _file_sha256(Path(ema_path)))
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(signature)
     if rank == 0:
@@ -103,7 +100,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
         images = []
         for b in range(start, stop, sc.batch_size):
             index = range(b, min(b + sc.batch_size, stop))
-            gens = [torch.Generator().manual_seed(sample_seed(sc.seed, i)) for i in index]
+            gens = [torch.Generator().manual_seed(derived_seed(sc.seed, i)) for i in index]
             y = torch.from_numpy(labels[index.start:index.stop]).to(device)
             with dist.autocast(device, sc.precision):
                 z = latents(cfg, model, vae, y, randn((len(index), *latent), gens, device), gens)
@@ -118,53 +115,6 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
         progress(0, 0)
     dist.barrier()
     return path
-
-
-def write_npz(store: ShardedStore, path: str | Path) -> None:
-    """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory twice)."""
-    images = store.array("images")
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": tuple(images.shape)}
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, header)
-                for shard in range(store.num_shards):
-                    member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
-
-    atomic.write_with(path, write)
-
-
-def read_npz_images(path: str | Path) -> np.ndarray:
-    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (no 10 GB load for 50K)."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("arr_0.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            return np.load(path)["arr_0"]
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)  # local file header: name and extra field lengths
-        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
-        shape, fortran, dtype = read_header(f)
-        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
-                         order="F" if fortran else "C")
-
-
-def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:
-    """A square PNG grid of uint8 NHWC images, with an optional caption strip on top."""
-    n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    top = 14 if caption else 0
-    canvas = Image.new("RGB", (cols * w, rows * h + top), "white")
-    for i, img in enumerate(images):
-        canvas.paste(Image.fromarray(img), ((i % cols) * w, top + (i // cols) * h))
-    if caption:
-        ImageDraw.Draw(canvas).text((2, 1), caption, fill="red")
-    atomic.write_with(path, lambda f: canvas.save(f, format="PNG"))
 
 
 def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,

@@ -1,15 +1,24 @@
-"""Training batches streamed from the latent store: reader processes fetch the items of step s
-(``batch_indices``) ahead of the training loop, so host memory does not grow with the dataset.
+"""Training batches: reader processes fetch the rows of step s (``batch_indices``) ahead of the
+training loop, from the node-local memory-mapped copy of the latent store (:mod:`sra2.latent_copy`)
+or from the zarr store itself, so host memory does not grow with the dataset.
 
 Item s of :class:`StepBatches` is this rank's slice of global batch s: the posterior mean and std
 and the label of each latent, exactly the rows an in-memory copy of the accepted latents would
-give. Only the labels and the map from accepted to stored indices stay in memory (16 bytes an
-image: 20 MB for ImageNet).
+give, whichever way they are read. Only the labels and the map from accepted to stored indices
+stay in each process's memory (16 bytes an image: 20 MB for ImageNet); the copy's pages live in
+the page cache, shared by every process of the node.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +26,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from sra2 import flops, latent_copy
+from sra2.config import Config
 from sra2.encode import rejects
-from sra2.store import ShardedStore
+from sra2.store import ShardedStore, pointed_store
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -40,9 +51,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class StepBatches(Dataset):
-    """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``."""
+    """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, read
+    from ``copy`` (a :class:`sra2.latent_copy.LatentCopy` of the store at ``path``) when given,
+    else from the store. The copy's shared lock stays held as long as this object lives."""
 
-    def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 copy: latent_copy.LatentCopy | None = None):
         store = ShardedStore(path)
         if not store.complete:
             raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
@@ -55,25 +69,70 @@ class StepBatches(Dataset):
         self.signature = store.attrs["signature"]
         self.path, self.global_batch, self.seed, self.rank, self.world = (
             str(path), global_batch, seed, rank, world)
+        self.copy = copy
+        self.files = {name: copy.file(name) for name in latent_copy.ARRAYS} if copy else None
         self._arrays = None  # opened in the process that reads (zarr handles are not shared)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _open(self) -> dict[str, zarr.Array]:
+    def __getstate__(self) -> dict:
+        # a reader process gets the file names, not the lock or the open arrays of its parent
+        return {**self.__dict__, "copy": None, "_arrays": None}
+
+    def _readers(self) -> dict:
+        """Per array, a function from stored rows (in batch order) to their values, made in the
+        process that reads: a gather from the copy's memory map (any order costs the same in
+        memory), or one sorted read from the zarr store."""
         if self._arrays is None:
-            group = zarr.open_group(self.path, mode="r")
-            self._arrays = {name: group[name] for name in ("mean", "std")}
+            if self.files:
+                self._arrays = {name: np.load(f, mmap_mode="r").__getitem__
+                                for name, f in self.files.items()}
+            else:
+                group = zarr.open_group(self.path, mode="r")
+                self._arrays = {name: functools.partial(_sorted_read, group[name])
+                                for name in latent_copy.ARRAYS}
         return self._arrays
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         picked = batch_indices(step, self.global_batch, len(self.rows), self.seed, self.rank, self.world)
-        # one sorted read per array (a batch spanning two epochs may hold an item twice)
-        stored, back = np.unique(self.rows[picked], return_inverse=True)
-        out = {name: torch.from_numpy(arr.oindex[stored][back].astype(np.float32, copy=False))
-               for name, arr in self._open().items()}
+        rows = self.rows[picked]
+        out = {name: torch.from_numpy(read(rows).astype(np.float32, copy=False))
+               for name, read in self._readers().items()}
         out["labels"] = torch.from_numpy(self.labels[picked])
         return out
+
+
+def _sorted_read(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    # one sorted read per array (a batch spanning two epochs may hold an item twice)
+    stored, back = np.unique(rows, return_inverse=True)
+    return array.oindex[stored][back]
+
+
+def read_rate(batches: StepBatches, steps: int = 3) -> float:
+    """Latents/s one process reads from ``batches`` (steps 1.. ``steps``, after opening on step 0)."""
+    batches[0]
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batches[step]
+    return steps * len(batches[0]["labels"]) / (time.perf_counter() - start)
+
+
+def open_batches(cfg: Config, latents: str | Path, rank: int = 0, world: int = 1,
+                 log=print) -> StepBatches:
+    """This rank's batches, read as ``train.read_from`` says: from the node-local copy (built
+    first if this node has none), or from the store. Where the copy cannot be made, the store
+    is read, with a warning that says how many readers that takes to feed one GPU."""
+    tc, store = cfg.train, pointed_store(latents)
+    copy = latent_copy.ensure(store, tc.copy_dir, log) if tc.read_from == "copy" else None
+    batches = StepBatches(store, tc.global_batch, tc.seed, rank, world, copy)
+    if tc.read_from == "copy" and copy is None and rank == 0:
+        rate, need = read_rate(batches), flops.gpu_need(cfg)
+        log(f"WARNING: training reads the zarr store itself: {rate:.0f} latents/s per reader "
+            f"here, and one {flops.PEAK_TFLOPS['H100']:.0f}-TFLOP/s GPU at 50% MFU needs "
+            f"{need:.0f}/s for {cfg.model.name}: set train.workers to at least "
+            f"{math.ceil(need / rate)} per GPU, or train.copy_dir to a disk with room")
+    return batches
 
 
 def step_loader(batches: StepBatches, start: int, stop: int, workers: int, pin: bool) -> DataLoader:
@@ -82,6 +141,32 @@ def step_loader(batches: StepBatches, start: int, stop: int, workers: int, pin: 
                       pin_memory=pin, prefetch_factor=4 if workers else None,
                       # not fork: zarr's I/O thread does not survive a fork
                       multiprocessing_context="forkserver" if workers else None)
+
+
+def _own_process_group(_worker: int) -> None:
+    # a reader leaves the trainer's process group: torchrun's SIGTERM to that group and a
+    # terminal's Ctrl-C are the trainer's to handle, which stops the readers when done with them
+    with suppress(OSError):
+        os.setpgid(0, 0)
+
+
+def stream(data: StepBatches, start: int, stop: int, workers: int, device: torch.device):
+    """Batches of steps ``start``.. ``stop - 1``, read ahead by ``workers`` processes that outlive
+    a stop signal: the step in progress and the next (which several ranks may need before they
+    agree to stop) still get their data."""
+    if start >= stop:
+        return []
+    if workers and threading.current_thread() is threading.main_thread():
+        # the fork server that starts the readers ignores SIGTERM (it stays ignored across its
+        # exec; it ignores SIGINT itself): started here, before the trainer handles SIGTERM
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    loader = step_loader(data, start, stop, workers, device.type == "cuda")
+    loader.worker_init_fn = _own_process_group
+    return loader
 
 
 def write_synthetic_store(path: str | Path, items: int, shape: tuple[int, ...], classes: int,

@@ -29,7 +29,7 @@ from sra2 import atomic, dist
 from sra2.config import Config
 from sra2.data import load_cropped
 from sra2.encode import rejects
-from sra2.generate import read_npz_images
+from sra2.images import read_npz_images
 from sra2.store import ShardedStore
 
 EXTRACTOR = "inception-v3-compat"

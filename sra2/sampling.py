@@ -4,7 +4,8 @@ The SDE Euler-Maruyama sampler is the paper's evaluation sampler: with diffusion
 score s = (t v - x) / (1 - t), the drift is f = v + w s; ``steps`` network evaluations cover
 linspace(0, 1 - last_step, steps) with steps - 1 stochastic steps and one final deterministic
 step of size ``last_step`` to t = 1. Noise comes only from the generator(s) passed in: one
-``torch.Generator`` for the batch, or one per row so that a sample depends on its own seed only.
+``torch.Generator`` for the batch, or one per row so that a sample depends on its own seed only
+(:func:`derived_seed`, which also seeds each training step).
 Networks trained in REPA's reversed time reach these functions already turned into SiT-time
 velocity networks (``sra2.models.ReversedTime``), so nothing here knows about REPA time.
 """
@@ -13,10 +14,17 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of unit ``index`` (a sample, a training step) of a run seeded ``seed``: it depends
+    on the two alone, not on batch size, process count or restarts."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str = "cpu") -> torch.Tensor:

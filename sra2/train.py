@@ -7,28 +7,21 @@ Each process splits its part of the batch into micro-batches of ``train.batch_pe
 gradients add up to the step's; per-step work stays on the device (one host sync per log row).
 
 Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
-:mod:`sra2.worker`) ends the step in progress, saves it and raises :class:`sra2.worker.Stopped`;
-all ranks stop at the same step (:class:`Consensus`). A checkpoint also holds the metrics of the
-steps since the last row, so a run resumed from any step writes the bytes of an unbroken one.
-Checkpoints are also written every ``train.ckpt_minutes``, the ``train.keep_checkpoints`` newest are
-kept, and a non-finite loss, gradient or weight stops the run before it is saved.
+:mod:`sra2.worker`) ends the step in progress, saves it and raises :class:`sra2.stopping.Stopped`;
+all ranks stop at the same step (:class:`sra2.stopping.Consensus`). A checkpoint also holds the
+metrics of the steps since the last row, so a run resumed from any step writes the bytes of an
+unbroken one. Checkpoints (:mod:`sra2.checkpoints`) are also written every ``train.ckpt_minutes``
+(:class:`sra2.stopping.SaveClock`), the ``train.keep_checkpoints`` newest are kept, and a
+non-finite loss, gradient or weight stops the run before it is saved.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import multiprocessing.forkserver
-import os
-import re
-import signal
-import threading
 import time
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,16 +31,15 @@ from tqdm import tqdm
 
 from sra2 import atomic, dist, fid_curve
 from sra2.align import projector_for
-from sra2.config import Config, Train
-from sra2.latents import StepBatches, step_loader
+from sra2.checkpoints import LOG_COLUMNS, Checkpoints, MetricsLog, ema_export
+from sra2.config import Config, result_settings
+from sra2.latents import open_batches, stream
 from sra2.models import SiT, build
 from sra2.plots import write_loss_plot
-from sra2.store import digest
+from sra2.sampling import derived_seed
+from sra2.stopping import Consensus, SaveClock, StopSignals, stopped
 from sra2.transport import training_loss
-from sra2.worker import StopSignals, Stopped
-
-Progress = Callable[[int, int, dict], None]
-LOG_COLUMNS = ["step", "loss", "loss_velocity", "loss_align", "grad_norm"]
+from sra2.worker import Progress
 
 
 class NonFiniteError(FloatingPointError):
@@ -66,98 +58,22 @@ class Objective(nn.Module):
         return torch.stack([losses.total, losses.velocity, losses.align])
 
 
-# --- checkpoints and the metrics log
+# --- the run's identity
 
 def signature(cfg: Config, data_signature: dict) -> dict:
     """What a run's numbers depend on (not its length, logging, speed knobs or process count):
     its checkpoint folder."""
-    fixed = cfg.train.model_dump(exclude={"steps", "ckpt_every", "log_every", "device", "workers",
-                                          "compile", "batch_per_gpu", "ckpt_minutes",
-                                          "keep_checkpoints", "eval_every", "eval_samples"})
-    return {"model": cfg.model.model_dump(), "align": cfg.align.model_dump(), "train": fixed,
-            "latents": data_signature}
-
-
-class Checkpoints:
-    """``<folder>/<run>/step-NNNNNNN.pt`` and a ``latest`` pointer, each written atomically; the
-    ``keep`` newest step files stay, older ones go once a newer one is complete.
-
-    ``run`` is a hash of the signature: other settings start a new run beside the old one
-    instead of resuming it or overwriting it, and going back to old settings resumes the old run.
-    Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/``).
-    """
-
-    STEP_FILE = re.compile(r"step-(\d+)\.pt")
-
-    def __init__(self, folder: str | Path, signature: dict, keep: int = 3):
-        self.folder = Path(folder) / digest(signature)
-        self.signature, self.keep = signature, keep
-
-    def path(self, step: int) -> Path:
-        return self.folder / f"step-{step:07d}.pt"
-
-    def latest(self) -> Path | None:
-        pointer = self.folder / "latest"
-        return self.folder / pointer.read_text().strip() if pointer.exists() else None
-
-    def save(self, state: dict) -> Path:
-        if not (self.folder / "signature.json").exists():
-            atomic.write_json(self.folder / "signature.json", self.signature)
-        path = self.path(state["step"])
-        atomic.save_torch(state, path)
-        atomic.write_text(self.folder / "latest", path.name + "\n")
-        self.prune(state["step"])
-        return path
-
-    def prune(self, newest: int) -> None:
-        """Delete the step files older than the ``keep`` newest up to ``newest`` (the one
-        ``latest`` names; a later file left by a crash is written again on the way)."""
-        names = (self.STEP_FILE.fullmatch(p.name) for p in self.folder.iterdir())
-        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= newest)
-        for step in steps[:-self.keep]:
-            self.path(step).unlink(missing_ok=True)
-
-    def load(self) -> dict | None:
-        path = self.latest()
-        return None if path is None else torch.load(path, map_location="cpu", weights_only=True)
-
-
-class MetricsLog:
-    """Per-step rows in a CSV kept in the run's folder (so runs with other settings never mix their
-    rows) and mirrored to ``mirror`` (what ``dvc plots show`` draws), rewritten atomically; on
-    resume, rows after the checkpoint's step are dropped so the file matches an unbroken run."""
-
-    def __init__(self, path: str | Path, resume_step: int, mirror: str | Path):
-        self.path, self.mirror = Path(path), Path(mirror)
-        self.rows: list[dict] = []
-        if self.path.exists() and resume_step > 0:
-            with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-
-    def append(self, row: dict) -> None:
-        self.rows.append(row)
-        self.write()
-
-    def write(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        for path in (self.path, self.mirror):
-            atomic.write_text(path, buf.getvalue())
+    return {"model": result_settings(cfg.model), "align": result_settings(cfg.align),
+            "train": result_settings(cfg.train), "latents": data_signature}
 
 
 # --- randomness of a step
-
-def step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
 
 def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: torch.device):
     """Every random tensor of one step, drawn on the device for the whole global batch from a
     generator seeded by (seed, step), then sliced to this rank: the run does not depend on the
     number of processes."""
-    g = torch.Generator(device).manual_seed(step_seed(cfg.train.seed, step))
+    g = torch.Generator(device).manual_seed(derived_seed(cfg.train.seed, step))
     n = cfg.train.global_batch
     eps = torch.randn((n, *shape), generator=g, device=device)
     x0 = torch.randn((n, *shape), generator=g, device=device)
@@ -336,95 +252,7 @@ def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, wo
     return str(ckpts.path(step))
 
 
-# --- stopping and timed saves, at the same step on every rank
-
-class Consensus:
-    """Flags every rank acts on at the same step, without waiting for each other at every step.
-
-    With one process a flag counts at once. With several, each step's flags go into an
-    asynchronous all-reduce (max) on a CPU (gloo) group, and its result is read one step later:
-    by then every rank has sent its part (the gradient all-reduce keeps the ranks within a step of
-    each other), so the wait is short, the device is never waited on, and all ranks see the same
-    flags after the same step. Per step: an all-reduce of a few bytes on gloo's threads.
-    """
-
-    def __init__(self, world: int):
-        self.group, self.pending = None, None
-        if world > 1:
-            gloo = tdist.get_backend() == "gloo"
-            self.group = tdist.group.WORLD if gloo else tdist.new_group(backend="gloo")
-
-    def __call__(self, *flags: bool) -> tuple[bool, ...]:
-        """This rank's ``flags`` after this step -> the flags to act on now."""
-        if self.group is None:
-            return flags
-        values = torch.tensor(flags, dtype=torch.int32)
-        work = tdist.all_reduce(values, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
-        previous, self.pending = self.pending, (work, values)
-        return self._result(previous) if previous else (False,) * len(flags)
-
-    def close(self) -> None:
-        """Wait for the last all-reduce (each rank sent as many)."""
-        if self.pending:
-            self._result(self.pending)
-            self.pending = None
-
-    @staticmethod
-    def _result(pending) -> tuple[bool, ...]:
-        work, values = pending
-        work.wait()
-        return tuple(bool(v) for v in values.tolist())
-
-
-class SaveClock:
-    """Whether ``minutes`` of wall time have passed since the last save (never with 0)."""
-
-    def __init__(self, minutes: float):
-        self.seconds = minutes * 60
-        self.reset()
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
-
-    def due(self) -> bool:
-        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
-
-
-# --- batches, read by processes that outlive a stop signal
-
-def _own_process_group(_worker: int) -> None:
-    # a reader leaves the trainer's process group: torchrun's SIGTERM to that group and a
-    # terminal's Ctrl-C are the trainer's to handle, which stops the readers when done with them
-    with suppress(OSError):
-        os.setpgid(0, 0)
-
-
-def stream(data: StepBatches, start: int, tc: Train, device: torch.device):
-    """Batches of steps ``start``.. ``tc.steps - 1``, read ahead by ``tc.workers`` processes that
-    outlive a stop signal: the step in progress and the next (which several ranks may need before
-    they agree to stop) still get their data."""
-    if start >= tc.steps:
-        return []
-    if tc.workers and threading.current_thread() is threading.main_thread():
-        # the fork server that starts the readers ignores SIGTERM (it stays ignored across its
-        # exec; it ignores SIGINT itself): started here, before the trainer handles SIGTERM
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    loader = step_loader(data, start, tc.steps, tc.workers, device.type == "cuda")
-    loader.worker_init_fn = _own_process_group
-    return loader
-
-
 # --- the run
-
-def stopped(signals: StopSignals, step: int, checkpoint: str) -> Stopped:
-    cause = signal.Signals(signals.received).name if signals.received else "another rank's signal"
-    return Stopped(f"stopped at step {step} on {cause}: saved {checkpoint}; run the stage again "
-                   "(dvc repro) to resume from there", step, checkpoint, cause)
-
 
 def loss_title(cfg: Config) -> str:
     """The loss plot's title: the model and whether it aligns."""
@@ -434,8 +262,7 @@ def loss_title(cfg: Config) -> str:
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
     """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves, the loss plot."""
     cfg = tr.cfg
-    atomic.save_torch({"name": cfg.model.name, "model_config": cfg.model.model_dump(),
-                       "step": steps, "ema": tr.ema.state_dict()}, out / "ema.pt")
+    atomic.save_torch(ema_export(cfg, tr.ema, steps), out / "ema.pt")
     log.write()
     fid_curve.mirror(run, out / "fid.csv")
     if log.rows:
@@ -450,9 +277,10 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     rank, world = dist.init()
     tc, out = cfg.train, Path(out)
     device = dist.device(tc.device, rank)
+    dist.deterministic(tc.deterministic)
 
-    # --- data: batches stream from the store, read ahead by tc.workers processes
-    data = StepBatches(latents, tc.global_batch, tc.seed, rank, world)
+    # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
+    data = open_batches(cfg, latents, rank, world)
     if int(data.labels.max()) >= cfg.model.num_classes:
         raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
                          f"model.num_classes is {cfg.model.num_classes}")
@@ -481,7 +309,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     meter, last_ckpt, fid = Meter(device, start), str(ckpts.latest() or ""), {}
     meter.restore(resumed_meter, rank, world)
     clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
-    loader = stream(data, start, tc, device)
+    loader = stream(data, start, tc.steps, tc.workers, device)
     bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
     with StopSignals() as signals, bar:
         for step, batch in zip(range(start, tc.steps), loader):

@@ -1,16 +1,17 @@
 """One rank of a stage, as started by :mod:`sra2.launch`: ``python -m sra2.worker
 <module:function> <config.json> <args as JSON>`` under torch.distributed.run, which calls
-``function(cfg, **args, progress=...)``.
+``function(cfg, **args, progress=...)`` (a :class:`Progress` on rank 0, None elsewhere).
 
 Workers import no Prefect. They report through the JSON-lines file named by ``SRA2_EVENTS``:
 every rank appends ``started`` (its pid), rank 0 appends ``progress`` records and its ``result``;
 a failing rank appends its ``error``.
 
-Stopping. Work that can stop cleanly (training) holds :class:`StopSignals` open: SIGTERM and SIGINT
-are then recorded instead of ending the process, the work saves what it has done and raises
-:class:`Stopped`. The rank appends ``stopped`` and exits 0, so that torchrun does not restart it
-(``launch.max_restarts``); the launcher turns the records into the stage's failure ("stopped at
-step N ... run the stage again"). Work without a handler ends on SIGTERM as any process does.
+Stopping. Work that can stop cleanly (training) holds :class:`sra2.stopping.StopSignals` open:
+SIGTERM and SIGINT are then recorded instead of ending the process, the work saves what it has done
+and raises :class:`sra2.stopping.Stopped`. The rank appends ``stopped`` and exits 0, so that
+torchrun does not restart it (``launch.max_restarts``); the launcher turns the records into the
+stage's failure ("stopped at step N ... run the stage again"). Work without a handler ends on
+SIGTERM as any process does.
 
 Orphans. Each rank watches the processes that started it (torchrun, and the flow whose pid
 ``SRA2_PARENT_PID`` holds): when one is gone (killed with SIGKILL, say), the rank sends SIGTERM to
@@ -29,8 +30,10 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Protocol
 
 from sra2.config import Config
+from sra2.stopping import Stopped
 
 PARENT_PID = "SRA2_PARENT_PID"  # the launching process (the flow), watched by every rank
 STOP_GRACE = "SRA2_STOP_GRACE"  # seconds a stopping rank may take to save its work
@@ -39,6 +42,13 @@ STOP_GRACE = "SRA2_STOP_GRACE"  # seconds a stopping rank may take to save its w
 def stop_grace() -> float:
     """How long a stopping stage may take to save (``SRA2_STOP_GRACE``, default 10 minutes)."""
     return float(os.environ.get(STOP_GRACE, "600"))
+
+
+class Progress(Protocol):
+    """The ``progress`` a stage's work calls (rank 0's :meth:`Events.progress`): ``done`` of
+    ``total`` units and, where there is more to say, ``info`` (training's losses, checkpoint, FID)."""
+
+    def __call__(self, done: int, total: int, info: dict | None = None, /) -> None: ...
 
 
 class Events:
@@ -55,40 +65,6 @@ class Events:
 
     def progress(self, done: int, total: int, info: dict | None = None) -> None:
         self.emit("progress", done=done, total=total, info=info or {})
-
-
-# --- stopping on a signal
-
-class Stopped(Exception):
-    """The work stopped on a signal after saving what it had done; running it again resumes."""
-
-    def __init__(self, message: str, step: int, checkpoint: str, signal_name: str):
-        super().__init__(message)
-        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
-
-
-class StopSignals:
-    """While open, SIGTERM and SIGINT set ``received`` (the first one's number) instead of ending
-    the process; the work polls it. Handlers can only be set in the main thread: elsewhere the
-    signals keep theirs. The handler only records (printing there could re-enter a stream)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received = 0
-        self._previous: dict = {}
-
-    def _record(self, signum: int, frame) -> None:
-        self.received = self.received or signum
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 # --- watching the launching processes
@@ -166,7 +142,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # run as sra2.worker, not __main__: the work raises sra2.worker.Stopped, which main catches
-    from sra2.worker import main as worker_main
-
-    worker_main(sys.argv[1:])
+    main(sys.argv[1:])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,15 @@ from PIL import Image
 
 import flows  # noqa: F401  (its environment defaults apply to the test server too)
 from sra2.config import Config, resolve
+
+
+@pytest.fixture(scope="session", autouse=True)
+def latent_copies(tmp_path_factory) -> Path:
+    """Node-local latent copies of the whole session (and of the processes it starts) in a
+    temporary folder, not in the machine's /tmp."""
+    root = tmp_path_factory.mktemp("latent-copies")
+    os.environ["SRA2_COPY_DIR"] = str(root)
+    return root
 
 
 @pytest.fixture

@@ -372,3 +372,28 @@ def test_table1_rows_change_one_thing_each():
         # the recipe row changes nothing: it is sit-b2 itself
         assert changed == ({k for k, v in r.changes.items()
                             if base[k.split(".")[0]][k.split(".")[1]] != v}), r.name
+
+
+def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
+    """Each stage's signature names its folder of results by a hash: settings marked NotInResult
+    change none, a setting that changes results changes its stage's, and today's hashes stay
+    (a new one would start every existing run afresh)."""
+    from types import SimpleNamespace
+
+    from sra2 import encode, generate, train
+    from sra2.store import digest
+
+    images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
+
+    def digests(cfg):
+        return (digest(train.signature(cfg, {})), digest(encode._signature(cfg, images)),
+                digest(generate._signature(cfg, "weights")))
+
+    assert digests(tiny) == ("43353c290216", "d4dfad670561", "66718e979007")  # as before the marks
+    free = with_overrides(
+        tiny, train={"steps": 7, "log_every": 7, "workers": 0, "read_from": "store", "copy_dir": "x"},
+        encode={"batch_size": 3, "workers": 0, "strict": True}, sample={"batch_size": 3, "grid": 1})
+    assert digests(free) == digests(tiny)
+    changed = with_overrides(tiny, train={"lr": 0.5}, encode={"flip": not tiny.encode.flip},
+                             sample={"seed": 9})
+    assert all(a != b for a, b in zip(digests(changed), digests(tiny)))

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from sra2 import atomic, launch
+from sra2.checkpoints import step_file
+from sra2.stopping import Stopped
 from sra2.train import NonFiniteError, build_trainer, check_weights, train
-from sra2.worker import Stopped, started_at
+from sra2.worker import started_at
 
 from conftest import encoded_tiny, with_overrides
 
@@ -151,7 +153,7 @@ def interrupt_a_launch(tmp_path: Path, cfg, latents: Path, nproc: int) -> int:
     assert sorted(e["rank"] for e in stops) == list(range(nproc))
     (step,) = {e["step"] for e in stops}
     checkpoint = Path(stops[0]["checkpoint"])
-    assert checkpoint.name == f"step-{step:07d}.pt" and checkpoint.exists()
+    assert checkpoint.name == f"{step_file(step)}.pt" and checkpoint.exists()
     assert (checkpoint.parent / "latest").read_text() == checkpoint.name + "\n"
     assert f"stopped at step {step} on SIGTERM" in (tmp_path / "launch.log").read_text()
     return step
@@ -245,7 +247,7 @@ def test_checkpoints_also_come_every_ckpt_minutes(tmp_path, setup):
                                      "keep_checkpoints": 10})
     train(cfg, latents, tmp_path)
     assert sorted(p.name for p in run_folder(tmp_path).glob("step-*.pt")) == [
-        f"step-{s:07d}.pt" for s in range(1, 6)]
+        f"{step_file(s)}.pt" for s in range(1, 6)]
 
 
 def test_workers_of_a_launch_killed_with_sigkill_save_and_exit(tmp_path, setup):

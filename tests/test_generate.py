@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.generate import generate, read_npz_images, sample_labels, write_grid, write_npz
+from sra2.generate import generate, sample_labels
+from sra2.images import read_npz_images, write_grid, write_npz
 from sra2.models import build
 from sra2.store import ShardedStore
 

@@ -1,0 +1,61 @@
+"""Image files: the ADM ``.npz`` of the sample stage (written shard by shard, read back as a
+memory map by the evaluator) and PNG grids of samples."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sra2 import atomic
+from sra2.store import ShardedStore
+
+
+def write_npz(store: ShardedStore, path: str | Path) -> None:
+    """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory twice)."""
+    images = store.array("images")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(images.shape)}
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(member, header)
+                for shard in range(store.num_shards):
+                    member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
+
+    atomic.write_with(path, write)
+
+
+def read_npz_images(path: str | Path) -> np.ndarray:
+    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (no 10 GB load for 50K)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("arr_0.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return np.load(path)["arr_0"]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)  # local file header: name and extra field lengths
+        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+        shape, fortran, dtype = read_header(f)
+        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
+                         order="F" if fortran else "C")
+
+
+def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:
+    """A square PNG grid of uint8 NHWC images, with an optional caption strip on top."""
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    top = 14 if caption else 0
+    canvas = Image.new("RGB", (cols * w, rows * h + top), "white")
+    for i, img in enumerate(images):
+        canvas.paste(Image.fromarray(img), ((i % cols) * w, top + (i // cols) * h))
+    if caption:
+        ImageDraw.Draw(canvas).text((2, 1), caption, fill="red")
+    atomic.write_with(path, lambda f: canvas.save(f, format="PNG"))
