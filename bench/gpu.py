@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     size = SMOKE if args.smoke else FULL
     device = dist.device("auto")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = args.peak_tflops or next((v for k, v in flops.PEAK_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or flops.peak_tflops(name)
     t = Table(args.out, {"device": name, "torch": torch.__version__, "smoke": args.smoke,
                          "when": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak})
     wanted = set(args.only or ["train", "sample", "encode", "read", "determinism"])

@@ -15,6 +15,7 @@ SRA 2/vanilla step time <= 1.05 on SiT-XL/2.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -32,10 +33,6 @@ from sra2.config import Config, resolve
 from sra2.latents import write_synthetic_store
 from sra2.train import build_trainer, draws, step_inputs, train, train_step
 
-# dense bf16 tensor-core peak per GPU (the vendors' figures without sparsity)
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo", help="preset whose model and train settings are used")
@@ -49,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: the preset's")
     p.add_argument("--workers", type=int, help="reader processes of the loop (default: the preset's)")
     p.add_argument("--chunk-size", type=int, default=1, help="latents per chunk of the store")
+    p.add_argument("--read-from", choices=["copy", "store"], default="copy",
+                   help="train.read_from: the node-local copy of the store, or the store itself")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
@@ -58,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace, align: bool) -> Config:
     base = resolve({"preset": args.preset})
     train = {"device": args.device, "compile": args.compile, "log_every": args.warmup,
+             "read_from": args.read_from,
              "ckpt_every": 10**9, "steps": args.warmup + args.steps}
     for key, value in (("global_batch", args.batch), ("batch_per_gpu", args.batch_per_gpu),
                        ("precision", args.precision), ("workers", args.workers)):
@@ -111,8 +111,7 @@ def loop_rate(cfg: Config, store: Path, out: Path) -> float:
 def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
     if args.peak_tflops or device.type != "cuda":
         return args.peak_tflops
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return flops.peak_tflops(torch.cuda.get_device_name(device))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sra2.train
     print(f"config:  {sra2.model.name}, latents {shape}, global batch {t.global_batch}, micro-batch "
           f"{t.batch_per_gpu or t.global_batch}, {t.precision}, compile {t.compile}, "
-          f"{t.workers} reader(s), {args.items} latents (chunks of {args.chunk_size})")
+          f"{t.workers} reader(s) of the {t.read_from}, {args.items} latents (chunks of {args.chunk_size})")
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")  # the loop's copy goes with the store
         store = Path(tmp) / "latents"
         write_synthetic_store(store, args.items, shape, sra2.model.num_classes, args.chunk_size,
                               max(args.chunk_size, 1024))

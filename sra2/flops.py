@@ -125,6 +125,11 @@ def report(name: str, input_size: int = 32, align_layer: int | None = None, dept
                   flops=flops, projector_flops=projector_flops, device=device)
 
 
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (``torch.cuda.get_device_name``), if known."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
 def train_flops(cfg: Config) -> int:
     """Model FLOPs of one training image: forward and backward, 3 forward passes of the SiT, and
     of the projector when the alignment is on."""

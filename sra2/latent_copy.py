@@ -23,6 +23,7 @@ demand (``python -m sra2.latent_copy verify``) and copies damaged shards again f
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import functools
 import json
@@ -322,7 +323,15 @@ def ensure(store_path: str | Path, copy_dir: str | None = None, log=print) -> La
             log(f"latent copy: building {copy.folder} from {store.path} ({reason}; "
                 f"{nbytes(copy.arrays) / 1e9:.2f} GB)")
             started = time.monotonic()
-            copy.build()
+            try:
+                copy.build()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log(f"latent copy: {copy.folder.parent} filled up while copying ({e})")
+                shutil.rmtree(copy.folder, ignore_errors=True)
+                copy.lock.release()
+                return None
             log(f"latent copy: built and verified in {time.monotonic() - started:.1f} s")
     except BaseException:
         copy.lock.release()

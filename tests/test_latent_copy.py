@@ -187,3 +187,19 @@ def test_an_incomplete_store_is_refused(tmp_path):
     (store.path / "done" / "shard-000001.json").unlink()
     with pytest.raises(RuntimeError, match="incomplete"):
         ensure(ShardedStore(store.path).path, tmp_path / "copies")
+
+
+def test_a_disk_that_fills_up_while_copying_falls_back_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = synthetic(tmp_path / "s")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    logged = []
+    assert ensure(store.path, tmp_path / "copies", logged.append) is None
+    assert "filled up" in logged[-1]
+    assert not any(p.is_dir() for p in (tmp_path / "copies").iterdir())
