@@ -43,8 +43,7 @@ def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
     if result is not None:
         atomic.write_json(summary, result)
         table("train-summary", result, f"{cfg.model.name} after {cfg.train.steps} steps")
-        losses = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "loss_velocity", "loss_align")
-                           if k in result)
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k.startswith("loss"))
         current().say(f"train: {result['steps']} steps on {result['processes']} process(es), "
                       f"final {losses or 'losses: none (nothing left to do)'}; wrote {out}/ema.pt")
     return result

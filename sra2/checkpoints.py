@@ -18,9 +18,6 @@ from sra2 import atomic
 from sra2.config import Config
 from sra2.store import digest
 
-LOG_COLUMNS = ["step", "loss", "loss_velocity", "loss_align", "grad_norm"]
-
-
 def step_file(step: int) -> str:
     """The name of what belongs to ``step`` (without a suffix): ``step-0000100``."""
     return f"step-{step:07d}"
@@ -82,8 +79,8 @@ class MetricsLog:
     rows) and mirrored to ``mirror`` (what ``dvc plots show`` draws), rewritten atomically; on
     resume, rows after the checkpoint's step are dropped so the file matches an unbroken run."""
 
-    def __init__(self, path: str | Path, resume_step: int, mirror: str | Path):
-        self.path, self.mirror = Path(path), Path(mirror)
+    def __init__(self, path: str | Path, resume_step: int, mirror: str | Path, columns: list[str]):
+        self.path, self.mirror, self.columns = Path(path), Path(mirror), columns
         self.rows: list[dict] = []
         if self.path.exists() and resume_step > 0:
             with open(self.path) as f:
@@ -94,4 +91,4 @@ class MetricsLog:
         self.write()
 
     def write(self) -> None:
-        atomic.write_csv([self.path, self.mirror], LOG_COLUMNS, self.rows)
+        atomic.write_csv([self.path, self.mirror], self.columns, self.rows)

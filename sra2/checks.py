@@ -20,7 +20,8 @@ def _problem(key: str, message: str, value) -> str:
 
 
 def model_problems(cfg: Config) -> list[str]:
-    """model.name, align.layer and data.image_size against the SiT they name."""
+    """model.name, the blocks the alignment terms read and data.image_size against the SiT they
+    name."""
     # the registry itself, not a copy of its table, so that a size added there is known here;
     # its torch import is paid anyway where launch counts the GPUs
     from sra2.models import SiT_models
@@ -30,9 +31,12 @@ def model_problems(cfg: Config) -> list[str]:
                          cfg.model.name)]
     arch = SiT_models[cfg.model.name].keywords  # depth, patch_size, ...
     problems = []
-    if not 1 <= cfg.align.layer <= arch["depth"]:
-        problems.append(_problem("align.layer", f"must be in [1, {arch['depth']}], the blocks of "
-                                 f"{cfg.model.name}", cfg.align.layer))
+    blocks = {"align.layer": cfg.align.layer, "repa.layer": cfg.repa.layer,
+              "sra.student_block": cfg.sra.student_block, "sra.teacher_block": cfg.sra.teacher_block}
+    for key, block in blocks.items():
+        if getattr(cfg, key.split(".")[0]).enabled and not 1 <= block <= arch["depth"]:
+            problems.append(_problem(key, f"must be in [1, {arch['depth']}], the blocks of "
+                                     f"{cfg.model.name}", block))
     # the VAE turns an image_size crop into image_size / downsampling latent pixels, which the
     # SiT cuts into patch_size squares
     vae = cfg.vae.random

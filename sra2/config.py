@@ -18,7 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       model_validator)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "train", "sample", "evaluate")
+SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "repa", "sra", "train", "sample",
+            "evaluate")
 
 
 class ConfigError(ValueError):
@@ -162,6 +163,7 @@ class Encode(Section):
     dtype: Literal["float32", "float16"]
     precision: Literal["fp32", "bf16", "fp16"]  # VAE compute dtype on a GPU; CPU runs fp32
     flip: bool  # also store the latents of the horizontally flipped image
+    pixels: bool = False  # also store the ADM crops as uint8 (what repa needs at training time)
     # stop at the first undecodable file instead of listing it as rejected
     strict: Annotated[bool, NotInResult()]
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]  # auto: this rank's GPU if any
@@ -199,6 +201,39 @@ class Align(Section):
     @classmethod
     def _interval(cls, value: float, info: ValidationInfo) -> float:
         return _at_least(value, info, "t_min", "align.t_min")
+
+
+class Repa(Section):
+    """REPA (SPEC section 11): the hidden state after block ``layer`` (REPA's encoder_depth)
+    through Linear(D, width), SiLU, Linear(width, width), SiLU, Linear(width, 768) must match the
+    DINOv2 ViT-B/14 patch tokens of the training image (minus the cosine per token). It needs the
+    images: the store must be encoded with encode.pixels."""
+
+    enabled: bool = False
+    layer: PositiveInt = 8  # 1-based block; REPA's maintainer used 4 for SiT-B/2
+    weight: NonNegativeFloat = 0.5
+    width: PositiveInt = 2048  # the projector's hidden width
+    # torch.hub's facebookresearch/dinov2 model, a local file of its weights, or "random" (seeded
+    # weights of the same architecture: tests and offline demos only)
+    encoder: str = "dinov2_vitb14"
+    encoder_seed: Seed = 0  # encoder "random" only
+
+
+class Sra(Section):
+    """SRA v1 (SPEC section 11): the EMA model, without gradients, sees the same noise and labels
+    at a time moved toward the data by up to t_max x U(0, 1); its hidden state after block
+    ``teacher_block`` is the target of the student's after ``student_block`` through a head
+    Linear(D, 2D), SiLU, Linear(2D, D)."""
+
+    enabled: bool = False
+    student_block: PositiveInt = 3  # SiT-B/2: 3 -> 8; SiT-XL/2: 8 -> 20 (the SRA paper's pairs)
+    teacher_block: PositiveInt = 8
+    t_max: Time = 0.2
+    # the SRA paper's smooth-L1 (beta 0.05, weight 0.2); its repository's later default is
+    # cosine with weight 0.5 (over the feature axis here: the repository's is over tokens)
+    loss: Literal["smooth_l1", "cosine"] = "smooth_l1"
+    beta: NonNegativeFloat = 0.05
+    weight: NonNegativeFloat = 0.2
 
 
 class Train(Section):
@@ -353,6 +388,8 @@ class Config(Section):
     encode: Encode
     model: Model
     align: Align
+    repa: Repa = Repa()
+    sra: Sra = Sra()
     train: Train
     sample: Sample
     evaluate: Evaluate

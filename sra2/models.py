@@ -191,16 +191,27 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                return_hidden: int | None = None):
+                return_hidden: int | tuple[int, ...] | None = None):
         """Velocity for latents ``x`` at times ``t`` (N,) and labels ``y`` (``num_classes`` = null).
 
-        With ``return_hidden=k`` also returns the residual stream after block k (1-based).
+        With ``return_hidden=k`` also returns the residual stream after block k (1-based); with a
+        tuple of blocks, a dict of block -> stream.
         """
-        out, hidden = self._trunk(self.x_embedder(x) + self.pos_embed, t, y, return_hidden)
+        blocks = (return_hidden,) if isinstance(return_hidden, int) else return_hidden or ()
+        out, hidden = self._trunk(self.x_embedder(x) + self.pos_embed, t, y, blocks)
         out = unpatchify(out, self.patch_size, self.out_channels)
         if self.learn_sigma:  # the variance half is not used by the interpolant
             out = out[:, : self.in_channels]
-        return out if return_hidden is None else (out, hidden)
+        if return_hidden is None:
+            return out
+        return out, hidden[return_hidden] if isinstance(return_hidden, int) else hidden
+
+    def hidden_after(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, block: int) -> torch.Tensor:
+        """The residual stream after ``block`` (1-based), the later blocks not run."""
+        h, c = self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+        for layer in self.blocks[:block]:
+            h = layer(h, c)
+        return h
 
     def tokens(self, patches: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                pos: torch.Tensor) -> torch.Tensor:
@@ -213,15 +224,15 @@ class SiT(nn.Module):
         return out.unflatten(-1, (-1, self.out_channels))[..., : self.in_channels]
 
     def _trunk(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               return_hidden: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embedded tokens -> final-layer tokens (N, L, p*p*out), and the stream after block
-        ``return_hidden``."""
+               blocks: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Embedded tokens -> final-layer tokens (N, L, p*p*out), and the stream after each of
+        ``blocks``."""
         c = self.t_embedder(t) + self.y_embedder(y)
-        hidden = None
+        hidden = {}
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
-            if i == return_hidden:
-                hidden = h
+            if i in blocks:
+                hidden[i] = h
         return self.final_layer(h, c), hidden
 
 
@@ -246,7 +257,7 @@ def build(name: str, **kwargs) -> SiT:
 #
 # Layouts we meet, and what they say about time (facts from the public reference code):
 # - ours: export {name, model_config, step, ema}; training checkpoint {step, model, ema, opt,
-#   projector}. SiT time.
+#   heads, meter}. SiT time.
 # - official SiT release (willisma/SiT download.py): a bare state_dict, learn_sigma=True (8 output
 #   channels). SiT train.py: {model, ema, opt, args}. SiT time.
 # - REPA (sihyun-yu/REPA train.py): {model, ema, opt, args, steps}; its SiT always holds
@@ -259,7 +270,7 @@ Convention = Literal["sit", "repa"]
 # modules only REPA-family networks have
 REPA_ONLY_PREFIXES = ("projectors.", "ap_head.", "decoder_blocks.")
 # top-level keys only our own files have
-OWN_KEYS = frozenset({"name", "model_config", "step", "projector"})
+OWN_KEYS = frozenset({"name", "model_config", "step", "heads"})
 # training-only weights, dropped at inference (ours: `projector.*`)
 TRAINING_ONLY_PREFIXES = ("projectors.", "ap_head.", "projector.")
 # REPA, SRA and SiT training scripts store their command line (an argparse.Namespace of plain

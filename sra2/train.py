@@ -30,15 +30,14 @@ from torch import nn
 from tqdm import tqdm
 
 from sra2 import atomic, dist, fid_curve
-from sra2.align import projector_for
-from sra2.checkpoints import LOG_COLUMNS, Checkpoints, MetricsLog, ema_export
+from sra2.checkpoints import Checkpoints, MetricsLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
 from sra2.models import SiT, build
+from sra2.objective import Objective, build_heads, teacher_time, terms
 from sra2.plots import write_loss_plot
 from sra2.sampling import derived_seed
 from sra2.stopping import Consensus, SaveClock, StopSignals, stopped
-from sra2.transport import training_loss
 from sra2.worker import Progress
 
 
@@ -46,25 +45,16 @@ class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient: the run stops before it is saved."""
 
 
-class Objective(nn.Module):
-    """SiT and its projector as one module, so that DDP sees every trained parameter."""
-
-    def __init__(self, model: SiT, projector: nn.Module | None, cfg: Config):
-        super().__init__()
-        self.model, self.projector, self.align = model, projector, cfg.align
-
-    def forward(self, x1, y, t, x0, align_target):
-        losses = training_loss(self.model, self.projector, self.align, x1, y, t, x0, align_target)
-        return torch.stack([losses.total, losses.velocity, losses.align])
-
-
 # --- the run's identity
 
 def signature(cfg: Config, data_signature: dict) -> dict:
     """What a run's numbers depend on (not its length, logging, speed knobs or process count):
     its checkpoint folder."""
+    # the other terms enter only when on, so runs without them keep their folders
+    extra = {name: result_settings(getattr(cfg, name)) for name in ("sra", "repa")
+             if getattr(cfg, name).enabled}
     return {"model": result_settings(cfg.model), "align": result_settings(cfg.align),
-            "train": result_settings(cfg.train), "latents": data_signature}
+            "train": result_settings(cfg.train), "latents": data_signature, **extra}
 
 
 # --- randomness of a step
@@ -79,8 +69,10 @@ def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: t
     x0 = torch.randn((n, *shape), generator=g, device=device)
     t = torch.rand(n, generator=g, device=device)
     drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout
+    # drawn last: the draws above stay those of runs without SRA
+    shift = torch.rand(n, generator=g, device=device) if cfg.sra.enabled else None
     part = slice(rank * n // world, (rank + 1) * n // world)
-    return eps[part], x0[part], t[part], drop[part]
+    return eps[part], x0[part], t[part], drop[part], shift[part] if shift is not None else None
 
 
 # --- the model and one step
@@ -92,7 +84,8 @@ class Trainer:
     cfg: Config
     model: SiT
     ema: SiT
-    projector: nn.Module | None
+    heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.objective)
+    names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
     runner: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
     opt: torch.optim.Optimizer
     params: list[nn.Parameter]
@@ -101,14 +94,11 @@ class Trainer:
 
     def state(self, step: int, meter: dict) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(), "meter": meter,
-                "projector": self.projector.state_dict() if self.projector is not None else None}
+                "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict()}
 
     def load(self, state: dict) -> None:
-        for name in ("model", "ema", "opt", "projector"):
-            part = getattr(self, name)
-            if part is not None:
-                part.load_state_dict(state[name])
+        for name in ("model", "ema", "opt", "heads"):
+            getattr(self, name).load_state_dict(state[name])
 
 
 def build_model(cfg: Config, latent_side: int) -> SiT:
@@ -129,9 +119,10 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
     tc = cfg.train
     torch.manual_seed(tc.seed)  # weight init only; every later draw uses its own generator
     model = build_model(cfg, latent_shape[-1]).to(device)
-    projector = projector_for(model, cfg.align).to(device) if cfg.align.enabled else None
+    heads = build_heads(model, cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    runner: nn.Module = Objective(model, projector, cfg)
+    objective = Objective(model, heads, cfg, teacher=ema)
+    runner: nn.Module = objective
     params = [p for p in runner.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
@@ -140,29 +131,34 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
     if tc.compile:
         runner = torch.compile(runner)
-    return Trainer(cfg, model, ema, projector, runner, opt, params, micro_batches(cfg, world), device)
+    return Trainer(cfg, model, ema, heads, objective.names, runner, opt, params,
+                   micro_batches(cfg, world), device)
 
 
-def step_inputs(cfg: Config, batch: dict, noise: tuple, micro: int):
-    """The model inputs of each micro-batch: (x1, labels, t, x0, alignment target)."""
-    eps, x0, t, drop = noise
+def step_inputs(cfg: Config, batch: dict, noise: tuple, micro: int) -> list[dict]:
+    """The objective's inputs of each micro-batch (:meth:`sra2.objective.Objective.forward`)."""
+    eps, x0, t, drop, shift = noise
     mean, std = batch["mean"], batch["std"]
     x1 = (mean + std * eps) * cfg.vae.scale
-    target = x1 if cfg.align.target == "sample" else mean * cfg.vae.scale
     y = torch.where(drop, torch.full_like(batch["labels"], cfg.model.num_classes), batch["labels"])
-    return zip(*(part.chunk(micro) for part in (x1, y, t, x0, target)))
+    inputs = {"x1": x1, "y": y, "t": t, "x0": x0,
+              "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
+    if shift is not None:
+        inputs["teacher_t"] = teacher_time(t, shift, cfg.sra.t_max)
+    parts = {k: v.chunk(micro) for k, v in inputs.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
 
 
 def train_step(tr: Trainer, inputs) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns [loss, velocity, align, grad norm]
-    on the device. Gradients of all but the last micro-batch stay local (DDP no_sync)."""
+    """One optimizer step over the micro-batches; returns the losses named ``tr.names`` and the
+    grad norm, on the device. Gradients of all but the last micro-batch stay local (DDP no_sync)."""
     tr.opt.zero_grad(set_to_none=True)
-    losses = torch.zeros(3, device=tr.device)
+    losses = torch.zeros(len(tr.names), device=tr.device)
     for i, args in enumerate(inputs):
         local = i < tr.micro - 1 and hasattr(tr.runner, "no_sync")
         with tr.runner.no_sync() if local else nullcontext():
             with dist.autocast(tr.device, tr.cfg.train.precision):
-                parts = tr.runner(*args)
+                parts = tr.runner(**args)
             (parts[0] / tr.micro).backward()
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
@@ -178,14 +174,14 @@ def train_step(tr: Trainer, inputs) -> torch.Tensor:
 class Meter:
     """Sums of step values on the device, and the first non-finite step, read once per row."""
 
-    def __init__(self, device: torch.device, start: int):
-        self.device = device
+    def __init__(self, device: torch.device, start: int, columns: list[str]):
+        self.device, self.columns = device, columns  # step, the losses, grad_norm
         self.step = torch.full((1,), float(start), dtype=torch.float64, device=device)
-        self.first_bad = torch.full((5,), -1.0, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((len(columns),), -1.0, dtype=torch.float64, device=device)
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(len(self.columns) - 1, dtype=torch.float64, device=self.device)
         self.count, self.timed, self.tick = 0, 0, time.perf_counter()
 
     def add(self, values: torch.Tensor) -> None:
@@ -201,7 +197,7 @@ class Meter:
         """Raise if any step since the start was non-finite (a host sync)."""
         bad = self.first_bad.tolist()
         if bad[0] >= 0:
-            names = ", ".join(f"{k}={v}" for k, v in zip(LOG_COLUMNS[1:], bad[1:]))
+            names = ", ".join(f"{k}={v}" for k, v in zip(self.columns[1:], bad[1:]))
             raise NonFiniteError(f"training step {int(bad[0])} is not finite ({names}): stopped "
                                  "before saving it; lower train.lr or raise train.grad_clip")
 
@@ -211,7 +207,7 @@ class Meter:
         means = dist.mean_across_ranks(self.sums / self.count)
         rate = self.timed * global_batch / (time.perf_counter() - self.tick)
         self._reset()
-        return dict(zip(LOG_COLUMNS, [done, *np.round(means, 6).tolist()])), rate
+        return dict(zip(self.columns, [done, *np.round(means, 6).tolist()])), rate
 
     def partial(self, world: int) -> dict:
         """The sums of every rank since the last row (a collective), for a checkpoint."""
@@ -255,8 +251,10 @@ def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, wo
 # --- the run
 
 def loss_title(cfg: Config) -> str:
-    """The loss plot's title: the model and whether it aligns."""
-    return f"{cfg.model.name} + {'SRA 2' if cfg.align.enabled else 'no alignment'}: training loss"
+    """The loss plot's title: the model and the alignment terms it trains with."""
+    methods = {"align": "SRA 2", "sra": "SRA", "repa": "REPA"}
+    on = " + ".join(methods[term.name] for term in terms(cfg)) or "no alignment"
+    return f"{cfg.model.name} + {on}: training loss"
 
 
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
@@ -297,16 +295,18 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
     del state
-    log = MetricsLog(ckpts.folder / "metrics.csv", start, out / "metrics.csv") if rank == 0 else None
+    columns = ["step", *tr.names, "grad_norm"]
+    log = MetricsLog(ckpts.folder / "metrics.csv", start, out / "metrics.csv", columns) if rank == 0 else None
     n_params = sum(p.numel() for p in tr.model.parameters())
-    n_proj = sum(p.numel() for p in tr.projector.parameters()) if tr.projector is not None else 0
+    n_proj = sum(p.numel() for p in tr.heads.parameters())
     if rank == 0:
-        print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, projector "
-              f"{n_proj / 1e6:.2f}M, {len(data)} latents {data.shape}, steps {start} -> {tc.steps}, "
-              f"{world} process(es) x {tr.micro} micro-batch(es)")
+        print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, heads "
+              f"{n_proj / 1e6:.2f}M ({', '.join(tr.heads) or 'none'}), {len(data)} latents "
+              f"{data.shape}, steps {start} -> {tc.steps}, {world} process(es) x {tr.micro} "
+              f"micro-batch(es)")
 
     # --- the loop: a step; then, where due, a metrics row, a checkpoint, a stop
-    meter, last_ckpt, fid = Meter(device, start), str(ckpts.latest() or ""), {}
+    meter, last_ckpt, fid = Meter(device, start, columns), str(ckpts.latest() or ""), {}
     meter.restore(resumed_meter, rank, world)
     clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
     loader = stream(data, start, tc.steps, tc.workers, device)

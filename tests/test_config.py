@@ -235,11 +235,16 @@ PAPER = {
                  "num_real": 50000, "batch_size": 250, "seed": 0, "device": "auto"},
 }
 # each preset's settings as its file listed them in full (demo.yaml still does: compared with itself)
+# the baselines' blocks (REPA, SRA: off) as each paper preset sets them
+BASELINES = {"sit-b2": {"repa": {"layer": 4}, "sra": {"student_block": 3, "teacher_block": 8}},
+             "sit-l2": {"repa": {"layer": 8}, "sra": {"student_block": 8, "teacher_block": 20}}}
+BASELINES["sit-xl2"] = BASELINES["sit-l2"]
 COMPLETE = {
-    "sit-b2": PAPER,
-    "sit-l2": _overlay(PAPER, {"model": {"name": "SiT-L/2"}, "align": {"layer": 8}}),
+    "sit-b2": _overlay(PAPER, BASELINES["sit-b2"]),
+    "sit-l2": _overlay(PAPER, {"model": {"name": "SiT-L/2"}, "align": {"layer": 8},
+                               **BASELINES["sit-l2"]}),
     "sit-xl2": _overlay(PAPER, {"model": {"name": "SiT-XL/2"}, "align": {"layer": 8},
-                                "train": {"steps": 4000000}}),
+                                "train": {"steps": 4000000}, **BASELINES["sit-xl2"]}),
     "tiny": {
         "data": {"root": "data/demo/train", "image_size": 32,
                  "demo": {"classes": 3, "per_class": 8, "min_side": 40, "max_side": 140, "seed": 0}},
@@ -252,6 +257,10 @@ COMPLETE = {
         "model": {"name": "SiT-Micro/2", "num_classes": 3, "learn_sigma": False,
                   "class_dropout": 0.1},
         "align": PAPER["align"],
+        "repa": {"enabled": False, "layer": 2, "weight": 0.5, "width": 2048, "encoder": "random",
+                 "encoder_seed": 0},
+        "sra": {"enabled": False, "student_block": 1, "teacher_block": 2, "t_max": 0.2,
+                "loss": "smooth_l1", "beta": 0.05, "weight": 0.2},
         "train": {"steps": 40, "global_batch": 8, "batch_per_gpu": 4, "lr": 5.0e-4,
                   "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.995, "grad_clip": 1.0,
                   "precision": "fp32", "ckpt_every": 20, "log_every": 5, "seed": 0,
@@ -280,9 +289,10 @@ def test_paper_presets_list_only_what_differs_from_their_base():
         return {k for key, v in tree.items() if key != "base"
                 for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict) else {prefix + key})}
 
-    for name, listed in [("sit-b2", {"model.name", "align.layer"}),
-                         ("sit-l2", {"model.name", "align.layer"}),
-                         ("sit-xl2", {"model.name", "align.layer", "train.steps"})]:
+    blocks = {"repa.layer", "sra.student_block", "sra.teacher_block"}  # the baselines' (off)
+    for name, listed in [("sit-b2", {"model.name", "align.layer", *blocks}),
+                         ("sit-l2", {"model.name", "align.layer", *blocks}),
+                         ("sit-xl2", {"model.name", "align.layer", "train.steps", *blocks})]:
         assert preset_chain(name) == ["_imagenet", name]
         assert keys(yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text())) == listed
 

@@ -212,7 +212,7 @@ def sit_state(seed: int = 0, learn_sigma: bool = False) -> dict:
     # ours: the export and the training checkpoint
     (lambda: {"name": NAME, "model_config": {"name": NAME}, "step": 40, "ema": sit_state()}, "sit"),
     (lambda: {"step": 20, "model": sit_state(), "ema": sit_state(), "opt": adamw_state(),
-              "projector": None}, "sit"),
+              "heads": {}}, "sit"),
     # official SiT: the release (bare, 8 output channels) and its train.py dict
     (lambda: sit_state(learn_sigma=True), "sit"),
     (lambda: {"model": sit_state(), "ema": sit_state(), "opt": adamw_state(),

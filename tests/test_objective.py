@@ -6,12 +6,26 @@ import pytest
 import torch
 from torch import nn
 
-from sra2.align import alignment_loss, projector_for, sra2_loss
-from sra2.config import Align
-from sra2.models import build, patchify, unpatchify
-from sra2.transport import from_repa_time, interpolate, training_loss
+from types import SimpleNamespace
 
-from conftest import randomize
+from sra2.align import alignment_loss, projector_for, sra2_loss
+from sra2.config import Align, resolve
+from sra2.models import build, patchify, unpatchify
+from sra2.objective import Objective
+from sra2.transport import from_repa_time, interpolate
+
+from conftest import randomize, with_overrides
+
+
+def training_loss(model, projector, align: Align, x1, y, t, x0, align_target=None):
+    """(total, velocity, align) from the objective with SRA 2 alone (or no term without a
+    projector)."""
+    cfg = with_overrides(resolve({"preset": "tiny"}),
+                         align={**align.model_dump(), "enabled": projector is not None})
+    heads = nn.ModuleDict({"align": projector} if projector is not None else {})
+    values = Objective(model, heads, cfg)(x1, y, t, x0, align_target)
+    return SimpleNamespace(total=values[0], velocity=values[1],
+                           align=values[2] if len(values) > 2 else values.new_zeros(()))
 
 
 def align_cfg(**overrides) -> Align:
@@ -197,7 +211,7 @@ def test_without_projector_no_hidden_state_is_requested():
     calls.clear()
     cfg = align_cfg(layer=3)
     training_loss(model, projector_for(model, cfg), cfg, x1, y, t, x0)
-    assert len(calls) == 1 and calls[0].get("return_hidden") == 3
+    assert len(calls) == 1 and calls[0].get("return_hidden") == (3,)
 
 
 def grads(module: nn.Module) -> dict[str, float]:

@@ -47,7 +47,7 @@ def test_resume_ends_where_an_unbroken_run_ends(tmp_path, tiny, latents):
     train(cfg, latents, tmp_path / "resumed")
     a, b = (torch.load(next((tmp_path / d / "checkpoints").glob("*/step-0000020.pt")), weights_only=False)
             for d in ("straight", "resumed"))
-    for part in ("model", "ema", "projector"):
+    for part in ("model", "ema", "heads"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
@@ -70,7 +70,9 @@ def test_fewer_steps_than_the_checkpoint_is_a_clear_error(tmp_path, tiny, latent
 def test_baseline_has_no_projector(tmp_path, tiny, latents):
     cfg = with_overrides(tiny, align={"enabled": False}, train={"steps": 5, "log_every": 5})
     summary = train(cfg, latents, tmp_path)
-    assert summary["projector_parameters"] == 0 and summary["loss_align"] == 0
+    assert summary["projector_parameters"] == 0 and "loss_align" not in summary
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,loss,loss_velocity,grad_norm"  # the columns follow the terms on
 
 
 def test_streamed_batches_are_the_in_memory_rows(tmp_path):
@@ -132,3 +134,17 @@ def test_host_memory_does_not_grow_with_the_dataset(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         peaks[items] = int(run.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
     assert abs(peaks[40_000] - peaks[10_000]) < 200, peaks
+
+
+def test_sra_trains_with_its_teacher_and_resumes_to_the_same_bytes(tmp_path, tiny, latents):
+    cfg = with_overrides(tiny, align={"enabled": False}, sra={"enabled": True},
+                         train={"steps": 10, "ckpt_every": 5, "log_every": 5})
+    summary = train(cfg, latents, tmp_path / "straight")
+    header = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,loss,loss_velocity,loss_sra,grad_norm"
+    assert summary["loss_sra"] > 0 and summary["projector_parameters"] > 0
+    train(with_overrides(cfg, train={"steps": 5}), latents, tmp_path / "resumed")
+    train(cfg, latents, tmp_path / "resumed")
+    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"] for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
