@@ -105,7 +105,7 @@ def train_configs(size: dict, model: str, micro: int, compiled: bool, device: st
          "--batch-per-gpu", str(micro), "--precision", size["precision"],
          "--steps", str(size["steps"]), "--warmup", str(size["warmup"]), "--device", device]
         + (["--compile"] if compiled else []))
-    return train_bench.build_config(args, align=False), train_bench.build_config(args, align=True)
+    return train_bench.build_config(args, "vanilla"), train_bench.build_config(args, "sra2")
 
 
 def section_train(t: Table, size: dict, device: torch.device, store: Path, peak: float | None) -> None:

@@ -19,8 +19,13 @@ the latents/s one GPU trains at 40% and 50% MFU (``sra2.flops``: 3 forward passe
 the projector). Its last line reads ``read path / bare gather: <ratio> (<n> latents/s per reader;
 one GPU needs <m> at 50% MFU)``.
 
+With ``--pixels`` the store holds seeded random uint8 images of the preset's size as well (as
+``encode.pixels`` stores them; random bytes do not compress, which slows the zarr store's rows but
+not the copy's), the copy holds them, and every way reads them with the latents (REPA's batches).
+
     python bench/read.py                                    # sit-b2 shape, 20,000 latents
     python bench/read.py --items 100000 --preset sit-xl2    # a larger file, another model's need
+    python bench/read.py --items 4000 --pixels              # with the 256 px images REPA reads
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-tflops", type=float, default=flops.PEAK_TFLOPS["H100"],
                    help="the GPU's dense bf16 peak, TFLOP/s (default: H100/H200)")
     p.add_argument("--dir", help="where to write the store and its copy (default: a temporary folder)")
+    p.add_argument("--pixels", action="store_true",
+                   help="the store and the copy hold the images too, and every way reads them")
     return p.parse_args(argv)
 
 
@@ -82,9 +89,10 @@ def read_rates(store: Path, copy: latent_copy.LatentCopy, batch: int, steps: int
                rounds: int) -> tuple[dict[str, float], dict, dict]:
     """Median latents/s of each way of reading the same batches (warm page cache, alternating
     rounds), and this process's memory before and after the timed rounds."""
-    path = StepBatches(store, batch, seed=0, copy=copy)
-    from_store = StepBatches(store, batch, seed=0)
-    maps = {name: copy.open(name) for name in latent_copy.ARRAYS}
+    images = latent_copy.IMAGES in copy.names
+    path = StepBatches(store, batch, seed=0, copy=copy, images=images)
+    from_store = StepBatches(store, batch, seed=0, images=images)
+    maps = {name: copy.open(name) for name in copy.names}
 
     def bare(step: int):
         rows = np.sort(batch_indices(step, batch, len(path), 0))
@@ -112,16 +120,18 @@ def read_rates(store: Path, copy: latent_copy.LatentCopy, batch: int, steps: int
     return {name: statistics.median(r) for name, r in rates.items()}, before, after
 
 
-def build_copy(root: Path, items: int, shape: tuple, chunk: int,
-               classes: int = 1000) -> tuple[Path, latent_copy.LatentCopy, dict]:
-    """A synthetic store under ``root`` and its copy; the copy's build and full-check rates."""
+def build_copy(root: Path, items: int, shape: tuple, chunk: int, classes: int = 1000,
+               image_size: int | None = None) -> tuple[Path, latent_copy.LatentCopy, dict]:
+    """A synthetic store under ``root`` (with images of ``image_size`` px where given) and its
+    copy; the copy's build and full-check rates."""
     store = write_synthetic_store(root / "latents", items, shape, classes, chunk,
-                                  max(1024 // chunk, 1) * chunk)
+                                  max(1024 // chunk, 1) * chunk, image_size=image_size)
+    images = image_size is not None
     start = time.perf_counter()
-    copy = latent_copy.ensure(store.path, str(root / "copies"), log=lambda _: None)
+    copy = latent_copy.ensure(store.path, str(root / "copies"), log=lambda _: None, images=images)
     built = time.perf_counter() - start
     start = time.perf_counter()
-    latent_copy.verify(store.path, str(root / "copies"), log=lambda _: None)
+    latent_copy.verify(store.path, str(root / "copies"), log=lambda _: None, images=images)
     checked = time.perf_counter() - start
     gb = latent_copy.nbytes(copy.arrays) / 1e9
     return store.path, copy, {"GB": gb, "build GB/s": gb / built, "verify GB/s": gb / checked}
@@ -132,13 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = resolve({"preset": args.preset})
     side, batch = cfg.data.image_size // 8, cfg.train.global_batch
     shape = (4, side, side)
-    print(f"{args.items} latents {shape} float32 (chunks of {args.chunk_size}), batches of "
-          f"{batch} random rows ({args.preset}), {args.steps} batches a round, {args.rounds} rounds")
+    image_size = cfg.data.image_size if args.pixels else None
+    print(f"{args.items} latents {shape} float32"
+          f"{f' with uint8 {image_size} px images' if image_size else ''} (chunks of "
+          f"{args.chunk_size}), batches of {batch} random rows ({args.preset}), {args.steps} "
+          f"batches a round, {args.rounds} rounds")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        store, copy, cost = build_copy(Path(tmp), args.items, shape, args.chunk_size)
+        store, copy, cost = build_copy(Path(tmp), args.items, shape, args.chunk_size,
+                                       image_size=image_size)
+        imagenet = cost["GB"] / args.items * 1_281_167
         print(f"copy: {cost['GB']:.2f} GB, built from the store at {cost['build GB/s']:.2f} GB/s, "
-              f"verified at {cost['verify GB/s']:.2f} GB/s: a full check of ImageNet's ~42 GB "
-              f"copy takes ~{42 / cost['verify GB/s']:.0f} s at that rate")
+              f"verified at {cost['verify GB/s']:.2f} GB/s: a full check of ImageNet's "
+              f"~{imagenet:.0f} GB copy takes ~{imagenet / cost['verify GB/s']:.0f} s at that rate")
         median, before, after = read_rates(store, copy, batch, args.steps, args.rounds)
     reference = median[BARE]
     print(f"\n{'':40}{'latents/s':>12}{'/ bare':>8}")

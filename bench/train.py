@@ -1,5 +1,6 @@
 """Training throughput in one run on one machine: the whole training loop against the bare model
-step, SRA 2 against the vanilla SiT step, model FLOP utilisation, peak host and GPU memory.
+step, a method's step (``--method``: sra2, sra, repa, sra2+repa) against vanilla SiT's, model FLOP
+utilisation, peak host and GPU memory.
 
 The bare step is ``sra2.train.train_step`` on a batch and noise already on the device (forward,
 backward, clipping, optimizer and EMA): what the hardware can do. The loop is ``sra2.train.train``
@@ -10,6 +11,7 @@ SRA 2/vanilla step time <= 1.05 on SiT-XL/2.
     python bench/train.py                                         # demo preset, CPU
     python bench/train.py --preset sit-b2 --items 100000          # on a GPU
     python bench/train.py --preset sit-xl2 --batch 256 --batch-per-gpu 64 --compile
+    python bench/train.py --method repa                           # REPA's encoder and projector
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from sra2.config import Config, resolve
 from sra2.latents import write_synthetic_store
 from sra2.train import build_trainer, draws, step_inputs, train, train_step
 
+# each method's alignment terms (sra2.objective), as configuration sections
+METHODS = {"vanilla": {"align": {"enabled": False}},
+           "sra2": {"align": {"enabled": True}},
+           "sra": {"align": {"enabled": False}, "sra": {"enabled": True}},
+           "repa": {"align": {"enabled": False}, "repa": {"enabled": True}},
+           "sra2+repa": {"align": {"enabled": True}, "repa": {"enabled": True}}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo", help="preset whose model and train settings are used")
@@ -48,13 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=1, help="latents per chunk of the store")
     p.add_argument("--read-from", choices=["copy", "store"], default="copy",
                    help="train.read_from: the node-local copy of the store, or the store itself")
+    p.add_argument("--method", choices=sorted(METHODS), default="sra2",
+                   help="the alignment terms measured against vanilla SiT (default: sra2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace, align: bool) -> Config:
+def build_config(args: argparse.Namespace, method: str) -> Config:
     base = resolve({"preset": args.preset})
     train = {"device": args.device, "compile": args.compile, "log_every": args.warmup,
              "read_from": args.read_from,
@@ -63,7 +75,9 @@ def build_config(args: argparse.Namespace, align: bool) -> Config:
                        ("precision", args.precision), ("workers", args.workers)):
         if value is not None:
             train[key] = value
-    overrides = {"train": train, "align": {"enabled": align}}
+    overrides = {"train": train, **METHODS[method]}
+    if METHODS[method].get("repa"):
+        overrides["encode"] = {"pixels": True}
     if args.model:
         overrides["model"] = {"name": args.model}
     data = base.model_dump()
@@ -86,7 +100,11 @@ def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int, 
     batch = {"mean": torch.randn((n, *shape), generator=g, device=device),
              "std": torch.rand((n, *shape), generator=g, device=device) * 0.5,
              "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=g, device=device)}
-    inputs = list(step_inputs(cfg, batch, draws(cfg, 0, shape, 0, 1, device), tr.micro))
+    if cfg.repa.enabled:
+        side = cfg.data.image_size
+        batch["images"] = torch.randint(0, 256, (n, side, side, 3), generator=g, device=device,
+                                        dtype=torch.uint8)
+    inputs = step_inputs(tr, batch, draws(cfg, 0, shape, 0, 1, device))
     for _ in range(warmup):
         train_step(tr, inputs)
     rates = []
@@ -116,24 +134,27 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    vanilla, sra2 = build_config(args, align=False), build_config(args, align=True)
+    vanilla, method = build_config(args, "vanilla"), build_config(args, args.method)
+    name = f"SiT + {args.method}" if args.method != "vanilla" else "vanilla SiT"
     device = dist.device(args.device)
-    side = sra2.data.image_size // 8
+    side = method.data.image_size // 8
     shape = (4, side, side)
     print(f"machine: {torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", torch {torch.__version__}")
-    t = sra2.train
-    print(f"config:  {sra2.model.name}, latents {shape}, global batch {t.global_batch}, micro-batch "
-          f"{t.batch_per_gpu or t.global_batch}, {t.precision}, compile {t.compile}, "
-          f"{t.workers} reader(s) of the {t.read_from}, {args.items} latents (chunks of {args.chunk_size})")
+    t = method.train
+    print(f"config:  {method.model.name} + {args.method}, latents {shape}, global batch "
+          f"{t.global_batch}, micro-batch {t.batch_per_gpu or t.global_batch}, {t.precision}, "
+          f"compile {t.compile}, {t.workers} reader(s) of the {t.read_from}, {args.items} latents "
+          f"(chunks of {args.chunk_size})")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")  # the loop's copy goes with the store
         store = Path(tmp) / "latents"
-        write_synthetic_store(store, args.items, shape, sra2.model.num_classes, args.chunk_size,
-                              max(args.chunk_size, 1024))
+        write_synthetic_store(store, args.items, shape, method.model.num_classes, args.chunk_size,
+                              max(args.chunk_size, 1024),
+                              image_size=method.data.image_size if method.encode.pixels else None)
         # interleaved, the first pair only warms the machine up: one-time costs and drift hit both
-        configs = {"vanilla": vanilla, "sra2": sra2}
+        configs = {"vanilla": vanilla, "method": method}
         timed = {k: [] for k in configs}
         for _ in range(3):
             for k, c in configs.items():
@@ -141,28 +162,28 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rates = {"bare step, vanilla SiT": statistics.median(timed["vanilla"][1:]),
-                 "bare step, SiT + SRA 2": statistics.median(timed["sra2"][1:]),
-                 "training loop, SiT + SRA 2": loop_rate(sra2, store, Path(tmp) / "run")}
-        rates["bare step, SiT + SRA 2 (again)"] = bare_step_rate(sra2, shape, device, args.steps, args.warmup)
-    bare = (rates["bare step, SiT + SRA 2"] + rates["bare step, SiT + SRA 2 (again)"]) / 2
-    print(f"\n{'':34}{'images/s':>10}{'/ bare SRA 2':>14}")
-    for name, rate in rates.items():
-        print(f"{name:34}{rate:10.1f}{rate / bare:14.3f}")
+                 f"bare step, {name}": statistics.median(timed["method"][1:]),
+                 f"training loop, {name}": loop_rate(method, store, Path(tmp) / "run")}
+        rates[f"bare step, {name} (again)"] = bare_step_rate(method, shape, device, args.steps, args.warmup)
+    bare = (rates[f"bare step, {name}"] + rates[f"bare step, {name} (again)"]) / 2
+    print(f"\n{'':40}{'images/s':>10}{'/ bare':>8}")
+    for label, rate in rates.items():
+        print(f"{label:40}{rate:10.1f}{rate / bare:8.3f}")
 
-    report = flops.report(sra2.model.name, side, sra2.align.layer, sra2.align.depth, sra2.align.width)
-    train_flops = 3 * report.flops_with_projector  # forward + backward (twice the forward)
+    train_flops, vanilla_flops = flops.train_flops(method), flops.train_flops(vanilla)
     peak = peak_tflops(args, device)
-    achieved = rates["training loop, SiT + SRA 2"] * train_flops / 1e12
+    achieved = rates[f"training loop, {name}"] * train_flops / 1e12
     mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "n/a (no known peak)"
     rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    print(f"\nmodel FLOPs per image: {train_flops / 1e9:.2f} GFLOP (3 x forward of SiT + projector, "
-          f"projector +{report.extra_percent:.1f}%)")
+    print(f"\nmodel FLOPs per training image: {train_flops / 1e9:.2f} GFLOP, "
+          f"{train_flops / vanilla_flops:.3f} x vanilla's {vanilla_flops / 1e9:.2f} (3 x the forward "
+          f"of SiT and heads, plus the teacher's and encoder's forwards)")
     print(f"achieved: {achieved:.3f} TFLOP/s; MFU {mfu}")
     print(f"peak host RSS (largest process): {rss / 1024:.0f} MB")
     if device.type == "cuda":
         print(f"peak GPU memory of the loop: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    print(f"SRA 2 / vanilla step time: {rates['bare step, vanilla SiT'] / rates['bare step, SiT + SRA 2']:.3f}")
-    print(f"loop / bare ratio: {rates['training loop, SiT + SRA 2'] / bare:.3f}")
+    print(f"{args.method} / vanilla step time: {rates['bare step, vanilla SiT'] / rates[f'bare step, {name}']:.3f}")
+    print(f"loop / bare ratio: {rates[f'training loop, {name}'] / bare:.3f}")
 
 
 if __name__ == "__main__":

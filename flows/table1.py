@@ -1,10 +1,12 @@
-"""The paper's Table 1 (SRA 2 ablations, SiT-B/2 at 400K steps) as DVC experiments.
+"""The paper's tables as DVC experiments: Table 1 (SRA 2 ablations) and Table 3 (vanilla, SRA,
+REPA, SRA 2, SRA 2 + REPA with their cost), SiT-B/2 at 400K steps.
 
   python -m flows.table1 queue --preset sit-b2     # one queued `dvc exp run` per row, named
   dvc queue start -j 1                             # run them (or: queue ... --start)
   python -m flows.table1 show                      # Markdown table: our FID beside the paper's
+  python -m flows.table1 --table 3 queue ...       # the same for Table 3 (experiments table3-<row>)
 
-Each row is the preset with the row's change (sra2.paper.TABLE1) on top of this workspace's
+Each row is the preset with the row's change (sra2.paper.TABLES) on top of this workspace's
 params.yaml, queued as `dvc exp run --queue -n <prefix>-<row> -S ...`; `-S KEY=VALUE` adds the same
 override to every row (e.g. `-S train.steps=100000` for a shorter run; passed on as ++KEY=VALUE,
 which sets the key whether or not params.yaml lists it). `show` reads
@@ -24,9 +26,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from sra2.paper import TABLE1, TABLE1_MODEL, TABLE1_STEPS, Row
-
-PREFIX = "table1"
+from sra2.paper import TABLES, Row, Table
 
 
 def value_text(value: Any) -> str:
@@ -80,10 +80,10 @@ def check_row(params: dict, row: Row, preset: str | None, extra: Iterable[str]) 
                           "\n".join(f"  {p}" for p in problems))
 
 
-def select(names: list[str] | None) -> list[Row]:
+def select(table: Table, names: list[str] | None) -> list[Row]:
     if not names:
-        return list(TABLE1)
-    known = {r.name: r for r in TABLE1}
+        return list(table.rows)
+    known = {r.name: r for r in table.rows}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"error: unknown row(s) {unknown}; rows are {list(known)}")
@@ -93,10 +93,11 @@ def select(names: list[str] | None) -> list[Row]:
 def queue(args: argparse.Namespace) -> None:
     from sra2.config import ConfigError
 
-    rows = select(args.rows)
+    table = TABLES[args.table]
+    rows = select(table, args.rows)
     with open(args.params) as f:
         params = yaml.safe_load(f) or {}
-    changed = sorted({k for r in TABLE1 for k in r.changes} & {
+    changed = sorted({k for r in table.rows for k in r.changes} & {
         f"{s}.{k}" for s, keys in params.items() if isinstance(keys, dict) for k in keys})
     if changed:
         print(f"note: {args.params} sets {', '.join(changed)}: rows that do not change a key "
@@ -115,7 +116,7 @@ def queue(args: argparse.Namespace) -> None:
         subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
     elif not args.dry_run:
         print(f"queued {len(rows)} experiment(s): run them with `dvc queue start`, watch them with "
-              f"`dvc queue status`, then `python -m flows.table1 show`")
+              f"`dvc queue status`, then `python -m flows.table1 --table {table.number} show`")
 
 
 def _experiments(shown: list[dict]) -> Iterable[tuple[dict, dict]]:
@@ -127,7 +128,7 @@ def _experiments(shown: list[dict]) -> Iterable[tuple[dict, dict]]:
                 yield exp, revs[0]
 
 
-def collect(shown: list[dict], prefix: str = PREFIX) -> dict[str, dict]:
+def collect(shown: list[dict], prefix: str) -> dict[str, dict]:
     """Row name -> {experiment, state, rev, timestamp, params, metrics, error} of the newest
     experiment named ``<prefix>-<row>``."""
     found: dict[str, dict] = {}
@@ -166,23 +167,31 @@ def _setting(params: dict) -> str:
     return f"{cfg.model.name}, {cfg.train.steps} steps ({cfg.preset})"
 
 
-def render(found: dict[str, dict], rows: Iterable[Row] = TABLE1) -> str:
-    lines = [f"Table 1 of SRA 2 (SPEC.md section 1; sra2/paper.py): {TABLE1_MODEL} at "
-             f"{TABLE1_STEPS // 1000}K steps, FID-50K, SDE 250 steps, no CFG.", "",
-             "| row | change | paper FID | our FID | our IS | our run | experiment |",
-             "|---|---|---:|---:|---:|---|---|"]
-    for row in rows:
+def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = None) -> str:
+    """The table in Markdown: each row's change, the published FID, ours, and the cost: training
+    FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder: sra2.flops) and their
+    ratio to the vanilla row's."""
+    lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (sra2/paper.py; published numbers "
+             "in SPEC.md).", "",
+             "| row | change | paper FID | our FID | our IS | train GFLOPs/image | x vanilla | "
+             "our run | experiment |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    vanilla = (found.get("vanilla") or {}).get("metrics", {}).get("train_gflops")
+    for row in rows or table.rows:
         change = ", ".join(f"{k}={value_text(v)}" for k, v in row.changes.items())
         entry = found.get(row.name)
         if entry is None:
-            ours, setting, experiment = ("-", "-"), "-", "not run"
+            ours, cost, setting, experiment = ("-", "-"), ("-", "-"), "-", "not run"
         else:
             m = entry["metrics"]
             ours = (_number(m.get("fid"), 2), _number(m.get("inception_score"), 2))
+            gflops = m.get("train_gflops")
+            cost = (_number(gflops, 1), _number(gflops / vanilla, 2) if gflops and vanilla else "-")
             setting = _setting(entry["params"])
             experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
-        lines.append(f"| {row.label} | {change} | {row.fid:.2f} | {ours[0]} | {ours[1]} | "
-                     f"{setting} | {experiment} |")
+        paper = f"{row.fid:.2f}" if row.fid is not None else "-"
+        lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {cost[0]} | "
+                     f"{cost[1]} | {setting} | {experiment} |")
     return "\n".join(lines)
 
 
@@ -191,13 +200,16 @@ def show(args: argparse.Namespace) -> None:
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed:\n{run.stderr}")
+    table = TABLES[args.table]
     found = collect(json.loads(run.stdout), args.prefix)
-    print(render(found, select(args.rows)))
+    print(render(found, table, select(table, args.rows)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.table1", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=sorted(TABLES), default="1",
+                        help="1: the SRA 2 ablations; 3: the methods and their cost")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue one experiment per row")
     q.add_argument("--preset", help="the preset every row runs (default: params.yaml's)")
@@ -212,9 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="look for the experiments on every commit, not only HEAD (default: yes)")
     for p in (q, s):
         p.add_argument("--rows", nargs="+", metavar="ROW",
-                       help=f"some rows only: {' '.join(r.name for r in TABLE1)}")
-        p.add_argument("--prefix", default=PREFIX, help="experiment names are <prefix>-<row>")
+                       help="some rows only: " + "; ".join(
+                           f"table {t.number}: {' '.join(r.name for r in t.rows)}"
+                           for t in TABLES.values()))
+        p.add_argument("--prefix", help="experiment names are <prefix>-<row> (default: table<N>)")
     args = parser.parse_args(argv)
+    args.prefix = args.prefix or f"table{args.table}"
     (queue if args.command == "queue" else show)(args)
 
 

@@ -48,11 +48,13 @@ def _signature(cfg: Config, images: ImageList) -> dict:
     # bytes: their weights' digest (which stands for demo.vae, its training) and the drawing
     # settings name the store too. Left out here only: vae.scale, which multiplies the latents
     # after they are stored (it changes training's results, not the store's), and shard_size,
-    # which the store's attributes record beside this signature
+    # which the store's attributes record beside this signature. pixels only where true: stores
+    # encoded before the setting existed keep their folders
     weights, demo = vae_lib.weights_digest(cfg.vae), cfg.data.demo
+    left_out = {"shard_size"} if cfg.encode.pixels else {"shard_size", "pixels"}
     return {"vae": result_settings(cfg.vae, exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest({"files": images.files, "labels": images.labels}),
-            **result_settings(cfg.encode, exclude={"shard_size"}),
+            **result_settings(cfg.encode, exclude=left_out),
             **({"vae_weights": weights} if weights else {}),
             **({"demo": result_settings(demo, exclude={"vae"})} if demo else {})}
 
@@ -65,8 +67,12 @@ def settings_store(cfg: Config, folder: str | Path, images: ImageList) -> Path:
 
 
 def latent_arrays(cfg: Config, latent_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """(item shape, dtype) of each array written shard by shard: the latents, and with
+    ``encode.pixels`` the uint8 (H, W, 3) ADM crops they were encoded from (``images``)."""
     names = ["mean", "std"] + (["mean_flip", "std_flip"] if cfg.encode.flip else [])
-    return {n: (latent_shape, cfg.encode.dtype) for n in names}
+    size = cfg.data.image_size
+    return {**{n: (latent_shape, cfg.encode.dtype) for n in names},
+            **({"images": ((size, size, 3), "uint8")} if cfg.encode.pixels else {})}
 
 
 def open_store(cfg: Config, out: str | Path, images: ImageList, latent_shape) -> ShardedStore:
@@ -90,8 +96,8 @@ def _batches(store: ShardedStore, shards: list[int], batch_size: int) -> list[li
 class _ShardAssembler:
     """Collects batch results per shard and hands complete shards to a writer thread."""
 
-    def __init__(self, store: ShardedStore, names: list[str], dtype: str):
-        self.store, self.names, self.dtype = store, names, dtype
+    def __init__(self, store: ShardedStore, dtypes: dict[str, str]):
+        self.store, self.dtypes = store, dtypes
         self.parts: dict[int, list] = {}
         self.writer = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Future] = []
@@ -109,8 +115,8 @@ class _ShardAssembler:
         self.pending.append(self.writer.submit(self._write, shard, parts))
 
     def _write(self, shard: int, parts: list) -> None:
-        data = {n: np.concatenate([p[0][k] for p in parts]).astype(self.dtype, copy=False)
-                for k, n in enumerate(self.names)}
+        data = {n: np.concatenate([p[0][k] for p in parts]).astype(dtype, copy=False)
+                for k, (n, dtype) in enumerate(self.dtypes.items())}
         self.store.write_shard(shard, data, {"rejects": [r for p in parts for r in p[1]]})
 
     def close(self) -> None:
@@ -139,9 +145,9 @@ def measure_encoder(vae: torch.nn.Module, batch: int, size: int, device: torch.d
 
 
 def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world: int,
-          vae: torch.nn.Module, device: torch.device, values_per_image: int) -> str:
+          vae: torch.nn.Module, device: torch.device, bytes_per_image: int) -> str:
     """The line printed before the work: files, store size and an ETA from the VAE's own speed."""
-    gib = len(images) * values_per_image * np.dtype(cfg.encode.dtype).itemsize / 2**30
+    gib = len(images) * bytes_per_image / 2**30
     line = (f"encode: {len(images)} files in {len(images.classes)} classes, "
             f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
             f"{todo} images to encode on {world} process(es); store ~{gib:.2f} GiB uncompressed")
@@ -172,10 +178,12 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     dist.barrier()
     store = ShardedStore(out) if rank else store
     shards = store.pending_shards(rank, world)
-    names = list(latent_arrays(cfg, latent_shape))
+    arrays = latent_arrays(cfg, latent_shape)
     todo = sum(stop - start for start, stop in map(store.shard_range, shards))
     if rank == 0:
-        print(_plan(cfg, images, store, todo, world, vae, device, len(names) * np.prod(latent_shape)))
+        per_image = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                        for shape, dtype in arrays.values())
+        print(_plan(cfg, images, store, todo, world, vae, device, per_image))
 
     loader = DataLoader(
         _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict),
@@ -184,7 +192,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         prefetch_factor=4 if cfg.encode.workers else None,
         # not fork: a worker forked from a process running Prefect's threads dies at exit
         multiprocessing_context="forkserver" if cfg.encode.workers else None)
-    assembler = _ShardAssembler(store, names, cfg.encode.dtype)
+    assembler = _ShardAssembler(store, {name: dtype for name, (_, dtype) in arrays.items()})
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)
 
@@ -208,6 +216,8 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
                 views = [x, x.flip(3)] if cfg.encode.flip else [x]
                 outputs = [t for v in views for t in vae_lib.encode(vae, v)]
             staged = [t.to("cpu", non_blocking=True) for t in outputs]
+            if cfg.encode.pixels:  # the crops the VAE saw (zeros for a rejected file), HWC
+                staged.append(pixels.permute(0, 2, 3, 1))
             ready = torch.cuda.Event() if device.type == "cuda" else None
             if ready is not None:
                 ready.record()

@@ -131,11 +131,33 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def train_flops(cfg: Config) -> int:
-    """Model FLOPs of one training image: forward and backward, 3 forward passes of the SiT, and
-    of the projector when the alignment is on."""
+    """Model FLOPs of one training image: forward and backward (3 forward passes) of the SiT and of
+    the heads of the alignment terms on, plus the forwards without gradients they add: SRA's
+    teacher up to its block, REPA's encoder."""
+    try:
+        return _train_flops(cfg, "meta")
+    except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on the CPU
+        return _train_flops(cfg, "cpu")
+
+
+def _train_flops(cfg: Config, device: str) -> int:
+    from sra2.objective import build_heads  # sra2.objective's heads are what a run trains
+
     side = cfg.data.image_size // 8
-    r = report(cfg.model.name, side, None, cfg.align.depth, cfg.align.width)
-    return 3 * (r.flops_with_projector if cfg.align.enabled else r.flops)
+    with torch.device(device):
+        model = build(cfg.model.name, input_size=side, num_classes=cfg.model.num_classes,
+                      learn_sigma=False).eval()
+        heads = build_heads(model, cfg)
+        x, t = torch.zeros(1, model.in_channels, side, side), torch.zeros(1)
+        y = torch.zeros(1, dtype=torch.long)
+        hidden = torch.zeros(1, (side // model.patch_size) ** 2, model.hidden_size)
+    trained = count_flops(model, x, t, y) + sum(count_flops(h, hidden) for h in heads.values())
+    extra = count_flops(model.hidden_after, x, t, y, cfg.sra.teacher_block) if cfg.sra.enabled else 0
+    if cfg.repa.enabled:
+        from sra2 import dinov2
+
+        extra += dinov2.forward_flops(side // model.patch_size)
+    return 3 * trained + extra
 
 
 def gpu_need(cfg: Config, peak_tflops: float = PEAK_TFLOPS["H100"], mfu: float = 0.5) -> float:

@@ -5,14 +5,17 @@ from it costs a decompression each (~1,000 latents/s per reader). Training reads
 random rows instead: ``mean.npy`` and ``std.npy`` hold every stored row (rejected ones too, so row
 i is store item i) in the store's dtype, read through ``np.load(mmap_mode="r")``. The page cache
 holds them once per node however many ranks and readers map them; no process keeps a private copy.
+A copy for a run that needs the training images (REPA) holds ``images.npy`` too: the store's uint8
+(N, H, W, 3) crops.
 
 Layout of ``<copy dir>/``:
 
 - ``<key>/``: one copy. ``key`` is a digest of the store's absolute path, its settings and the
   name, size and mtime of each done mark, so a store re-encoded, resumed or repaired gets a new
-  copy, never one that only looks current. ``building.json`` records the shards copied so far
-  (with their CRC32s) while it is made; ``manifest.json``, written last and atomically, makes it
-  complete and records the source, each file's size and each shard's CRC32.
+  copy, never one that only looks current; and of the arrays copied where they are more than
+  ``ARRAYS``: a copy with images and one without are two copies. ``building.json`` records the
+  shards copied so far (with their CRC32s) while it is made; ``manifest.json``, written last and
+  atomically, makes it complete and records the source, each file's size and each shard's CRC32.
 - ``<key>.lock``: ``flock`` on it, exclusive while one process builds, shared while runs read.
 
 Checks: every start compares the files' sizes with the manifest (a stat per file); a build
@@ -46,6 +49,7 @@ from sra2 import atomic
 from sra2.store import ShardedStore, digest, pointed_store
 
 ARRAYS = ("mean", "std")  # what training reads
+IMAGES = "images"  # and, for REPA, the pixels the store holds with encode.pixels
 MANIFEST, BUILDING = "manifest.json", "building.json"
 HEADROOM = 1 << 30  # free bytes a copy must leave on its disk
 MAX_BUILDERS = 16  # processes that copy shards at once
@@ -61,19 +65,21 @@ def copy_root(copy_dir: str | None = None) -> Path:
                 or Path(tempfile.gettempdir()) / "sra2-latents")
 
 
-def source(store: ShardedStore) -> dict:
+def source(store: ShardedStore, names: tuple[str, ...] = ARRAYS) -> dict:
     """What a copy is made from: the store's path and settings, and a stamp of its done marks
-    (stats only: cheap at every start)."""
+    (stats only: cheap at every start); and which arrays, where more than ``ARRAYS`` (a copy of
+    the latents alone keeps the name it had before images could be copied)."""
     marks = sorted((store.path / "done").glob("shard-*.json"))
     stamps = [[p.name, s.st_size, s.st_mtime_ns] for p in marks for s in [p.stat()]]
     return {"store": str(store.path.resolve()), "settings": digest(store.attrs),
-            "marks": digest({"marks": stamps})}
+            "marks": digest({"marks": stamps}),
+            **({"arrays": list(names)} if names != ARRAYS else {})}
 
 
-def layout(store: ShardedStore) -> dict:
+def layout(store: ShardedStore, names: tuple[str, ...] = ARRAYS) -> dict:
     """Shape and dtype of each copied array."""
     return {name: {"shape": list(store.array(name).shape), "dtype": str(store.array(name).dtype)}
-            for name in ARRAYS}
+            for name in names}
 
 
 def nbytes(arrays: dict) -> int:
@@ -114,12 +120,14 @@ class Lock:
 # --- one copy
 
 class LatentCopy:
-    """The copy of ``store`` under ``root``; :meth:`check` says whether it can be read as it is."""
+    """The copy of ``store`` under ``root``, with the store's images where ``images``;
+    :meth:`check` says whether it can be read as it is."""
 
-    def __init__(self, store: ShardedStore, root: Path):
-        self.store, self.source = store, source(store)
+    def __init__(self, store: ShardedStore, root: Path, images: bool = False):
+        self.names = ARRAYS + ((IMAGES,) if images else ())
+        self.store, self.source = store, source(store, self.names)
         self.key = digest(self.source)
-        self.folder, self.arrays = root / self.key, layout(store)
+        self.folder, self.arrays = root / self.key, layout(store, self.names)
         self.lock = Lock(root / f"{self.key}.lock")
 
     def file(self, name: str) -> Path:
@@ -171,7 +179,7 @@ class LatentCopy:
                 atomic.write_json(self.folder / BUILDING, record)  # after the bytes are on disk
                 bar.update(1)
         crc32 = {name: [record["crc32"][name][str(s)] for s in range(self.store.num_shards)]
-                 for name in ARRAYS}
+                 for name in self.names}
         bad = self.damaged(crc32)
         if bad:
             raise CopyDamaged(f"{self.folder}: shards {bad} read back other bytes than were "
@@ -180,7 +188,7 @@ class LatentCopy:
         atomic.write_json(self.folder / MANIFEST, {
             "source": self.source, "arrays": self.arrays, "crc32": crc32,
             "shard_size": self.store.shard_size,
-            "bytes": {name: self.file(name).stat().st_size for name in ARRAYS}})
+            "bytes": {name: self.file(name).stat().st_size for name in self.names}})
         (self.folder / BUILDING).unlink()
 
     def _resumable(self) -> dict | None:
@@ -188,7 +196,7 @@ class LatentCopy:
         with suppress(FileNotFoundError, ValueError):
             record = json.loads((self.folder / BUILDING).read_text())
             if record.get("source") == self.source and record.get("arrays") == self.arrays and \
-                    all(self.file(n).stat().st_size == record["bytes"][n] for n in ARRAYS):
+                    all(self.file(n).stat().st_size == record["bytes"][n] for n in self.names):
                 return record
         return None
 
@@ -209,14 +217,14 @@ class LatentCopy:
             finally:
                 os.close(fd)
         record = {"source": self.source, "arrays": self.arrays, "bytes": sizes,
-                  "crc32": {name: {} for name in ARRAYS}}
+                  "crc32": {name: {} for name in self.names}}
         atomic.write_json(self.folder / BUILDING, record)
         return record
 
     def damaged(self, crc32: dict[str, list[int]]) -> list[tuple[str, int]]:
         """(array, shard) of every shard whose bytes do not have the recorded CRC32."""
         bad = []
-        for name in ARRAYS:
+        for name in self.names:
             array = self.open(name)
             for shard, expected in enumerate(crc32[name]):
                 start, stop = self.store.shard_range(shard)
@@ -234,11 +242,13 @@ class LatentCopy:
 
 @functools.lru_cache(maxsize=1)
 def _opened(store: Path, folder: Path) -> tuple[ShardedStore, dict[str, np.memmap]]:
-    return ShardedStore(store), {n: np.load(folder / f"{n}.npy", mmap_mode="r+") for n in ARRAYS}
+    # the copy's arrays: the .npy files LatentCopy._start made in its folder
+    return ShardedStore(store), {p.stem: np.load(p, mmap_mode="r+")
+                                 for p in sorted(folder.glob("*.npy"))}
 
 
 def copy_shard(store: Path, folder: Path, shard: int) -> tuple[int, dict[str, int]]:
-    """Copy one shard of each array into the copy in ``folder`` and flush it to disk; returns
+    """Copy one shard of each array of the copy in ``folder`` and flush it to disk; returns
     the CRC32 of the bytes the store gave."""
     source, targets = _opened(store, folder)
     start, stop = source.shard_range(shard)
@@ -267,15 +277,20 @@ def copy_shards(store: Path, folder: Path, shards: list[int]):
         yield from pool.map(copy_shard, repeat(store), repeat(folder), shards)
 
 
+def _state(source: dict) -> dict:
+    return {k: v for k, v in source.items() if k != "arrays"}
+
+
 def remove_older(copy: LatentCopy, log) -> None:
     """Delete the copies of the same store made from an earlier state of it, unless a run still
-    reads them (it holds their lock)."""
+    reads them (it holds their lock); a copy of the same state with other arrays stays."""
     for manifest in copy.folder.parent.glob(f"*/{MANIFEST}"):
         folder = manifest.parent
         if folder == copy.folder:
             continue
         with suppress(OSError, ValueError):
-            if json.loads(manifest.read_text())["source"]["store"] != copy.source["store"]:
+            found = json.loads(manifest.read_text())["source"]
+            if found["store"] != copy.source["store"] or _state(found) == _state(copy.source):
                 continue
             lock = Lock(folder.with_name(f"{folder.name}.lock"))
             try:
@@ -286,17 +301,19 @@ def remove_older(copy: LatentCopy, log) -> None:
                 lock.close()
 
 
-def ensure(store_path: str | Path, copy_dir: str | None = None, log=print) -> LatentCopy | None:
-    """A complete, checked copy of the store, built here if needed; the calling process then holds
-    its shared lock until it ends, so no one rebuilds or deletes it under a run. Returns None (and
-    logs why) when the copy cannot be made on this node: not enough disk, or not writable.
+def ensure(store_path: str | Path, copy_dir: str | None = None, log=print,
+           images: bool = False) -> LatentCopy | None:
+    """A complete, checked copy of the store (with its images where ``images``), built here if
+    needed; the calling process then holds its shared lock until it ends, so no one rebuilds or
+    deletes it under a run. Returns None (and logs why) when the copy cannot be made on this node:
+    not enough disk, or not writable.
 
     Processes of the node that call it at once wait for one of them to build it."""
     store = ShardedStore(store_path)
     if not store.complete:
         raise RuntimeError(f"latent store {store.path} is incomplete: run the encode stage first")
     try:
-        copy = LatentCopy(store, copy_root(copy_dir))
+        copy = LatentCopy(store, copy_root(copy_dir), images)
     except OSError as e:
         log(f"latent copy: cannot use {copy_root(copy_dir)} ({e})")
         return None
@@ -354,11 +371,11 @@ def _room_for(copy: LatentCopy, log) -> bool:
 
 
 def verify(store_path: str | Path, copy_dir: str | None = None, repair: bool = True,
-           log=print) -> list[tuple[str, int]]:
-    """Re-read the whole copy and compare every shard with its CRC32; copy damaged shards again
-    from the store when ``repair`` (which waits until no run reads the copy). Returns the damaged
-    (array, shard) pairs found."""
-    copy = LatentCopy(ShardedStore(store_path), copy_root(copy_dir))
+           log=print, images: bool = False) -> list[tuple[str, int]]:
+    """Re-read the whole copy (the one with images where ``images``) and compare every shard with
+    its CRC32; copy damaged shards again from the store when ``repair`` (which waits until no run
+    reads the copy). Returns the damaged (array, shard) pairs found."""
+    copy = LatentCopy(ShardedStore(store_path), copy_root(copy_dir), images)
     copy.lock.take(fcntl.LOCK_SH)
     reason = copy.check()
     if reason is not None:
@@ -391,11 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", default="data/latents.json", help="store folder or pointer file")
     p.add_argument("--copy-dir", help="train.copy_dir (default: $SRA2_COPY_DIR, else $TMPDIR/sra2-latents)")
     p.add_argument("--no-repair", action="store_true", help="verify only: report damaged shards")
+    p.add_argument("--images", action="store_true",
+                   help="the copy with the store's images, which REPA runs read (repa.enabled)")
     args = p.parse_args(argv)
     store = pointed_store(args.latents)
     if args.action == "build":
-        return 0 if ensure(store, args.copy_dir) is not None else 1
-    bad = verify(store, args.copy_dir, repair=not args.no_repair)
+        return 0 if ensure(store, args.copy_dir, images=args.images) is not None else 1
+    bad = verify(store, args.copy_dir, repair=not args.no_repair, images=args.images)
     return 1 if bad and args.no_repair else 0
 
 

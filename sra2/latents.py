@@ -3,7 +3,8 @@ training loop, from the node-local memory-mapped copy of the latent store (:mod:
 or from the zarr store itself, so host memory does not grow with the dataset.
 
 Item s of :class:`StepBatches` is this rank's slice of global batch s: the posterior mean and std
-and the label of each latent, exactly the rows an in-memory copy of the accepted latents would
+and the label of each latent (and for REPA its training image, uint8 (N, H, W, 3), from a store
+encoded with ``encode.pixels``), exactly the rows an in-memory copy of the accepted latents would
 give, whichever way they are read. Only the labels and the map from accepted to stored indices
 stay in each process's memory (16 bytes an image: 20 MB for ImageNet); the copy's pages live in
 the page cache, shared by every process of the node.
@@ -51,16 +52,24 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 class StepBatches(Dataset):
-    """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, read
-    from ``copy`` (a :class:`sra2.latent_copy.LatentCopy` of the store at ``path``) when given,
-    else from the store. The copy's shared lock stays held as long as this object lives."""
+    """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, with
+    "images" (uint8 (N, H, W, 3)) where ``images``, read from ``copy`` (a
+    :class:`sra2.latent_copy.LatentCopy` of the store at ``path``, with images where ``images``)
+    when given, else from the store. The copy's shared lock stays held as long as this object
+    lives."""
 
     def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 copy: latent_copy.LatentCopy | None = None):
+                 copy: latent_copy.LatentCopy | None = None, images: bool = False):
         store = ShardedStore(path)
         if not store.complete:
             raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
                                f"{store.num_shards} shards): run the encode stage to the end first")
+        if images:
+            require_images(store)
+        self.names = latent_copy.ARRAYS + ((latent_copy.IMAGES,) if images else ())
+        if copy is not None and copy.names != self.names:
+            raise ValueError(f"the latent copy {copy.folder} holds {copy.names}, the batches read "
+                             f"{self.names}")
         rejected = {r["index"] for r in rejects(store)}
         # accepted position -> stored index; rejected files never reach a batch
         self.rows = np.array([i for i in range(store.num_items) if i not in rejected], np.int64)
@@ -70,7 +79,7 @@ class StepBatches(Dataset):
         self.path, self.global_batch, self.seed, self.rank, self.world = (
             str(path), global_batch, seed, rank, world)
         self.copy = copy
-        self.files = {name: copy.file(name) for name in latent_copy.ARRAYS} if copy else None
+        self.files = {name: copy.file(name) for name in self.names} if copy else None
         self._arrays = None  # opened in the process that reads (zarr handles are not shared)
 
     def __len__(self) -> int:
@@ -91,13 +100,14 @@ class StepBatches(Dataset):
             else:
                 group = zarr.open_group(self.path, mode="r")
                 self._arrays = {name: functools.partial(_sorted_read, group[name])
-                                for name in latent_copy.ARRAYS}
+                                for name in self.names}
         return self._arrays
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         picked = batch_indices(step, self.global_batch, len(self.rows), self.seed, self.rank, self.world)
         rows = self.rows[picked]
-        out = {name: torch.from_numpy(read(rows).astype(np.float32, copy=False))
+        out = {name: torch.from_numpy(read(rows) if name == latent_copy.IMAGES
+                                      else read(rows).astype(np.float32, copy=False))
                for name, read in self._readers().items()}
         out["labels"] = torch.from_numpy(self.labels[picked])
         return out
@@ -118,14 +128,25 @@ def read_rate(batches: StepBatches, steps: int = 3) -> float:
     return steps * len(batches[0]["labels"]) / (time.perf_counter() - start)
 
 
+def require_images(store: ShardedStore) -> None:
+    """Fail unless ``store`` holds the training images (what REPA's encoder sees)."""
+    if latent_copy.IMAGES not in store.group:
+        raise ValueError(f"repa.enabled needs the training images, and the latent store "
+                         f"{store.path} was encoded without pixels: set encode.pixels: true and "
+                         f"run the encode stage (dvc repro encode)")
+
+
 def open_batches(cfg: Config, latents: str | Path, rank: int = 0, world: int = 1,
                  log=print) -> StepBatches:
     """This rank's batches, read as ``train.read_from`` says: from the node-local copy (built
-    first if this node has none), or from the store. Where the copy cannot be made, the store
+    first if this node has none), or from the store; with the images where ``repa.enabled`` (a
+    store without them fails here, before any copying). Where the copy cannot be made, the store
     is read, with a warning that says how many readers that takes to feed one GPU."""
-    tc, store = cfg.train, pointed_store(latents)
-    copy = latent_copy.ensure(store, tc.copy_dir, log) if tc.read_from == "copy" else None
-    batches = StepBatches(store, tc.global_batch, tc.seed, rank, world, copy)
+    tc, store, images = cfg.train, pointed_store(latents), cfg.repa.enabled
+    if images:
+        require_images(ShardedStore(store))
+    copy = latent_copy.ensure(store, tc.copy_dir, log, images) if tc.read_from == "copy" else None
+    batches = StepBatches(store, tc.global_batch, tc.seed, rank, world, copy, images)
     if tc.read_from == "copy" and copy is None and rank == 0:
         rate, need = read_rate(batches), flops.gpu_need(cfg)
         log(f"WARNING: training reads the zarr store itself: {rate:.0f} latents/s per reader "
@@ -171,22 +192,30 @@ def stream(data: StepBatches, start: int, stop: int, workers: int, device: torch
 
 def write_synthetic_store(path: str | Path, items: int, shape: tuple[int, ...], classes: int,
                           chunk_size: int, shard_size: int, dtype: str = "float32",
-                          rejected: tuple[int, ...] = (), seed: int = 0) -> ShardedStore:
+                          rejected: tuple[int, ...] = (), seed: int = 0,
+                          image_size: int | None = None) -> ShardedStore:
     """A complete latent store of seeded random latents, laid out as encode lays it out (for
-    benchmarks and tests at sizes no demo dataset reaches); ``rejected`` items are marked as
-    undecodable files."""
+    benchmarks and tests at sizes no demo dataset reaches), with seeded random uint8 images of
+    ``image_size`` px where given (as ``encode.pixels`` stores them); ``rejected`` items are
+    marked as undecodable files."""
     rng = np.random.default_rng(seed)
+    pixels = (image_size, image_size, 3) if image_size else None
+    arrays = {"mean": (shape, dtype), "std": (shape, dtype)}
     store = ShardedStore.open_or_create(
-        path, items, shard_size, chunk_size, {"mean": (shape, dtype), "std": (shape, dtype)},
+        path, items, shard_size, chunk_size,
+        {**arrays, latent_copy.IMAGES: (pixels, "uint8")} if pixels else arrays,
         fixed={"labels": rng.integers(0, classes, items, dtype=np.int64),
                "files": np.asarray([f"synthetic/{i:08d}.JPEG" for i in range(items)],
                                    dtype=np.dtypes.StringDType())},
-        signature={"synthetic": {"items": items, "shape": list(shape), "seed": seed}})
+        signature={"synthetic": {"items": items, "shape": list(shape), "seed": seed,
+                                 **({"image_size": image_size} if pixels else {})}})
     for shard in store.pending_shards():
         start, stop = store.shard_range(shard)
         size = (stop - start, *shape)
         data = {"mean": rng.standard_normal(size, np.float32).astype(dtype),
                 "std": rng.uniform(0.05, 0.5, size).astype(dtype)}
+        if pixels:
+            data[latent_copy.IMAGES] = rng.integers(0, 256, (stop - start, *pixels), np.uint8)
         bad = [{"index": i, "file": f"synthetic/{i:08d}.JPEG", "reason": "synthetic reject"}
                for i in rejected if start <= i < stop]
         store.write_shard(shard, data, {"rejects": bad})

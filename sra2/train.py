@@ -29,7 +29,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2 import atomic, dist, fid_curve
+from sra2 import atomic, dinov2, dist, fid_curve, flops
 from sra2.checkpoints import Checkpoints, MetricsLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
@@ -85,6 +85,7 @@ class Trainer:
     model: SiT
     ema: SiT
     heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.objective)
+    encoder: nn.Module | None  # REPA's DINOv2, without gradients (repa on only)
     names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
     runner: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
     opt: torch.optim.Optimizer
@@ -131,12 +132,15 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
     if tc.compile:
         runner = torch.compile(runner)
-    return Trainer(cfg, model, ema, heads, objective.names, runner, opt, params,
+    encoder = dinov2.load_encoder(cfg.repa, device, model.input_size // model.patch_size) \
+        if cfg.repa.enabled else None
+    return Trainer(cfg, model, ema, heads, encoder, objective.names, runner, opt, params,
                    micro_batches(cfg, world), device)
 
 
-def step_inputs(cfg: Config, batch: dict, noise: tuple, micro: int) -> list[dict]:
+def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
     """The objective's inputs of each micro-batch (:meth:`sra2.objective.Objective.forward`)."""
+    cfg, micro = tr.cfg, tr.micro
     eps, x0, t, drop, shift = noise
     mean, std = batch["mean"], batch["std"]
     x1 = (mean + std * eps) * cfg.vae.scale
@@ -145,6 +149,8 @@ def step_inputs(cfg: Config, batch: dict, noise: tuple, micro: int) -> list[dict
               "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
     if shift is not None:
         inputs["teacher_t"] = teacher_time(t, shift, cfg.sra.t_max)
+    if tr.encoder is not None:
+        inputs["repa_target"] = dinov2.features(tr.encoder, batch["images"])
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
     return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
 
@@ -315,7 +321,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         for step, batch in zip(range(start, tc.steps), loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             noise = draws(cfg, step, data.shape, rank, world, device)
-            meter.add(train_step(tr, step_inputs(cfg, batch, noise, tr.micro)))
+            meter.add(train_step(tr, step_inputs(tr, batch, noise)))
             done = step + 1
             bar.update(1)
             stop, timed = consensus(signals.received > 0, rank == 0 and clock.due())
@@ -350,5 +356,6 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
             progress(tc.steps, tc.steps, {"checkpoint": last_ckpt})
     final = log.rows[-1] if log is not None and log.rows else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
+            "train_gflops": round(flops.train_flops(cfg) / 1e9, 6),  # per image: the cost column
             "processes": world, "micro_batches": tr.micro,
             **{k: float(v) for k, v in final.items() if k != "step"}}

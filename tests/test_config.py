@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import time
@@ -360,6 +361,43 @@ def test_every_table1_row_is_a_valid_run_of_the_paper_presets(preset):
         assert f"preset={preset}" in command and "++train.steps=1000" in command
         names.add(command[5])
     assert len(names) == len(TABLE1) == 10
+
+
+@pytest.mark.parametrize("preset", ["sit-b2", "sit-xl2"])
+def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
+    from flows.table1 import apply_overrides, check_row, row_overrides
+    from sra2.objective import terms
+    from sra2.paper import TABLE3
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    expected = {"vanilla": [], "sra": ["sra"], "repa": ["repa"], "sra2": ["align"],
+                "sra2-repa": ["align", "repa"]}
+    for row in TABLE3:
+        check_row(params, row, preset, [])
+        cfg = resolve(apply_overrides(params, row_overrides(row, preset)))
+        assert [t.name for t in terms(cfg)] == expected[row.name]
+        assert cfg.encode.pixels  # one store, with the images REPA needs, for every row
+
+
+def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
+    from flows.table1 import collect, render
+    from sra2.paper import TABLES
+
+    def experiment(name, fid, gflops):
+        metrics = {"data/metrics.json": {"data": {"fid": fid, "inception_score": 1.5}},
+                   "data/train.json": {"data": {"train_gflops": gflops, "steps": 20}}}
+        return {"name": name, "executor": None,
+                "revs": [{"rev": "abcdef0123", "data": {"timestamp": "2026-11-28T10:00:00",
+                                                       "params": {"params.yaml": {"data": {
+                                                           "preset": "tiny"}}},
+                                                       "metrics": metrics}}]}
+
+    shown = [{"rev": "HEAD", "experiments": [experiment("table3-vanilla", 40.0, 2.0),
+                                             experiment("table3-repa", 35.5, 3.1)]}]
+    table = render(collect(shown, "table3"), TABLES["3"])
+    assert "| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 | 1.50 | 2.0 | 1.00 |" in table
+    assert re.search(r"\| REPA .* \| 24\.40 \| 35\.50 \| 1\.50 \| 3\.1 \| 1\.55 \|", table), table
+    assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| not run \|", table), table
 
 
 def test_table1_refuses_a_row_the_model_cannot_run():

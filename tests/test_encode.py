@@ -112,3 +112,41 @@ def test_other_drawn_images_or_vae_weights_name_another_store(tmp_path, tiny):
     before = _signature(local, images)
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights 2")
     assert _signature(local, images) != before
+
+
+def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
+    """encode.pixels: the ADM crops of the demo JPEGs, bit for bit, in the store beside the
+    latents (sharded and chunked as they are), and in REPA's batches through the node-local copy."""
+    from sra2.latents import batch_indices, open_batches
+
+    from conftest import encoded_tiny
+
+    cfg, latents = encoded_tiny(tmp_path, encode={"pixels": True})
+    store = ShardedStore(latents)
+    files = store.array("files")[:]
+    crops = np.stack([load_cropped(Path(cfg.data.root) / f, cfg.data.image_size) for f in files])
+    images, mean = store.array("images"), store.array("mean")
+    assert images.dtype == np.uint8 and images.shape == (len(files), 32, 32, 3)
+    assert (images.chunks[0], images.shards[0]) == (mean.chunks[0], mean.shards[0])
+    np.testing.assert_array_equal(images[:], crops)
+
+    repa = with_overrides(cfg, repa={"enabled": True}, train={"copy_dir": str(tmp_path / "copies")})
+    batches = open_batches(repa, latents, log=lambda _: None)
+    assert batches.files is not None and "images" in batches.files  # read from the copy
+    for step in (0, 3):
+        batch, rows = batches[step], batch_indices(step, 8, len(files), cfg.train.seed)
+        assert batch["images"].dtype == torch.uint8
+        np.testing.assert_array_equal(batch["images"].numpy(), crops[rows])
+        np.testing.assert_array_equal(batch["mean"].numpy(), mean[:][rows])
+
+
+def test_pixels_name_a_store_only_when_on(tiny):
+    """Stores encoded before encode.pixels existed keep their folder names."""
+    from types import SimpleNamespace
+
+    from sra2.encode import _signature
+
+    images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
+    off = _signature(tiny, images)
+    assert "pixels" not in off
+    assert _signature(with_overrides(tiny, encode={"pixels": True}), images) == {**off, "pixels": True}

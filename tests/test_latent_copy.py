@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from sra2 import latent_copy
 from sra2.latent_copy import CopyDamaged, LatentCopy, copy_root, ensure, verify
@@ -203,3 +204,33 @@ def test_a_disk_that_fills_up_while_copying_falls_back_and_leaves_nothing(tmp_pa
     assert ensure(store.path, tmp_path / "copies", logged.append) is None
     assert "filled up" in logged[-1]
     assert not any(p.is_dir() for p in (tmp_path / "copies").iterdir())
+
+
+def test_images_come_through_their_own_copy_row_for_row(tmp_path):
+    """A run that needs the images gets a copy with them, named apart from the latents-only copy
+    (neither replaces the other), and their rows are the store's."""
+    store = write_synthetic_store(tmp_path / "s", 50, (2, 4, 4), 5, chunk_size=4, shard_size=16,
+                                  rejected=REJECTED, image_size=8)
+    plain = ensure(store.path, tmp_path / "copies")
+    with_images = ensure(store.path, tmp_path / "copies", images=True)
+    assert with_images.folder != plain.folder and plain.check() is None
+    assert "images" in with_images.manifest()["arrays"] and "images" not in plain.manifest()["arrays"]
+    assert verify(store.path, tmp_path / "copies", images=True) == []
+    from_store = StepBatches(store.path, 32, seed=1, images=True)
+    from_copy = StepBatches(store.path, 32, seed=1, copy=with_images, images=True)
+    for step in range(3):
+        a, b = from_store[step], from_copy[step]
+        assert b["images"].dtype == torch.uint8 and b["images"].shape == (32, 8, 8, 3)
+        for k in ("images", "mean", "labels"):
+            np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=f"{k} {step}")
+    assert "images" not in StepBatches(store.path, 32, seed=1, copy=plain)[0]
+
+
+def test_repa_on_a_store_without_pixels_says_what_to_encode(tmp_path, tiny):
+    store = synthetic(tmp_path / "s")
+    cfg = with_overrides(tiny, repa={"enabled": True},
+                         train={"global_batch": 32, "copy_dir": str(tmp_path / "copies")})
+    with pytest.raises(ValueError, match=r"encoded without pixels: set encode.pixels: true and "
+                                         r"run the encode stage \(dvc repro encode\)"):
+        open_batches(cfg, store.path)
+    assert not (tmp_path / "copies").exists()  # failed before any copying

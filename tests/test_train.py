@@ -99,7 +99,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny, latents)
     for size in (2, 8):
         cfg = with_overrides(tiny, train={"batch_per_gpu": size})
         tr = build_trainer(cfg, data.shape, cpu, world=1)
-        values = train_step(tr, step_inputs(cfg, data[0], draws(cfg, 0, data.shape, 0, 1, cpu), tr.micro))
+        values = train_step(tr, step_inputs(tr, data[0], draws(cfg, 0, data.shape, 0, 1, cpu)))
         steps[size] = (tr.micro, values, {n: p.grad for n, p in tr.runner.named_parameters()
                                           if p.grad is not None})
     (m2, v2, g2), (m8, v8, g8) = steps[2], steps[8]
@@ -148,3 +148,19 @@ def test_sra_trains_with_its_teacher_and_resumes_to_the_same_bytes(tmp_path, tin
     a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"] for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("method", ["repa", "sra2+repa+sra"])
+def test_repa_trains_on_the_stored_images(tmp_path, method):
+    """REPA (with random DINOv2 weights) reads the crops stored with encode.pixels; with every term
+    on, each has its column."""
+    terms = {"align": {"enabled": "sra2" in method}, "repa": {"enabled": True},
+             "sra": {"enabled": "sra" in method.split("+")}}
+    cfg, latents = encoded_tiny(tmp_path, encode={"pixels": True})
+    cfg = with_overrides(cfg, train={"steps": 4, "log_every": 2, "ckpt_every": 4}, **terms)
+    summary = train(cfg, latents, tmp_path / "out")
+    header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header == ["step", "loss", "loss_velocity",
+                      *[f"loss_{t}" for t in ("align", "sra", "repa") if terms[t]["enabled"]],
+                      "grad_norm"]
+    assert -1 <= summary["loss_repa"] <= 1 and np.isfinite(summary["loss"])
