@@ -53,11 +53,11 @@ from sra2.train import build_model, train
 
 # what each run measures: the GPU's, and the smoke test's (the same code, tiny sizes)
 FULL = {"preset": "sit-b2", "models": {"SiT-B/2": 256, "SiT-XL/2": 64}, "compile": [False, True],
-        "precision": "bf16", "batch": 256, "steps": 20, "warmup": 5, "items": 20000,
+        "precision": "bf16", "batch": 256, "steps": 20, "warmup": 5, "items": 20000, "workers": 2,
         "sample": {"model": "SiT-XL/2", "num": 64, "steps": 250}, "vae": SD_VAE_SHAPE,
         "image": 256, "encode_batch": 64, "inception": 500, "determinism": ("SiT-B/2", 32, 10)}
 SMOKE = {"preset": "demo", "models": {"SiT-Demo/2": 16}, "compile": [False], "precision": "fp32",
-         "batch": 16, "steps": 4, "warmup": 2, "items": 512,
+         "batch": 16, "steps": 4, "warmup": 2, "items": 512, "workers": 0,
          "sample": {"model": "SiT-Demo/2", "num": 4, "steps": 4}, "vae": None,
          "image": 64, "encode_batch": 4, "inception": 8, "determinism": ("SiT-Demo/2", 8, 4)}
 
@@ -103,7 +103,8 @@ def train_configs(size: dict, model: str, micro: int, compiled: bool, device: st
     args = train_bench.parse_args(
         ["--preset", size["preset"], "--model", model, "--batch", str(size["batch"]),
          "--batch-per-gpu", str(micro), "--precision", size["precision"],
-         "--steps", str(size["steps"]), "--warmup", str(size["warmup"]), "--device", device]
+         "--steps", str(size["steps"]), "--warmup", str(size["warmup"]), "--device", device,
+         "--workers", str(size["workers"])]
         + (["--compile"] if compiled else []))
     return train_bench.build_config(args, "vanilla"), train_bench.build_config(args, "sra2")
 
@@ -201,7 +202,7 @@ def section_determinism(t: Table, size: dict, device: torch.device, store: Path)
         _, cfg = train_configs(size, model, batch, False, device.type)
         data = cfg.model_dump()
         data["train"].update(global_batch=batch, steps=steps, ckpt_every=steps // 2,
-                             log_every=steps // 2, deterministic=deterministic, workers=1)
+                             log_every=steps // 2, deterministic=deterministic)
         cfg = Config.model_validate(data)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)

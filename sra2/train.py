@@ -18,10 +18,12 @@ non-finite loss, gradient or weight stops the run before it is saved.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2 import atomic, dinov2, dist, fid_curve, flops
+from sra2 import atomic, dist, fid_curve, flops
 from sra2.checkpoints import Checkpoints, MetricsLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
@@ -85,7 +87,7 @@ class Trainer:
     model: SiT
     ema: SiT
     heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.objective)
-    encoder: nn.Module | None  # REPA's DINOv2, without gradients (repa on only)
+    repa_features: Callable | None  # images -> REPA's DINOv2 tokens (repa on only)
     names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
     runner: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
     opt: torch.optim.Optimizer
@@ -132,10 +134,18 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
     if tc.compile:
         runner = torch.compile(runner)
-    encoder = dinov2.load_encoder(cfg.repa, device, model.input_size // model.patch_size) \
-        if cfg.repa.enabled else None
-    return Trainer(cfg, model, ema, heads, encoder, objective.names, runner, opt, params,
-                   micro_batches(cfg, world), device)
+    return Trainer(cfg, model, ema, heads, repa_features(cfg, model, device), objective.names,
+                   runner, opt, params, micro_batches(cfg, world), device)
+
+
+def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | None:
+    """REPA's target function (its DINOv2 encoder loaded), or None without REPA."""
+    if not cfg.repa.enabled:
+        return None
+    from sra2 import dinov2  # timm takes seconds to import: only REPA runs pay for it
+
+    encoder = dinov2.load_encoder(cfg.repa, device, model.input_size // model.patch_size)
+    return functools.partial(dinov2.features, encoder)
 
 
 def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
@@ -149,8 +159,8 @@ def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
               "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
     if shift is not None:
         inputs["teacher_t"] = teacher_time(t, shift, cfg.sra.t_max)
-    if tr.encoder is not None:
-        inputs["repa_target"] = dinov2.features(tr.encoder, batch["images"])
+    if tr.repa_features is not None:
+        inputs["repa_target"] = tr.repa_features(batch["images"])
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
     return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Protocol
 
 from sra2.config import Config
-from sra2.stopping import Stopped
 
 PARENT_PID = "SRA2_PARENT_PID"  # the launching process (the flow), watched by every rank
 STOP_GRACE = "SRA2_STOP_GRACE"  # seconds a stopping rank may take to save its work
@@ -117,6 +116,9 @@ def watch_parents(interval: float = 2.0) -> threading.Thread:
 
 
 def main(argv: list[str]) -> None:
+    # here, not at the top: the flows import this module and need not pay for torch
+    from sra2.stopping import Stopped
+
     target, config, args = argv
     cfg = Config.model_validate_json(Path(config).read_text())
     rank = int(os.environ.get("RANK", "0"))

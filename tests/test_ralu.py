@@ -202,4 +202,9 @@ def test_ralu_samples_through_the_sample_stage(tmp_path, tiny):
         images[name] = ShardedStore(store).array("images")[:]
     assert images["ralu"].shape == (4, 64, 64, 3)
     assert not np.array_equal(images["ralu"], images["sde"])
-    np.testing.assert_array_equal(images["ralu"], images["ralu by 2"])
+    # the same images up to float rounding: the VAE's convolutions may pick other kernels for
+    # another batch size (seen on an AVX-512 CPU), moving a decoded value by ~1e-6, which flips
+    # the rounding to uint8 of a value next to a .5 boundary (1 grey level, a handful of pixels);
+    # a token chosen differently by the edge count would change whole patches
+    diff = np.abs(images["ralu"].astype(int) - images["ralu by 2"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
