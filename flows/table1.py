@@ -156,38 +156,49 @@ def _number(value: Any, digits: int) -> str:
     return "-"
 
 
-def _setting(params: dict) -> str:
-    """model and training steps of an experiment's parameters ("?" if they no longer resolve)."""
+def _resolved(params: dict):
+    """An experiment's configuration (None if its parameters no longer resolve)."""
     from sra2.config import ConfigError, resolve
 
     try:
-        cfg = resolve(params, "experiment")
+        return resolve(params, "experiment")
     except (ConfigError, TypeError, ValueError):
-        return "?"
-    return f"{cfg.model.name}, {cfg.train.steps} steps ({cfg.preset})"
+        return None
+
+
+def _setting(cfg) -> str:
+    """model and training steps of an experiment ("?" if its parameters no longer resolve)."""
+    return f"{cfg.model.name}, {cfg.train.steps} steps ({cfg.preset})" if cfg else "?"
+
+
+def _gflops(cfg) -> float | None:
+    """Training GFLOPs per image of an experiment's settings (sra2.flops.train_flops)."""
+    from sra2.flops import train_flops
+
+    return train_flops(cfg) / 1e9 if cfg else None
 
 
 def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = None) -> str:
-    """The table in Markdown: each row's change, the published FID, ours, and the cost: training
-    FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder: sra2.flops) and their
-    ratio to the vanilla row's."""
+    """The table in Markdown: each row's change, the published FID, ours, and the cost of its
+    settings: training FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder:
+    sra2.flops) and their ratio to the vanilla row's."""
     lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (sra2/paper.py; published numbers "
              "in SPEC.md).", "",
              "| row | change | paper FID | our FID | our IS | train GFLOPs/image | x vanilla | "
              "our run | experiment |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
-    vanilla = (found.get("vanilla") or {}).get("metrics", {}).get("train_gflops")
+    vanilla = _gflops(_resolved(found["vanilla"]["params"])) if "vanilla" in found else None
     for row in rows or table.rows:
         change = ", ".join(f"{k}={value_text(v)}" for k, v in row.changes.items())
         entry = found.get(row.name)
         if entry is None:
             ours, cost, setting, experiment = ("-", "-"), ("-", "-"), "-", "not run"
         else:
-            m = entry["metrics"]
+            m, cfg = entry["metrics"], _resolved(entry["params"])
             ours = (_number(m.get("fid"), 2), _number(m.get("inception_score"), 2))
-            gflops = m.get("train_gflops")
+            gflops = _gflops(cfg)
             cost = (_number(gflops, 1), _number(gflops / vanilla, 2) if gflops and vanilla else "-")
-            setting = _setting(entry["params"])
+            setting = _setting(cfg)
             experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
         paper = f"{row.fid:.2f}" if row.fid is not None else "-"
         lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {cost[0]} | "

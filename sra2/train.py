@@ -31,7 +31,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2 import atomic, dist, fid_curve, flops
+from sra2 import atomic, dist, fid_curve
 from sra2.checkpoints import Checkpoints, MetricsLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
@@ -366,6 +366,5 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
             progress(tc.steps, tc.steps, {"checkpoint": last_ckpt})
     final = log.rows[-1] if log is not None and log.rows else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
-            "train_gflops": round(flops.train_flops(cfg) / 1e9, 6),  # per image: the cost column
             "processes": world, "micro_batches": tr.micro,
             **{k: float(v) for k, v in final.items() if k != "step"}}

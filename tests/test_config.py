@@ -381,22 +381,28 @@ def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
 
 def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
     from flows.table1 import collect, render
+    from sra2 import flops
     from sra2.paper import TABLES
 
-    def experiment(name, fid, gflops):
-        metrics = {"data/metrics.json": {"data": {"fid": fid, "inception_score": 1.5}},
-                   "data/train.json": {"data": {"train_gflops": gflops, "steps": 20}}}
+    def experiment(name, fid, changes):
+        params = {"preset": "sit-b2", **changes}
+        metrics = {"data/metrics.json": {"data": {"fid": fid, "inception_score": 1.5}}}
         return {"name": name, "executor": None,
                 "revs": [{"rev": "abcdef0123", "data": {"timestamp": "2026-11-28T10:00:00",
-                                                       "params": {"params.yaml": {"data": {
-                                                           "preset": "tiny"}}},
+                                                       "params": {"params.yaml": {"data": params}},
                                                        "metrics": metrics}}]}
 
-    shown = [{"rev": "HEAD", "experiments": [experiment("table3-vanilla", 40.0, 2.0),
-                                             experiment("table3-repa", 35.5, 3.1)]}]
+    shown = [{"rev": "HEAD", "experiments": [
+        experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}),
+        experiment("table3-repa", 35.5, {"align": {"enabled": False}, "repa": {"enabled": True}})]}]
     table = render(collect(shown, "table3"), TABLES["3"])
-    assert "| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 | 1.50 | 2.0 | 1.00 |" in table
-    assert re.search(r"\| REPA .* \| 24\.40 \| 35\.50 \| 1\.50 \| 3\.1 \| 1\.55 \|", table), table
+    vanilla = flops.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False}})) / 1e9
+    repa = flops.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False},
+                                      "repa": {"enabled": True}})) / 1e9
+    assert (f"| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 | 1.50 | "
+            f"{vanilla:.1f} | 1.00 |") in table
+    assert f"| 24.40 | 35.50 | 1.50 | {repa:.1f} | {repa / vanilla:.2f} |" in table, table
+    assert 1.3 < repa / vanilla < 1.5  # DINOv2's forward (~46 GFLOPs) on SiT-B/2's ~138
     assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| not run \|", table), table
 
 
