@@ -1,7 +1,8 @@
-"""Training: SiT + the SRA 2 alignment loss on cached latents, with EMA, checkpoints and resume.
+"""Training: SiT + the alignment terms switched on (SRA 2, SRA, REPA: :mod:`sra2.objective`) on
+cached latents, with EMA, checkpoints and resume.
 
 Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
-dropout) comes from generators seeded by (seed, s) for the whole global batch, so a run resumed
+dropout, SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch, so a run resumed
 from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run would take.
 Each process splits its part of the batch into micro-batches of ``train.batch_per_gpu`` whose
 gradients add up to the step's; per-step work stays on the device (one host sync per log row).
