@@ -92,7 +92,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of train_step on one batch and one draw of noise already on the device: the median
+    """Images/s of a step on one batch and one draw of noise already on the device: the median
     over windows of ``warmup`` steps, as the loop's rate is over its log rows."""
     tr = build_trainer(cfg, shape, device, world=1)
     n = cfg.train.global_batch
@@ -104,15 +104,19 @@ def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int, 
         side = cfg.data.image_size
         batch["images"] = torch.randint(0, 256, (n, side, side, 3), generator=g, device=device,
                                         dtype=torch.uint8)
-    inputs = step_inputs(tr, batch, draws(cfg, 0, shape, 0, 1, device))
+    noise = draws(cfg, 0, shape, 0, 1, device)
+
+    def step() -> None:  # the inputs are made every step, as the loop makes them (REPA's encoder)
+        train_step(tr, step_inputs(tr, batch, noise))
+
     for _ in range(warmup):
-        train_step(tr, inputs)
+        step()
     rates = []
     for _ in range(steps // warmup):
         synchronize(device)
         start = time.perf_counter()
         for _ in range(warmup):
-            train_step(tr, inputs)
+            step()
         synchronize(device)
         rates.append(warmup * n / (time.perf_counter() - start))
     return statistics.median(rates)
