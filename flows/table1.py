@@ -197,7 +197,8 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
             m, cfg = entry["metrics"], _resolved(entry["params"])
             ours = (_number(m.get("fid"), 2), _number(m.get("inception_score"), 2))
             gflops = _gflops(cfg)
-            cost = (_number(gflops, 1), _number(gflops / vanilla, 2) if gflops and vanilla else "-")
+            cost = (f"{gflops:.4g}" if gflops else "-",
+                    _number(gflops / vanilla, 2) if gflops and vanilla else "-")
             setting = _setting(cfg)
             experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
         paper = f"{row.fid:.2f}" if row.fid is not None else "-"

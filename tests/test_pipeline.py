@@ -186,7 +186,7 @@ def test_queued_experiments_keep_their_results(pipeline):
     for row, name in zip(rows, names):
         fid = results[name]["data/metrics.json"]["fid"]
         # and the cost of its settings beside vanilla's
-        assert re.search(rf"\| {fid:.2f} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| "
+        assert re.search(rf"\| {fid:.2f} \| [0-9.]+ \| [0-9.e+-]+ \| [0-9.]+ \| "
                          rf"SiT-Micro/2, 20 steps \(tiny\) \| {name} ", table), table
 
     # applying an experiment brings back its own results
