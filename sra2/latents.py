@@ -121,11 +121,11 @@ def _sorted_read(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
 
 def read_rate(batches: StepBatches, steps: int = 3) -> float:
     """Latents/s one process reads from ``batches`` (steps 1.. ``steps``, after opening on step 0)."""
-    batches[0]
+    size = len(batches[0]["labels"])
     start = time.perf_counter()
     for step in range(1, steps + 1):
         batches[step]
-    return steps * len(batches[0]["labels"]) / (time.perf_counter() - start)
+    return steps * size / (time.perf_counter() - start)
 
 
 def require_images(store: ShardedStore) -> None:
