@@ -4,23 +4,66 @@ the exported EMA weights the sample stage reads, and the per-step metrics log.
 A run's folder is named by the hash of what its numbers depend on (``sra2.train.signature``);
 everything that belongs to one step of it (a checkpoint, an FID snapshot, its samples) is named
 :func:`step_file`.
+
+Resume reads checkpoints with the safe reader (:func:`sra2.models.read_checkpoint`) and falls
+back: a checkpoint that cannot be resumed from (truncated, not a training checkpoint, non-finite
+weights) is moved to ``quarantine/`` with a warning naming it and why, and the run resumes from
+the newest step file that reads, which ``latest`` then names; with none left it starts at step 0.
+One damaged file costs the steps since the one before it (retaken, they end with the bytes of an
+unbroken run). A checkpoint refused because it would run code is not damage but a file someone
+put there: it stops the run, named.
 """
 
 from __future__ import annotations
 
 import csv
+import pickle
 import re
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
 
 from sra2 import atomic
 from sra2.config import Config
+from sra2.models import CheckpointError, read_checkpoint
 from sra2.store import digest
+
+# what sra2.train resumes from
+REQUIRED = ("step", "model", "ema", "opt", "heads")
+# read_checkpoint's words for a file that would run code when unpickled
+REFUSED = "refused to load: unsupported global"
+
 
 def step_file(step: int) -> str:
     """The name of what belongs to ``step`` (without a suffix): ``step-0000100``."""
     return f"step-{step:07d}"
+
+
+def resumable(path: Path) -> tuple[dict | None, str]:
+    """The training checkpoint at ``path``, or None and why training cannot resume from it.
+
+    Raises :class:`CheckpointError` for a file that would run code: that is not damage to skip."""
+    try:
+        state = read_checkpoint(path)
+    except FileNotFoundError:
+        return None, "missing"
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if REFUSED in str(e):
+            raise CheckpointError(f"{e}. Training does not skip it (it is not damaged): move it "
+                                  f"out of {path.parent} to resume from the checkpoint before "
+                                  "it") from None
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives
+            return None, "not a complete zip archive (truncated, or not a torch file)"
+        return None, str(e).removeprefix(f"{path}: ").splitlines()[0]
+    if missing := [key for key in REQUIRED if key not in state]:
+        return None, f"not a training checkpoint (no {', '.join(missing)})"
+    for part in ("model", "ema"):
+        for name, t in state[part].items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return None, f"non-finite values in {part}.{name}"
+    return state, ""
 
 
 def ema_export(cfg: Config, ema: torch.nn.Module, step: int) -> dict:
@@ -36,7 +79,8 @@ class Checkpoints:
 
     ``run`` is a hash of the signature: other settings start a new run beside the old one
     instead of resuming it or overwriting it, and going back to old settings resumes the old run.
-    Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/``).
+    Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/`` or
+    ``quarantine/``).
     """
 
     STEP_FILE = re.compile(r"step-(\d+)\.pt")  # what step_file names, read back
@@ -49,8 +93,19 @@ class Checkpoints:
         return self.folder / f"{step_file(step)}.pt"
 
     def latest(self) -> Path | None:
-        pointer = self.folder / "latest"
-        return self.folder / pointer.read_text().strip() if pointer.exists() else None
+        """The step file ``latest`` names (present or not); None if it is missing or names none."""
+        try:
+            name = (self.folder / "latest").read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return self.folder / name if self.STEP_FILE.fullmatch(name) else None
+
+    def steps(self) -> list[int]:
+        """The steps of the step files in the run folder, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        names = (self.STEP_FILE.fullmatch(p.name) for p in self.folder.iterdir())
+        return sorted(int(m[1]) for m in names if m)
 
     def save(self, state: dict) -> Path:
         if not (self.folder / "signature.json").exists():
@@ -64,14 +119,48 @@ class Checkpoints:
     def prune(self, newest: int) -> None:
         """Delete the step files older than the ``keep`` newest up to ``newest`` (the one
         ``latest`` names; a later file left by a crash is written again on the way)."""
-        names = (self.STEP_FILE.fullmatch(p.name) for p in self.folder.iterdir())
-        steps = sorted(int(m[1]) for m in names if m and int(m[1]) <= newest)
+        steps = [step for step in self.steps() if step <= newest]
         for step in steps[:-self.keep]:
             self.path(step).unlink(missing_ok=True)
 
-    def load(self) -> dict | None:
-        path = self.latest()
-        return None if path is None else torch.load(path, map_location="cpu", weights_only=True)
+    def load(self, repair: bool = True) -> dict | None:
+        """The checkpoint to resume from: the one ``latest`` names, else the newest step file that
+        reads (see the module's docstring); None to start at step 0.
+
+        ``repair`` is for one process per run: it quarantines, rewrites ``latest`` and warns on
+        stderr. The other ranks pick the same file without touching the folder."""
+        pointer, named = self.folder / "latest", self.latest()
+        newest_first = [self.path(step) for step in reversed(self.steps())]
+        order = ([named] if named else []) + [p for p in newest_first if p != named]
+        warn = (lambda text: print(f"WARNING: {text}", file=sys.stderr)) if repair else None
+        if warn and order and named is None:
+            warn(f"{pointer} is missing or names no step file")
+        for path in order:
+            state, why = resumable(path)
+            if state is not None:
+                if warn and path != named:
+                    atomic.write_text(pointer, path.name + "\n")
+                    warn(f"resuming from {path} (step {state['step']}); {pointer} names it now")
+                return state
+            if why == "missing":  # named by latest, or moved by the repairing rank since listed
+                if warn and path == named:
+                    warn(f"{pointer} names {path}, which is missing")
+            elif warn:
+                warn(f"cannot resume from {path}: {why}; moved to {self.quarantine(path)}")
+        if warn and order:
+            pointer.unlink(missing_ok=True)
+            warn(f"no checkpoint left to resume from in {self.folder}: training starts at step 0")
+        return None
+
+    def quarantine(self, path: Path) -> Path:
+        """Move ``path`` into ``quarantine/`` (kept to be looked at, never deleted), numbered so
+        it is no step file and never replaces one moved there before."""
+        folder = self.folder / "quarantine"
+        folder.mkdir(exist_ok=True)
+        n = 1
+        while (folder / f"{path.name}.{n}").exists():
+            n += 1
+        return path.rename(folder / f"{path.name}.{n}")
 
 
 class MetricsLog:

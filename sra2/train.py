@@ -303,10 +303,10 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     # --- model, optimizer and resume
     tr = build_trainer(cfg, data.shape, device, world)
     ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
-    state = ckpts.load()
+    state = ckpts.load(repair=rank == 0)  # rank 0 quarantines and repoints; all pick one file
     start = state["step"] if state else 0
     if start > tc.steps:
-        raise ValueError(f"train.steps is {tc.steps} but {ckpts.latest()} is already at step "
+        raise ValueError(f"train.steps is {tc.steps} but {ckpts.path(start)} is already at step "
                          f"{start}: raise train.steps, or sample from that checkpoint")
     if state:
         tr.load(state)
