@@ -17,23 +17,19 @@ put there: it stops the run, named.
 from __future__ import annotations
 
 import csv
-import pickle
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 
 from sra2 import atomic
 from sra2.config import Config
-from sra2.models import CheckpointError, read_checkpoint
+from sra2.models import CheckpointError, UnsafeCheckpoint, read_checkpoint
 from sra2.store import digest
 
 # what sra2.train resumes from
 REQUIRED = ("step", "model", "ema", "opt", "heads")
-# read_checkpoint's words for a file that would run code when unpickled
-REFUSED = "refused to load: unsupported global"
 
 
 def step_file(step: int) -> str:
@@ -44,19 +40,16 @@ def step_file(step: int) -> str:
 def resumable(path: Path) -> tuple[dict | None, str]:
     """The training checkpoint at ``path``, or None and why training cannot resume from it.
 
-    Raises :class:`CheckpointError` for a file that would run code: that is not damage to skip."""
+    Raises :class:`UnsafeCheckpoint` for a file that would run code: that is not damage to skip."""
     try:
         state = read_checkpoint(path)
     except FileNotFoundError:
         return None, "missing"
-    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        if REFUSED in str(e):
-            raise CheckpointError(f"{e}. Training does not skip it (it is not damaged): move it "
-                                  f"out of {path.parent} to resume from the checkpoint before "
-                                  "it") from None
-        if not zipfile.is_zipfile(path):  # torch.save writes zip archives
-            return None, "not a complete zip archive (truncated, or not a torch file)"
-        return None, str(e).removeprefix(f"{path}: ").splitlines()[0]
+    except UnsafeCheckpoint as e:
+        raise UnsafeCheckpoint(f"{e}. Training does not skip it (it is not damaged): move it out "
+                               f"of {path.parent} to resume from the checkpoint before it") from None
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{path}: ")
     if missing := [key for key in REQUIRED if key not in state]:
         return None, f"not a training checkpoint (no {', '.join(missing)})"
     for part in ("model", "ema"):

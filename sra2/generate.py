@@ -114,6 +114,8 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     if progress and not todo:  # nothing left to sample: say it is complete
         progress(0, 0)
     dist.barrier()
+    if rank == 0:  # every rank's shards written: never report a store with a file gone
+        store.raise_for(store.check())
     return path
 
 

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from sra2 import flops, latent_copy
 from sra2.config import Config
 from sra2.encode import rejects
-from sra2.store import ShardedStore, pointed_store
+from sra2.store import ShardedStore, StoredArray, pointed_store
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -97,9 +96,9 @@ class StepBatches(Dataset):
             if self.files:
                 self._arrays = {name: np.load(f, mmap_mode="r").__getitem__
                                 for name, f in self.files.items()}
-            else:
-                group = zarr.open_group(self.path, mode="r")
-                self._arrays = {name: functools.partial(_sorted_read, group[name])
+            else:  # opened by the constructor, which checked the files
+                store = ShardedStore(self.path, check=False)
+                self._arrays = {name: functools.partial(_sorted_read, store.array(name))
                                 for name in self.names}
         return self._arrays
 
@@ -113,10 +112,10 @@ class StepBatches(Dataset):
         return out
 
 
-def _sorted_read(array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+def _sorted_read(array: StoredArray, rows: np.ndarray) -> np.ndarray:
     # one sorted read per array (a batch spanning two epochs may hold an item twice)
     stored, back = np.unique(rows, return_inverse=True)
-    return array.oindex[stored][back]
+    return array[stored][back]
 
 
 def read_rate(batches: StepBatches, steps: int = 3) -> float:

@@ -282,30 +282,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely, or whose layout does not tell its convention."""
 
 
-def _refused_globals(path, error: Exception) -> str:
-    """What weights_only refused: every unsafe global of a zip-format file, else torch's reason."""
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint whose unpickling would call code that is not on the allowed list: not damage,
+    a file someone made so."""
+
+
+def _unsafe_globals(path, error: Exception) -> list[str]:
+    """What weights_only refused: every unsafe global of a zip-format file, else the first one
+    the message names (legacy format); none for bytes that are no pickle at all."""
     try:
         allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                 if n not in allowed]
-    except Exception:  # legacy (non-zip) format: only the message names the first one
-        names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
-    if names:
-        return "unsupported global " + ", ".join(names)
-    reason = re.search(r"WeightsUnpickler error: ([^\n]+)", str(error))
-    return reason.group(1) if reason else str(error)
+        return [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                if n not in allowed]
+    except Exception:  # legacy (non-zip) format
+        return re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
 
 
 def read_checkpoint(path) -> dict:
-    """A checkpoint's dict, unpickled with weights_only: an untrusted file cannot run code."""
+    """A checkpoint's dict, unpickled with weights_only: an untrusted file cannot run code.
+    :class:`UnsafeCheckpoint` for a file that would run code, :class:`CheckpointError` naming the
+    file for one that cannot be read (truncated, not a torch file)."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: {_refused_globals(path, e)}. Only tensors, plain "
-            "containers, numbers, strings and argparse.Namespace are read from checkpoints; if "
-            "you trust the file, re-save its weights as a plain state_dict") from None
+        if names := _unsafe_globals(path, e):
+            raise UnsafeCheckpoint(
+                f"{path}: refused to load: unsupported global {', '.join(names)}. Only tensors, "
+                "plain containers, numbers, strings and argparse.Namespace are read from "
+                "checkpoints; if you trust the file, re-save its weights as a plain "
+                "state_dict") from None
+        raise CheckpointError(f"{path}: not a torch checkpoint (its bytes are no pickle): "
+                              "damaged, or another kind of file") from None
+    except (RuntimeError, EOFError) as e:  # torch's zip reader on a cut or garbled file
+        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0]}): truncated or "
+                              "damaged; save or copy it again") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a state_dict or a training checkpoint (a dict), "
                               f"got {type(ckpt).__name__}")

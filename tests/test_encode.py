@@ -125,9 +125,10 @@ def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
     store = ShardedStore(latents)
     files = store.array("files")[:]
     crops = np.stack([load_cropped(Path(cfg.data.root) / f, cfg.data.image_size) for f in files])
-    images, mean = store.array("images"), store.array("mean")
+    images = store.array("images")
     assert images.dtype == np.uint8 and images.shape == (len(files), 32, 32, 3)
-    assert (images.chunks[0], images.shards[0]) == (mean.chunks[0], mean.shards[0])
+    z = store.group
+    assert (z["images"].chunks[0], z["images"].shards[0]) == (z["mean"].chunks[0], z["mean"].shards[0])
     np.testing.assert_array_equal(images[:], crops)
 
     repa = with_overrides(cfg, repa={"enabled": True}, train={"copy_dir": str(tmp_path / "copies")})

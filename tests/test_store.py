@@ -17,7 +17,9 @@ def test_shards_are_written_marked_and_reopened(tmp_path):
     again = make(tmp_path / "s")
     assert again.pending_shards() == [0, 1] and not again.complete
     assert again.pending_shards(rank=1, world=2) == [1]
-    assert again.records() == [{"shard": 2, "note": "last"}]
+    [record] = again.records()
+    assert record["shard"] == 2 and record["note"] == "last"
+    assert record["files"]["x"]["file"] == "x/c/2/0" and record["files"]["x"]["bytes"] > 0
     np.testing.assert_array_equal(again.array("x")[8:], 1)
     np.testing.assert_array_equal(again.array("labels")[:], np.arange(10))
 
