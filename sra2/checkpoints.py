@@ -78,8 +78,9 @@ class Checkpoints:
 
     STEP_FILE = re.compile(r"step-(\d+)\.pt")  # what step_file names, read back
 
-    def __init__(self, folder: str | Path, signature: dict, keep: int = 3):
-        self.folder = Path(folder) / digest(signature)
+    def __init__(self, folder: str | Path, signature: dict | None, keep: int = 3):
+        # no signature: ``folder`` is a run's folder found on disk, to inspect (sra2.verify)
+        self.folder = Path(folder) / digest(signature) if signature is not None else Path(folder)
         self.signature, self.keep = signature, keep
 
     def path(self, step: int) -> Path:

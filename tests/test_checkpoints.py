@@ -143,3 +143,15 @@ def test_a_truncated_newest_checkpoint_costs_the_steps_since_the_one_before(tmp_
     refused = re.escape(f"{run / 'step-0000008.pt'}: refused to load")
     with pytest.raises(CheckpointError, match=refused):
         train(with_overrides(cfg, train={"steps": 8}), latents, tmp_path / "broken")
+
+
+def test_verify_scrubs_a_run_folder(ckpts, capsys):
+    from sra2 import verify
+
+    assert verify.main([str(ckpts.folder.parent)]) == 0
+    assert f"{ckpts.folder}: 3 checkpoint(s): clean" in capsys.readouterr().out
+    truncate(ckpts.path(2))
+    assert verify.main([str(ckpts.folder)]) == 1
+    assert f"DAMAGED {ckpts.path(2)}: cannot be read" in capsys.readouterr().out
+    assert verify.main([str(ckpts.folder), "--repair"]) == 0
+    assert ckpts.steps() == [1, 3] and (ckpts.folder / "quarantine" / "step-0000002.pt.1").exists()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sra2.store import ShardedStore, StoreMismatch
+from sra2.store import QUARANTINE, DamagedStore, ShardedStore, StoreMismatch
 
 
 def make(path, signature=None):
@@ -64,3 +64,97 @@ def test_a_missing_pointer_or_store_is_named(tmp_path):
     (tmp_path / "latents.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a latent store pointer"):
         pointed_store(tmp_path / "latents.json")
+
+
+# --- checks: every stored byte is verified, damage is named and repaired by a rerun
+
+def written(path, shards=(0, 1, 2)):
+    """A store with ``shards`` written from seeded values; returns it and those values."""
+    store = make(path)
+    values = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    for s in shards:
+        store.write_shard(s, {"x": values[slice(*store.shard_range(s))]}, {})
+    return store, values
+
+
+def snapshot(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def flip_bytes(path, at=-30, count=4):
+    data = bytearray(path.read_bytes())
+    for i in range(count):
+        data[at + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_changed_bytes_fail_the_read_naming_store_array_shard_and_file(tmp_path):
+    store, _ = written(tmp_path / "s")
+    chunk = store.shard_files(1)["x"]
+    flip_bytes(chunk, at=10)  # inside the first chunk's compressed bytes, not the index
+    again = ShardedStore(tmp_path / "s")  # a stat finds nothing: the size is the same
+    np.testing.assert_array_equal(again.array("x")[:4].shape, (4, 3))  # other shards still read
+    with pytest.raises(DamagedStore) as e:
+        again.array("x")[np.array([1, 5, 9])]
+    message = str(e.value)
+    assert f"{tmp_path / 's'}: reading 'x'" in message and "shard 1" in message
+    assert str(chunk) in message and "checksum" in message and "--repair" in message
+
+
+def test_a_deleted_or_resized_chunk_file_is_found_at_open_without_reading(tmp_path):
+    store, _ = written(tmp_path / "s")
+    gone = store.shard_files(2)["x"]
+    gone.unlink()
+    with pytest.raises(DamagedStore, match=rf"shard 2: {gone}: missing"):
+        ShardedStore(tmp_path / "s")
+    store, _ = written(tmp_path / "t")
+    cut = store.shard_files(0)["x"]
+    cut.write_bytes(cut.read_bytes()[:-5])
+    with pytest.raises(DamagedStore, match=r"shard 0: .*x/c/0/0: \d+ bytes where its done mark"):
+        ShardedStore(tmp_path / "t")
+
+
+def test_a_rerun_quarantines_damaged_shards_and_ends_with_the_undisturbed_bytes(tmp_path, capsys):
+    _, values = written(tmp_path / "ref")
+    reference = snapshot(tmp_path / "ref")
+    store, _ = written(tmp_path / "s")
+    flip_bytes(store.shard_files(1)["x"], at=10)
+    store.shard_files(2)["x"].unlink()
+    (tmp_path / "s" / "done" / "shard-000000.json").write_text("{cut")
+    again = make(tmp_path / "s")  # what a stage does when it starts
+    assert again.pending_shards() == [0, 1, 2]
+    log = capsys.readouterr().out
+    assert "moved 3 damaged shard(s) [0, 1, 2]" in log and "differs" in log and "missing" in log
+    kept = list((tmp_path / QUARANTINE / "s").glob("*/x/c/1/0"))
+    assert len(kept) == 1  # the damaged bytes are kept for inspection, out of the store
+    for s in again.pending_shards():
+        again.write_shard(s, {"x": values[slice(*again.shard_range(s))]}, {})
+    assert snapshot(tmp_path / "s") == reference
+
+
+def test_a_shard_of_zeros_has_a_file_too(tmp_path):
+    store = make(tmp_path / "s")
+    store.write_shard(0, {"x": np.zeros((4, 3), np.float32)}, {})
+    assert store.shard_files(0)["x"].is_file()
+    store.shard_files(0)["x"].unlink()
+    with pytest.raises(DamagedStore, match="missing"):
+        ShardedStore(tmp_path / "s")
+
+
+def test_verify_reports_clean_and_damaged_and_repairs(tmp_path, capsys):
+    from sra2 import verify
+
+    written(tmp_path / "stores" / "a")
+    store, _ = written(tmp_path / "stores" / "b")
+    assert verify.main([str(tmp_path / "stores")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'stores' / 'a'}: 3 of 3 shards done" in out and out.count(": clean\n") == 2
+    chunk = store.shard_files(1)["x"]
+    flip_bytes(chunk, at=10)
+    assert verify.main([str(tmp_path / "stores")]) == 1
+    out = capsys.readouterr().out
+    assert f"DAMAGED shard 1: {chunk}: its CRC32C differs" in out and "1 damaged file(s)" in out
+    assert verify.main([str(tmp_path / "stores"), "--repair"]) == 0
+    assert ShardedStore(store.path).pending_shards() == [1]
+    assert verify.main([str(tmp_path / "stores")]) == 0
