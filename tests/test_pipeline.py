@@ -98,6 +98,29 @@ def test_second_repro_has_nothing_to_do(pipeline):
     assert ran_stages(log) == [] and "up to date" in log
 
 
+def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline):
+    work, env, _ = pipeline
+    lock = (work / "dvc.lock").read_text()
+    latents = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
+    changed = latents / "mean/c/0/0/0/0"  # bytes changed inside a chunk, the size kept
+    data = bytearray(changed.read_bytes())
+    data[10:14] = bytes(b ^ 0xFF for b in data[10:14])
+    changed.write_bytes(bytes(data))
+    [samples] = (work / "data/samples/shards").glob("*/zarr.json")
+    deleted = samples.parent / "images/c/1/0/0/0"
+    deleted.unlink()  # a missing file, which zarr would read as black images
+
+    log = run(["dvc", "repro"], work, env)
+    assert ran_stages(log) == ["encode", "sample"]  # the rest see the bytes they saw before
+    assert "moved 1 damaged shard(s) [0]" in log and "CRC32C differs" in log and "missing" in log
+    assert (work / "dvc.lock").read_text() == lock  # the bytes of the undisturbed run
+    checked = run([sys.executable, "-m", "sra2.verify", "data/latents", "data/samples/shards"],
+                  work, env)
+    assert checked.count(": clean") == 2
+    assert len(list((work / "data/latents/.quarantine").rglob("mean/c/0/0/0/0"))) == 1
+    assert "up to date" in run(["dvc", "status"], work, env)
+
+
 def flow_runs_since(start) -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
