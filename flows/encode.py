@@ -12,7 +12,7 @@ from flows.common import parse, run_workers, table
 from flows.monitor import current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
-from sra2.encode import encode_dataset
+from sra2.encode import encode_dataset, first_files
 from sra2.store import write_pointer
 
 
@@ -31,9 +31,12 @@ def encode_flow(cfg: Config, out: str, summary: str, pointer: str | None = None)
             write_pointer(pointer, result["store"])
         atomic.write_json(summary, result)
         table("encode-summary", result, f"encode of {cfg.data.root} into {out}")
-        current().say(f"encode: {result['store']}: {result['encoded']} images, rejected "
-                      f"{result['rejected']}, encoded now {result['encoded_now']}, "
-                      f"{result['images_per_s']} images/s")
+        current().say(f"encode: {result['store']}: {result['encoded']} images; rejected "
+                      f"{result['rejected']}{first_files(result['rejects'])}; odd (accepted) "
+                      f"{result['odd']}{first_files(result['odd_images'])}; encoded now "
+                      f"{result['encoded_now']}, {result['images_per_s']} images/s"
+                      + (f" (reasons in {summary})" if result["rejects"] or result["odd_images"]
+                         else ""))
     return result
 
 

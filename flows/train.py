@@ -7,7 +7,7 @@ sampling land in <out>/ema.pt, the loss log in <out>/metrics.csv.
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 from flows.common import parse, run_workers, table
 from flows.monitor import Picture, current, run_stage, stage_flow
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
                                          "file naming it"),
         "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
         "summary": ("data/train.json", "final losses and the process count, for dvc metrics")}, argv)
-    Path(args["out"]).mkdir(parents=True, exist_ok=True)
+    try:
+        atomic.make_folder(args["out"])
+    except atomic.NotAFolder as e:  # says all there is to say, as a bad parameter file does
+        sys.exit(f"error: {e}")
     run_stage(train_flow, cfg.preset, cfg=cfg, latents=str(pointed_store(args["latents"])),
               out=args["out"], summary=args["summary"])
 

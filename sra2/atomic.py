@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -28,21 +29,103 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_with(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place."""
+class NotAFolder(FileExistsError):
+    """A path that should be a folder (an output, or a parent of one) is a file; ``strerror``
+    holds the whole message."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def make_folder(path: str | Path) -> Path:
+    """``mkdir -p path``, naming what is in the way when ``path`` or a parent of it is a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotAFolder(errno.EEXIST, f"{blocker} exists and is not a folder: move it away "
+                                       f"and rerun", str(blocker)) from None
+    return path
+
+
+class WriteFailed(OSError):
+    """Writing ``filename`` failed with ``errno``; the file is as it was before. ``strerror``
+    holds the whole message: what went wrong, the file, what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_WHAT_TO_DO = {errno.ENOSPC: "free space and rerun",
+               errno.EDQUOT: "free space within your quota (or raise it) and rerun",
+               errno.EROFS: "remount the file system writable or write elsewhere, and rerun",
+               errno.EACCES: "give yourself write permission on its folder and rerun",
+               errno.EPERM: "give yourself write permission on its folder and rerun",
+               errno.EIO: "check the disk (dmesg) and rerun"}
+
+
+def _failed(path: Path, cause: OSError) -> WriteFailed:
+    said = (cause.strerror or str(cause) or type(cause).__name__).rstrip(".")
+    what = _WHAT_TO_DO.get(cause.errno, "fix that and rerun")
+    return WriteFailed(cause.errno, f"{said[:1].lower()}{said[1:]} writing {path}; {what}: "
+                                    f"nothing was lost", str(path))
+
+
+class _Watched:
+    """The temporary file, remembering the first OSError that its write or flush raised: a caller
+    may swallow it (torch.save's C++ writer raises "unexpected pos ..." instead, naming neither the
+    error nor the file)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def _watch(self, method, *args):
+        try:
+            return method(*args)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def write(self, data):
+        return self._watch(self.file.write, data)
+
+    def flush(self):
+        return self._watch(self.file.flush)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def write_with(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place. An
+    OSError of the writing itself (a full disk, a read-only file system...) is a
+    :class:`WriteFailed` naming ``path``; the temporary file is removed, ``path`` is untouched."""
+    path = Path(path)
+    make_folder(path.parent)
+    tmp = f = theirs = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as raw:
+            f = _Watched(raw)
+            try:
+                write(f)
+            except BaseException as e:
+                theirs = e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        # an OSError that write() raised on its own (reading its input, say) is not about path
+        ours = e if isinstance(e, OSError) and e is not theirs else None
+        cause = (f.error if f is not None else None) or ours
+        if cause is None or not isinstance(e, Exception):
+            raise
+        raise _failed(path, cause) from e
     _fsync_dir(path.parent)
 
 

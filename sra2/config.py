@@ -166,6 +166,10 @@ class Encode(Section):
     pixels: bool = False  # also store the ADM crops as uint8 (what repa needs at training time)
     # stop at the first undecodable file instead of listing it as rejected
     strict: Annotated[bool, NotInResult()]
+    # images whose crop shows little of them (sra2.data.oddity: shorter side under 32 px, aspect
+    # over 4:1): accept encodes them and lists them as warnings (the papers train on every ImageNet
+    # image); reject lists them as rejected files, which training skips
+    odd_images: Literal["accept", "reject"] = "accept"
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]  # auto: this rank's GPU if any
 
     @model_validator(mode="after")

@@ -63,6 +63,24 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
+# An image is "odd" when its ADM crop shows little of it: below 32 px on the shorter side the crop
+# upsamples by 8x or more at 256 px (a 1x1 image becomes a flat colour field); above 4:1 the centre
+# crop keeps under a quarter of the picture, often not its subject (a 4:3 photograph keeps 3/4).
+MIN_SIDE = 32
+MAX_ASPECT = 4.0
+
+
+def oddity(size: tuple[int, int]) -> str:
+    """Why an image of ``size`` (width, height) gives a poor centre crop, or "" if it does not."""
+    short, long = min(size), max(size)
+    why = []
+    if short < MIN_SIDE:
+        why.append(f"shorter side {short} px, under {MIN_SIDE} px")
+    if long > MAX_ASPECT * short:
+        why.append(f"aspect ratio {long / short:.1f}:1, over {MAX_ASPECT:g}:1")
+    return "; ".join(why)
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode any image PIL reads (CMYK, grayscale, palette, PNG named .JPEG) as RGB."""
     try:

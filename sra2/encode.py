@@ -18,29 +18,35 @@ from tqdm import tqdm
 
 from sra2 import dist, vae as vae_lib
 from sra2.config import Config, result_settings
-from sra2.data import BadImage, ImageList, list_images, load_cropped
+from sra2.data import BadImage, ImageList, center_crop_arr, list_images, load_rgb, oddity
 from sra2.store import ShardedStore, attributes, digest
 from sra2.worker import Progress
 
 
 class _CroppedFiles(Dataset):
-    """Item i: (i, uint8 CHW crop or zeros, reason it was rejected or "")."""
+    """Item i: (i, uint8 CHW crop or zeros, "WxH" before cropping or "", reason it was rejected or
+    "", why it is odd (:func:`sra2.data.oddity`) or "")."""
 
-    def __init__(self, images: ImageList, size: int, strict: bool):
-        self.images, self.size, self.strict = images, size, strict
+    def __init__(self, images: ImageList, size: int, strict: bool, odd_images: str):
+        self.images, self.size, self.strict, self.odd_images = images, size, strict, odd_images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
         path = self.images.root / self.images.files[i]
+        blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         try:
-            arr = load_cropped(path, self.size)
-            return i, torch.from_numpy(arr.transpose(2, 0, 1).copy()), ""
+            image = load_rgb(path)
         except BadImage as e:
             if self.strict:
                 raise BadImage(f"{path}: {e} (encode.strict is on)") from None
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+            return i, blank, "", str(e), ""
+        size, odd = f"{image.width}x{image.height}", oddity(image.size)
+        if odd and self.odd_images == "reject":
+            return i, blank, size, f"odd image {size}: {odd} (encode.odd_images is reject)", ""
+        arr = center_crop_arr(image, self.size)
+        return i, torch.from_numpy(arr.transpose(2, 0, 1).copy()), size, "", odd
 
 
 def _signature(cfg: Config, images: ImageList) -> dict:
@@ -48,10 +54,11 @@ def _signature(cfg: Config, images: ImageList) -> dict:
     # bytes: their weights' digest (which stands for demo.vae, its training) and the drawing
     # settings name the store too. Left out here only: vae.scale, which multiplies the latents
     # after they are stored (it changes training's results, not the store's), and shard_size,
-    # which the store's attributes record beside this signature. pixels only where true: stores
-    # encoded before the setting existed keep their folders
+    # which the store's attributes record beside this signature. pixels and odd_images only where
+    # not at their defaults: stores encoded before these settings existed keep their folders
     weights, demo = vae_lib.weights_digest(cfg.vae), cfg.data.demo
-    left_out = {"shard_size"} if cfg.encode.pixels else {"shard_size", "pixels"}
+    defaults = {"pixels": False, "odd_images": "accept"}
+    left_out = {"shard_size", *(k for k, v in defaults.items() if getattr(cfg.encode, k) == v)}
     return {"vae": result_settings(cfg.vae, exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest({"files": images.files, "labels": images.labels}),
             **result_settings(cfg.encode, exclude=left_out),
@@ -102,11 +109,12 @@ class _ShardAssembler:
         self.writer = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Future] = []
 
-    def add(self, indices: list[int], outputs: list[np.ndarray], rejects: list[dict]) -> None:
+    def add(self, indices: list[int], outputs: list[np.ndarray], rejects: list[dict],
+            odd: list[dict]) -> None:
         shard = indices[0] // self.store.shard_size
-        self.parts.setdefault(shard, []).append((outputs, rejects, len(indices)))
+        self.parts.setdefault(shard, []).append((outputs, rejects, odd, len(indices)))
         start, stop = self.store.shard_range(shard)
-        if sum(p[2] for p in self.parts[shard]) == stop - start:
+        if sum(p[3] for p in self.parts[shard]) == stop - start:
             self._submit(shard, self.parts.pop(shard))
 
     def _submit(self, shard: int, parts: list) -> None:
@@ -117,7 +125,8 @@ class _ShardAssembler:
     def _write(self, shard: int, parts: list) -> None:
         data = {n: np.concatenate([p[0][k] for p in parts]).astype(dtype, copy=False)
                 for k, (n, dtype) in enumerate(self.dtypes.items())}
-        self.store.write_shard(shard, data, {"rejects": [r for p in parts for r in p[1]]})
+        self.store.write_shard(shard, data, {"rejects": [r for p in parts for r in p[1]],
+                                             "odd": [r for p in parts for r in p[2]]})
 
     def close(self) -> None:
         for f in self.pending:
@@ -186,7 +195,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         print(_plan(cfg, images, store, todo, world, vae, device, per_image))
 
     loader = DataLoader(
-        _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict),
+        _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict, cfg.encode.odd_images),
         batch_sampler=_batches(store, shards, cfg.encode.batch_size),
         num_workers=cfg.encode.workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.encode.workers else None,
@@ -196,13 +205,16 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)
 
-    def finish(indices: list[int], reasons: list[str], staged: list[torch.Tensor], ready) -> None:
+    def finish(indices: list[int], sizes: list[str], reasons: list[str], odd: list[str],
+               staged: list[torch.Tensor], ready) -> None:
         nonlocal done
         if ready is not None:
             ready.synchronize()
         rejects = [{"index": i, "file": images.files[i], "reason": r}
                    for i, r in zip(indices, reasons) if r]
-        assembler.add(indices, [t.numpy() for t in staged], rejects)
+        odd_ones = [{"index": i, "file": images.files[i], "size": s, "reason": o}
+                    for i, s, o in zip(indices, sizes, odd) if o]
+        assembler.add(indices, [t.numpy() for t in staged], rejects, odd_ones)
         done += len(indices)
         bar.update(len(indices))
         if progress:
@@ -210,7 +222,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
 
     in_flight = None  # on a GPU, batch i is copied back while batch i + 1 is encoded
     try:
-        for idx, pixels, reasons in loader:
+        for idx, pixels, sizes, reasons, odd in loader:
             x = pixels.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
             with dist.autocast(device, cfg.encode.precision):
                 views = [x, x.flip(3)] if cfg.encode.flip else [x]
@@ -223,7 +235,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
                 ready.record()
             if in_flight:
                 finish(*in_flight)
-            in_flight = (idx.tolist(), reasons, staged, ready)
+            in_flight = (idx.tolist(), sizes, reasons, odd, staged, ready)
         if in_flight:
             finish(*in_flight)
     finally:
@@ -237,15 +249,30 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
 
 
 def rejects(store: ShardedStore) -> list[dict]:
-    """Files of finished shards that could not be decoded: index, file and reason."""
+    """Files of finished shards that could not be decoded (or odd ones, with encode.odd_images
+    reject): index, file and reason."""
     return [r for rec in store.records() for r in rec["rejects"]]
+
+
+def odd_images(store: ShardedStore) -> list[dict]:
+    """Encoded files of finished shards whose crop shows little of them: index, file, size and
+    reason (none in done marks written before this list existed)."""
+    return [r for rec in store.records() for r in rec.get("odd", [])]
+
+
+def first_files(records: list[dict], n: int = 5) -> str:
+    """': a.JPEG, b.JPEG (1x1) and 3 more' for a log line: the first ``n`` files, with their size
+    where it is recorded; "" for none."""
+    named = [r["file"] + (f" ({r['size']})" if r.get("size") else "") for r in records[:n]]
+    more = f" and {len(records) - n} more" if len(records) > n else ""
+    return f": {', '.join(named)}{more}" if records else ""
 
 
 def summarize(store: ShardedStore, seconds: float, encoded_now: int,
               encoded_all: int | None = None) -> dict:
     """``encoded_now`` images were encoded by this process in ``seconds``; ``encoded_all`` by all
     processes of the run (rank 0 knows it; default ``encoded_now``)."""
-    rejected = rejects(store)
+    rejected, odd = rejects(store), odd_images(store)
     return {
         "store": str(store.path),
         "files": store.num_items,
@@ -253,6 +280,8 @@ def summarize(store: ShardedStore, seconds: float, encoded_now: int,
         "encoded": store.num_items - len(rejected) if store.complete else None,
         "rejected": len(rejected),
         "rejects": rejected,
+        "odd": len(odd),
+        "odd_images": odd,
         "complete": store.complete,
         "seconds": round(seconds, 2),
         "images_per_s": round(encoded_now / seconds, 2) if seconds > 0 else None,

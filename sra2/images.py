@@ -4,6 +4,7 @@ memory map by the evaluator) and PNG grids of samples."""
 from __future__ import annotations
 
 import math
+import struct
 import zipfile
 from pathlib import Path
 
@@ -30,21 +31,40 @@ def write_npz(store: ShardedStore, path: str | Path) -> None:
     atomic.write_with(path, write)
 
 
-def read_npz_images(path: str | Path) -> np.ndarray:
-    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (no 10 GB load for 50K)."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("arr_0.npy")
-        if info.compress_type != zipfile.ZIP_STORED:
-            return np.load(path)["arr_0"]
-    with open(path, "rb") as f:
-        f.seek(info.header_offset + 26)  # local file header: name and extra field lengths
-        name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
-        shape, fortran, dtype = read_header(f)
-        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
-                         order="F" if fortran else "C")
+class DamagedFile(ValueError):
+    """A file that cannot be read as what it should be; the message names it and what to do."""
+
+
+SAMPLES_REMEDY = ("rerun the sample stage alone (dvc repro -s -f sample): it keeps its finished "
+                  "shards and only writes the file again")
+
+
+def read_npz_images(path: str | Path, remedy: str = SAMPLES_REMEDY) -> np.ndarray:
+    """``arr_0`` of an uncompressed ``.npz`` as a read-only memory map (no 10 GB load for 50K). A
+    file that is not such an ``.npz``, or is cut short, is a :class:`DamagedFile` that says
+    ``remedy``."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("arr_0.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                return np.load(path)["arr_0"]
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)  # local file header: name and extra field lengths
+            name_len, extra_len = struct.unpack("<2H", f.read(4))  # ints: no uint16 arithmetic
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+            shape, fortran, dtype = read_header(f)
+            # fewer bytes than the header says would map the zip's directory as pixels
+            stored = info.file_size - (f.tell() - start)
+            if stored != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"arr_0 holds {stored} bytes, its header says {shape} {dtype}")
+            return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
+                             order="F" if fortran else "C")
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as e:
+        raise DamagedFile(f"{path} is damaged or incomplete ({type(e).__name__}: {e}); "
+                          f"{remedy}") from e
 
 
 def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:

@@ -26,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from sra2.atomic import make_folder
+
 
 class OutputBusy(RuntimeError):
     """Another process holds the lock of an output this run would write."""
@@ -86,7 +88,7 @@ def _take(path: Path) -> int | None:
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
     path = lock_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = _take(path)
     if fd is None:
         raise OutputBusy(f"{out} is being written by {_describe(holder(path))}; a second "

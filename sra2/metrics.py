@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ from sra2 import atomic, dist
 from sra2.config import Config
 from sra2.data import load_cropped
 from sra2.encode import rejects
-from sra2.images import read_npz_images
+from sra2.images import DamagedFile, read_npz_images
 from sra2.store import ShardedStore
 
 EXTRACTOR = "inception-v3-compat"
@@ -255,19 +256,31 @@ def load_reference(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluate.reference: no reference batch at {str(path)!r}")
-    with np.load(path) as npz:
-        keys = set(npz.files)
-        missing = [k for k in STATISTICS if k not in keys]
-        if len(missing) == len(STATISTICS) and "arr_0" not in keys:
-            raise ValueError(f"evaluate.reference {str(path)!r} holds neither statistics "
-                             f"{list(STATISTICS)} nor images arr_0 (it has {sorted(keys)})")
-        if 0 < len(missing) < len(STATISTICS):
-            raise ValueError(f"evaluate.reference {str(path)!r} lacks {missing}: an ADM reference "
-                             f"batch holds mu, sigma (FID) and mu_s, sigma_s (sFID)")
-        stats = None if missing else {
-            "fid": (npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)),
-            "sfid": (npz["mu_s"].astype(np.float64), npz["sigma_s"].astype(np.float64))}
-    return {"stats": stats, "images": read_npz_images(path) if "arr_0" in keys else None}
+    remedy = ("download it again, or set evaluate.reference to null to compare with the encoded "
+              "dataset's images")
+    try:
+        npz = np.load(path)  # never allow_pickle: unpickling a downloaded file can run code
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array")
+        with npz:
+            keys = set(npz.files)
+            found = {k: npz[k].astype(np.float64) for k in STATISTICS if k in keys}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = ("numpy could only try to unpickle it" if "pickle" in str(e) else
+               f"{type(e).__name__}: {e}")
+        raise DamagedFile(f"evaluate.reference {str(path)!r} is not an ADM reference batch .npz "
+                          f"({why}; one holds plain arrays mu, sigma, mu_s, sigma_s and/or arr_0, "
+                          f"as VIRTUAL_imagenet256_labeled.npz does): {remedy}") from e
+    missing = [k for k in STATISTICS if k not in found]
+    if len(missing) == len(STATISTICS) and "arr_0" not in keys:
+        raise ValueError(f"evaluate.reference {str(path)!r} holds neither statistics "
+                         f"{list(STATISTICS)} nor images arr_0 (it has {sorted(keys)})")
+    if 0 < len(missing) < len(STATISTICS):
+        raise ValueError(f"evaluate.reference {str(path)!r} lacks {missing}: an ADM reference "
+                         f"batch holds mu, sigma (FID) and mu_s, sigma_s (sFID)")
+    stats = None if missing else {"fid": (found["mu"], found["sigma"]),
+                                  "sfid": (found["mu_s"], found["sigma_s"])}
+    return {"stats": stats, "images": read_npz_images(path, remedy) if "arr_0" in keys else None}
 
 
 def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int) -> list[Path]:
