@@ -245,6 +245,8 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     if progress and not todo:  # nothing left to encode: say it is complete
         progress(0, 0)
     dist.barrier()
+    if rank == 0:  # every rank's shards written: never report a store with a file gone
+        store.raise_for(store.check())
     return summarize(store, seconds, done, pending if rank == 0 else None)
 
 
