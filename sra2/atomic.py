@@ -65,7 +65,9 @@ _WHAT_TO_DO = {errno.ENOSPC: "free space and rerun",
                errno.EIO: "check the disk (dmesg) and rerun"}
 
 
-def _failed(path: Path, cause: OSError) -> WriteFailed:
+def write_failed(path: Path, cause: OSError) -> WriteFailed:
+    """``cause`` as the :class:`WriteFailed` of writing ``path`` (for writers other than
+    :func:`write_with`, such as zarr's)."""
     said = (cause.strerror or str(cause) or type(cause).__name__).rstrip(".")
     what = _WHAT_TO_DO.get(cause.errno, "fix that and rerun")
     return WriteFailed(cause.errno, f"{said[:1].lower()}{said[1:]} writing {path}; {what}: "
@@ -125,7 +127,7 @@ def write_with(path: str | Path, write: Callable[[Any], None]) -> None:
         cause = (f.error if f is not None else None) or ours
         if cause is None or not isinstance(e, Exception):
             raise
-        raise _failed(path, cause) from e
+        raise write_failed(path, cause) from e
     _fsync_dir(path.parent)
 
 

@@ -140,6 +140,8 @@ class ShardedStore:
 
     def __init__(self, path: str | Path, check: bool = True):
         self.path = Path(path)
+        if self.path.is_file():
+            raise FileExistsError(f"{self.path} exists and is not a folder: move it away and rerun")
         try:
             self.group = zarr.open_group(self.path, mode="r+")
         except FileNotFoundError:
@@ -177,7 +179,7 @@ class ShardedStore:
             sweep_partial_writes(path)
             store.repair()
             return store
-        tmp = path.with_name(f".{path.name}.creating")
+        tmp = atomic.make_folder(path.parent) / f".{path.name}.creating"
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(tmp, mode="w")
         for name, (item_shape, dtype) in arrays.items():
@@ -220,8 +222,10 @@ class ShardedStore:
             if len(values) != stop - start:
                 raise ValueError(f"shard {shard} of {name!r} needs {stop - start} items, "
                                  f"got {len(values)}")
-            # a file even for a shard of zeros: a missing file then always means damage
-            self.group[name].with_config({"write_empty_chunks": True})[start:stop] = values
+            try:  # a file even for a shard of zeros: a missing file then always means damage
+                self.group[name].with_config({"write_empty_chunks": True})[start:stop] = values
+            except OSError as e:  # the shard stays pending: its done mark is not written
+                raise atomic.write_failed(self.shard_files(shard)[name], e) from e
         files = {}
         for name, path in self.shard_files(shard).items():
             with open(path, "rb") as f:

@@ -158,3 +158,33 @@ def test_verify_reports_clean_and_damaged_and_repairs(tmp_path, capsys):
     assert verify.main([str(tmp_path / "stores"), "--repair"]) == 0
     assert ShardedStore(store.path).pending_shards() == [1]
     assert verify.main([str(tmp_path / "stores")]) == 0
+
+
+def test_a_full_disk_while_writing_a_shard_names_its_file_and_loses_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    store, values = written(tmp_path / "s", shards=(0,))
+    before = snapshot(tmp_path / "s")
+
+    def full(self, selection, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.Array, "__setitem__", full)
+        with pytest.raises(OSError) as e:
+            store.write_shard(1, {"x": values[4:8]}, {})
+    assert str(e.value) == (f"no space left on device writing {store.shard_files(1)['x']}; "
+                            "free space and rerun: nothing was lost")
+    assert snapshot(tmp_path / "s") == before and make(tmp_path / "s").pending_shards() == [1, 2]
+    store.write_shard(1, {"x": values[4:8]}, {})  # space is back: the rerun writes it
+    assert make(tmp_path / "s").pending_shards() == [2]
+
+
+def test_a_file_where_the_store_or_its_folder_should_be_is_named(tmp_path):
+    (tmp_path / "latents").write_text("")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'latents'} exists and is not a folder"):
+        make(tmp_path / "latents" / "abc")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'latents'} exists and is not a folder"):
+        make(tmp_path / "latents")
