@@ -82,3 +82,14 @@ def table(key: str, values: dict, description: str) -> None:
 
     rows = [{"name": k, "value": v} for k, v in values.items() if not isinstance(v, (list, dict))]
     current().call(create_table_artifact, rows, key=key, description=description)
+
+
+def entry(main: Callable[[], None]) -> None:
+    """Run a stage's ``main`` as a command: a failure ends it with one line that says what failed
+    and what to do (the exception's first line), after the traceback the stage's log already
+    shows (the terminal, and data/logs/<stage>.log)."""
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - every failure gets its one line
+        headline = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sys.exit(f"\nerror: {headline}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from prefect import flow
 
-from flows.common import Progress, parse, table
+from flows.common import Progress, entry, parse, table
 from sra2 import atomic, vae as vae_lib
 from sra2.config import Config
 from sra2.data import load_crops, write_demo_dataset
@@ -104,4 +104,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

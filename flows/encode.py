@@ -8,7 +8,7 @@ read it). --out instead writes one store at exactly that path. Runs on every GPU
 
 from __future__ import annotations
 
-from flows.common import parse, run_workers, table
+from flows.common import entry, parse, run_workers, table
 from flows.monitor import current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
@@ -55,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from flows.common import parse, table
+from flows.common import entry, parse, table
 from flows.monitor import Watch, current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
@@ -58,4 +58,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

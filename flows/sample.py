@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.common import parse, run_workers
+from flows.common import entry, parse, run_workers
 from flows.monitor import current, run_stage, show_pictures, stage_flow
 from sra2.config import Config
 from sra2.generate import sample_stage
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

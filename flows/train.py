@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from flows.common import parse, run_workers, table
+from flows.common import entry, parse, run_workers, table
 from flows.monitor import Picture, current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
@@ -64,4 +64,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -88,15 +88,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="move what is damaged aside, so that the stage that wrote it "
                              "computes it again")
     args = parser.parse_args(argv)
-    left = 0
-    for path in args.paths:
+    stores, runs = [], []
+    for path in args.paths:  # every path understood before any is read
         if not path.exists():
             parser.error(f"{path}: no such file or folder")
-        stores, runs = found(path)
-        if not stores and not runs:
-            print(f"{path}: no store, pointer file or run folder here")
-        left += sum(scrub_store(s, args.repair) for s in stores)
-        left += sum(scrub_run(r, args.repair) for r in runs)
+        more = found(path)
+        if not any(more):
+            parser.error(f"{path}: no store, pointer file or run folder here")
+        stores, runs = stores + more[0], runs + more[1]
+    left = sum(scrub_store(s, args.repair) for s in stores)
+    left += sum(scrub_run(r, args.repair) for r in runs)
     if left:
         print(f"{left} damaged file(s) left in place: rerun with --repair, then dvc repro")
     return 1 if left else 0

@@ -138,6 +138,8 @@ def main(argv: list[str]) -> None:
     except BaseException as e:
         events.emit("error", rank=rank, error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc())
+        if events.path and isinstance(e, Exception):
+            sys.exit(1)  # the launcher shows the error and its traceback: once is enough
         raise
     if rank == 0:
         events.emit("result", result=result)
