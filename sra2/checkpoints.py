@@ -12,6 +12,12 @@ the newest step file that reads, which ``latest`` then names; with none left it 
 One damaged file costs the steps since the one before it (retaken, they end with the bytes of an
 unbroken run). A checkpoint refused because it would run code is not damage but a file someone
 put there: it stops the run, named.
+
+A run's length (``train.steps``) is not in the signature: nothing saved at a step depends on it,
+so runs of every length share the run folder's step files and its metrics log. A run of N steps
+takes the step file at N if there is one (nothing to train), else resumes from the newest at or
+below N; while step files of a longer run lie beyond N it leaves those and ``latest`` alone and
+deletes only the step files it wrote itself (:attr:`Checkpoints.floor`).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ class Checkpoints:
     ``run`` is a hash of the signature: other settings start a new run beside the old one
     instead of resuming it or overwriting it, and going back to old settings resumes the old run.
     Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/`` or
-    ``quarantine/``).
+    ``quarantine/``). ``latest`` names the newest step file of the longest run.
     """
 
     STEP_FILE = re.compile(r"step-(\d+)\.pt")  # what step_file names, read back
@@ -82,6 +88,9 @@ class Checkpoints:
         # no signature: ``folder`` is a run's folder found on disk, to inspect (sra2.verify)
         self.folder = Path(folder) / digest(signature) if signature is not None else Path(folder)
         self.signature, self.keep = signature, keep
+        # set by load: None for the longest run; for a shorter one (a longer run's step files lie
+        # beyond its length), the step it resumed from: it deletes only step files after it
+        self.floor: int | None = None
 
     def path(self, step: int) -> Path:
         return self.folder / f"{step_file(step)}.pt"
@@ -106,35 +115,42 @@ class Checkpoints:
             atomic.write_json(self.folder / "signature.json", self.signature)
         path = self.path(state["step"])
         atomic.save_torch(state, path)
-        atomic.write_text(self.folder / "latest", path.name + "\n")
+        if self.floor is None:  # a shorter run leaves latest naming the longer run's newest
+            atomic.write_text(self.folder / "latest", path.name + "\n")
         self.prune(state["step"])
         return path
 
     def prune(self, newest: int) -> None:
-        """Delete the step files older than the ``keep`` newest up to ``newest`` (the one
-        ``latest`` names; a later file left by a crash is written again on the way)."""
-        steps = [step for step in self.steps() if step <= newest]
+        """Delete the step files older than the ``keep`` newest up to ``newest`` (the one just
+        saved; a later file left by a crash is written again on the way), none at or below
+        ``floor``: a shorter run keeps its ``keep`` newest and every file of a longer run."""
+        steps = [step for step in self.steps() if (self.floor or 0) < step <= newest]
         for step in steps[:-self.keep]:
             self.path(step).unlink(missing_ok=True)
 
-    def load(self, repair: bool = True) -> dict | None:
-        """The checkpoint to resume from: the one ``latest`` names, else the newest step file that
-        reads (see the module's docstring); None to start at step 0.
+    def load(self, upto: int | None = None, repair: bool = True) -> dict | None:
+        """The checkpoint a run of ``upto`` steps (None: any) resumes from: the one ``latest``
+        names, else the newest step file that reads (see the module's docstring); None to start
+        at step 0. With step files beyond ``upto`` (a longer run's), the newest that reads at or
+        below it, ``latest`` left alone, and ``floor`` set.
 
         ``repair`` is for one process per run: it quarantines, rewrites ``latest`` and warns on
         stderr. The other ranks pick the same file without touching the folder."""
-        pointer, named = self.folder / "latest", self.latest()
-        newest_first = [self.path(step) for step in reversed(self.steps())]
+        steps = self.steps()
+        shorter = upto is not None and bool(steps) and steps[-1] > upto
+        pointer, named = self.folder / "latest", None if shorter else self.latest()
+        newest_first = [self.path(step) for step in reversed(steps) if upto is None or step <= upto]
         order = ([named] if named else []) + [p for p in newest_first if p != named]
         warn = (lambda text: print(f"WARNING: {text}", file=sys.stderr)) if repair else None
-        if warn and order and named is None:
+        if warn and order and named is None and not shorter:
             warn(f"{pointer} is missing or names no step file")
         for path in order:
             state, why = resumable(path)
             if state is not None:
-                if warn and path != named:
+                if warn and path != named and not shorter:
                     atomic.write_text(pointer, path.name + "\n")
                     warn(f"resuming from {path} (step {state['step']}); {pointer} names it now")
+                self.floor = state["step"] if shorter else None
                 return state
             if why == "missing":  # named by latest, or moved by the repairing rank since listed
                 if warn and path == named:
@@ -142,8 +158,12 @@ class Checkpoints:
             elif warn:
                 warn(f"cannot resume from {path}: {why}; moved to {self.quarantine(path)}")
         if warn and order:
-            pointer.unlink(missing_ok=True)
-            warn(f"no checkpoint left to resume from in {self.folder}: training starts at step 0")
+            if not shorter:
+                pointer.unlink(missing_ok=True)
+            below = f" at or below step {upto}" if shorter else ""
+            warn(f"no checkpoint left to resume from in {self.folder}{below}: training starts "
+                 "at step 0")
+        self.floor = 0 if shorter else None
         return None
 
     def quarantine(self, path: Path) -> Path:
@@ -159,19 +179,33 @@ class Checkpoints:
 
 class MetricsLog:
     """Per-step rows in a CSV kept in the run's folder (so runs with other settings never mix their
-    rows) and mirrored to ``mirror`` (what ``dvc plots show`` draws), rewritten atomically; on
-    resume, rows after the checkpoint's step are dropped so the file matches an unbroken run."""
+    rows) and the rows of this run's ``steps`` mirrored to ``mirror`` (what ``dvc plots show``
+    draws), each rewritten atomically.
 
-    def __init__(self, path: str | Path, resume_step: int, mirror: str | Path, columns: list[str]):
-        self.path, self.mirror, self.columns = Path(path), Path(mirror), columns
-        self.rows: list[dict] = []
-        if self.path.exists() and resume_step > 0:
+    The folder's file is the line's log, shared by runs of every length: a row every
+    ``train.log_every`` steps up to the newest checkpoint ``saved``. Rows a crash left after it are
+    dropped and a step taken again replaces its row, so the file matches an unbroken run. A run's
+    last row off that cadence (``tail``) is its own: it goes to the mirror only."""
+
+    def __init__(self, path: str | Path, mirror: str | Path, columns: list[str], steps: int,
+                 saved: int):
+        self.path, self.mirror, self.columns, self.steps = Path(path), Path(mirror), columns, steps
+        self.rows: dict[int, dict] = {}
+        self.tail: dict | None = None
+        if self.path.exists():
             with open(self.path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                rows = ((int(r["step"]), r) for r in csv.DictReader(f))
+                self.rows = {step: r for step, r in rows if step <= saved}
 
     def append(self, row: dict) -> None:
-        self.rows.append(row)
+        self.rows[row["step"]] = row
         self.write()
 
+    def shown(self) -> list[dict]:
+        """This run's rows: the line's up to its steps, then its tail."""
+        rows = [self.rows[step] for step in sorted(self.rows) if step <= self.steps]
+        return rows + ([self.tail] if self.tail else [])
+
     def write(self) -> None:
-        atomic.write_csv([self.path, self.mirror], self.columns, self.rows)
+        atomic.write_csv([self.path], self.columns, [self.rows[step] for step in sorted(self.rows)])
+        atomic.write_csv([self.mirror], self.columns, self.shown())

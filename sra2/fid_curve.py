@@ -52,9 +52,10 @@ def write_rows(rows: list[dict], *paths: Path) -> None:
     atomic.write_csv(paths, COLUMNS, sorted(rows, key=lambda r: int(r["step"])))
 
 
-def mirror(run: Path, path: Path) -> None:
-    """The run's curve at ``path`` (only the header when nothing was evaluated)."""
-    write_rows(read_rows(run / "fid.csv"), path)
+def mirror(run: Path, path: Path, steps: int) -> None:
+    """The run's curve up to ``steps`` at ``path`` (a longer run's rows stay in ``run`` only; just
+    the header when nothing was evaluated)."""
+    write_rows([r for r in read_rows(run / "fid.csv") if int(r["step"]) <= steps], path)
 
 
 def eval_config(cfg: Config) -> Config:

@@ -14,6 +14,12 @@ metrics of the steps since the last row, so a run resumed from any step writes t
 unbroken one. Checkpoints (:mod:`sra2.checkpoints`) are also written every ``train.ckpt_minutes``
 (:class:`sra2.stopping.SaveClock`), the ``train.keep_checkpoints`` newest are kept, and a
 non-finite loss, gradient or weight stops the run before it is saved.
+
+Nothing saved at a step depends on ``train.steps`` (the last row of a run off the
+``train.log_every`` cadence is written after its checkpoint, which keeps the sums since the row
+before), so runs of any length, in any order, share one run folder: a run of N steps resumes from
+the newest checkpoint at or below N, or exports the one at N, and ends with the bytes of an
+unbroken run of N steps.
 """
 
 from __future__ import annotations
@@ -275,17 +281,19 @@ def loss_title(cfg: Config) -> str:
 
 
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
-    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves, the loss plot."""
+    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves (up to ``steps``,
+    whatever longer runs left in ``run``), the loss plot."""
     cfg = tr.cfg
     atomic.save_torch(ema_export(cfg, tr.ema, steps), out / "ema.pt")
     log.write()
-    fid_curve.mirror(run, out / "fid.csv")
-    if log.rows:
-        write_loss_plot(log.rows, out / "loss.png", loss_title(cfg))
+    fid_curve.mirror(run, out / "fid.csv", steps)
+    if rows := log.shown():
+        write_loss_plot(rows, out / "loss.png", loss_title(cfg))
 
 
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
-    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``); returns a summary.
+    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``, or taking the checkpoint
+    at that step); returns a summary.
 
     Raises :class:`Stopped` on SIGTERM or SIGINT once the step in progress is saved, and
     :class:`NonFiniteError` at a non-finite step, which is never saved."""
@@ -303,17 +311,19 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     # --- model, optimizer and resume
     tr = build_trainer(cfg, data.shape, device, world)
     ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
-    state = ckpts.load(repair=rank == 0)  # rank 0 quarantines and repoints; all pick one file
+    # rank 0 quarantines and repoints; all pick one file, at or below tc.steps
+    state = ckpts.load(tc.steps, repair=rank == 0)
     start = state["step"] if state else 0
-    if start > tc.steps:
-        raise ValueError(f"train.steps is {tc.steps} but {ckpts.path(start)} is already at step "
-                         f"{start}: raise train.steps, or sample from that checkpoint")
     if state:
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
     del state
     columns = ["step", *tr.names, "grad_norm"]
-    log = MetricsLog(ckpts.folder / "metrics.csv", start, out / "metrics.csv", columns) if rank == 0 else None
+    log = None
+    if rank == 0:
+        saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
+        log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
+                         saved)
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_proj = sum(p.numel() for p in tr.heads.parameters())
     if rank == 0:
@@ -323,7 +333,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
               f"micro-batch(es)")
 
     # --- the loop: a step; then, where due, a metrics row, a checkpoint, a stop
-    meter, last_ckpt, fid = Meter(device, start, columns), str(ckpts.latest() or ""), {}
+    meter, fid = Meter(device, start, columns), {}
+    last_ckpt = str(ckpts.path(start)) if start else ""
     meter.restore(resumed_meter, rank, world)
     clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
     loader = stream(data, start, tc.steps, tc.workers, device)
@@ -337,7 +348,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
             bar.update(1)
             stop, timed = consensus(signals.received > 0, rank == 0 and clock.due())
             row = None
-            if done % tc.log_every == 0 or done == tc.steps:
+            if done % tc.log_every == 0:
                 row, rate = meter.row(done, tc.global_batch)
                 if log is not None:  # before the checkpoint: rows after it are dropped on resume
                     log.append(row)
@@ -359,13 +370,19 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
                 raise stopped(signals, done, last_ckpt)
     consensus.close()
 
-    # --- export
+    # --- the last row off the cadence, from the sums the final checkpoint keeps (a checkpoint
+    # written before it kept them has none: its row is in the log), then the export
     meter.check()
+    tail, rate = {}, 0.0
+    if tc.steps % tc.log_every and meter.count:
+        tail, rate = meter.row(tc.steps, tc.global_batch)
     if rank == 0:
+        log.tail = tail or None
         export(tr, out, tc.steps, log, ckpts.folder)
-        if progress and start == tc.steps:  # nothing left to do: say so
-            progress(tc.steps, tc.steps, {"checkpoint": last_ckpt})
-    final = log.rows[-1] if log is not None and log.rows else {}
+        if progress and (tail or start == tc.steps):  # the last row, or nothing left to do
+            speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
+            progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
+    final = (log.shown() or [{}])[-1] if log is not None else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
             "processes": world, "micro_batches": tr.micro,
             **{k: float(v) for k, v in final.items() if k != "step"}}

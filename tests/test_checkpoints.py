@@ -116,6 +116,26 @@ def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(ckpts):
     assert ckpts.steps() == [1, 2, 3] and not (ckpts.folder / "quarantine").exists()
 
 
+def test_a_shorter_run_resumes_below_a_longer_one_and_deletes_only_its_own_files(tmp_path, capsys):
+    """Retention of a shorter run (more saves than it keeps, as timed saves make) never reaches
+    the longer run's files nor its ``latest``; a longer run again prunes as before."""
+    c = Checkpoints(tmp_path, {"run": 1}, keep=2)
+    for step in (10, 20, 30):
+        c.save(fake(step))
+    assert c.steps() == [20, 30] and c.load(5) is None and c.floor == 0
+    assert c.load(30)["step"] == 30 and c.floor is None
+    assert c.load(25)["step"] == 20 and c.floor == 20
+    for step in (21, 22, 23, 24, 25):
+        c.save(fake(step))
+    assert c.steps() == [20, 24, 25, 30] and pointer(c) == "step-0000030.pt\n"
+    truncate(c.path(25))  # damage below the length: quarantined, latest still the longer run's
+    assert c.load(25)["step"] == 24 and pointer(c) == "step-0000030.pt\n"
+    assert f"cannot resume from {c.path(25)}" in capsys.readouterr().err
+    assert c.load(40)["step"] == 30 and c.floor is None
+    c.save(fake(40))
+    assert c.steps() == [30, 40] and pointer(c) == "step-0000040.pt\n"
+
+
 def test_a_truncated_newest_checkpoint_costs_the_steps_since_the_one_before(tmp_path, capsys):
     cfg, latents = encoded_tiny(tmp_path / "tiny",
                                 train={"steps": 6, "ckpt_every": 2, "log_every": 3})

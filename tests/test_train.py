@@ -61,10 +61,37 @@ def test_other_settings_start_a_new_run_beside_the_old_one(tmp_path, tiny, laten
     assert len(runs) == 2 and all((r / "step-0000010.pt").exists() for r in runs)
 
 
-def test_fewer_steps_than_the_checkpoint_is_a_clear_error(tmp_path, tiny, latents):
-    train(with_overrides(tiny, train={"steps": 10, "ckpt_every": 10}), latents, tmp_path)
-    with pytest.raises(ValueError, match="train.steps is 5"):
-        train(with_overrides(tiny, train={"steps": 5, "ckpt_every": 10}), latents, tmp_path)
+def test_any_length_in_any_order_ends_as_an_unbroken_run_of_that_length(tmp_path, tiny, latents,
+                                                                        one_thread):
+    """train.steps 40 -> 20 -> 40 -> 60 in one folder: 20 resumes from step 15 below the longer
+    run's checkpoints and leaves them, 40 takes its checkpoint again, 60 resumes from it. Rows
+    every 7 steps, checkpoints every 15: 20 and 40 end off both, 60 resumes off the rows'."""
+    cfg = with_overrides(tiny, train={"log_every": 7, "ckpt_every": 15, "workers": 0})
+    names = ("ema.pt", "metrics.csv", "loss.png", "fid.csv")
+
+    def run(steps: int, out: Path) -> tuple[dict, dict]:
+        summary = train(with_overrides(cfg, train={"steps": steps}), latents, out)
+        return summary, {name: (out / name).read_bytes() for name in names}
+
+    def step_files() -> list[int]:
+        return [int(p.name[5:12]) for p in sorted(tmp_path.glob("chain/checkpoints/*/step-*.pt"))]
+
+    straight = {}
+    for steps, files in ((40, [15, 30, 40]), (20, [15, 20, 30, 40]), (40, [15, 20, 30, 40]),
+                         (60, [40, 45, 60])):
+        before = step_files()
+        summary, got = run(steps, tmp_path / "chain")
+        if steps not in straight:
+            straight[steps] = run(steps, tmp_path / f"straight-{steps}")
+        assert summary == straight[steps][0], steps
+        assert [name for name in names if got[name] != straight[steps][1][name]] == [], steps
+        assert step_files() == files, steps
+        if steps < 60:  # no longer run's checkpoint lost; latest names the longest run's newest
+            assert set(before) <= set(files)
+            assert [p.read_text() for p in tmp_path.glob("chain/checkpoints/*/latest")] == [
+                "step-0000040.pt\n"]
+    rows = (tmp_path / "chain" / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [7, 14, 21, 28, 35, 42, 49, 56, 60]
 
 
 def test_baseline_has_no_projector(tmp_path, tiny, latents):
