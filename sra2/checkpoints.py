@@ -7,7 +7,7 @@ everything that belongs to one step of it (a checkpoint, an FID snapshot, its sa
 
 Resume reads checkpoints with the safe reader (:func:`sra2.models.read_checkpoint`) and falls
 back: a checkpoint that cannot be resumed from (truncated, not a training checkpoint, non-finite
-weights) is moved to ``quarantine/`` with a warning naming it and why, and the run resumes from
+weights) is moved to ``.quarantine/`` with a warning naming it and why, and the run resumes from
 the newest step file that reads, which ``latest`` then names; with none left it starts at step 0.
 One damaged file costs the steps since the one before it (retaken, they end with the bytes of an
 unbroken run). A checkpoint refused because it would run code is not damage but a file someone
@@ -32,7 +32,7 @@ import torch
 from sra2 import atomic
 from sra2.config import Config
 from sra2.models import CheckpointError, UnsafeCheckpoint, read_checkpoint
-from sra2.store import digest
+from sra2.store import QUARANTINE, digest
 
 # what sra2.train resumes from
 REQUIRED = ("step", "model", "ema", "opt", "heads")
@@ -79,7 +79,7 @@ class Checkpoints:
     ``run`` is a hash of the signature: other settings start a new run beside the old one
     instead of resuming it or overwriting it, and going back to old settings resumes the old run.
     Only ``step-*.pt`` files of the run folder are ever deleted (not ``snapshots/`` or
-    ``quarantine/``). ``latest`` names the newest step file of the longest run.
+    ``.quarantine/``). ``latest`` names the newest step file of the longest run.
     """
 
     STEP_FILE = re.compile(r"step-(\d+)\.pt")  # what step_file names, read back
@@ -167,9 +167,9 @@ class Checkpoints:
         return None
 
     def quarantine(self, path: Path) -> Path:
-        """Move ``path`` into ``quarantine/`` (kept to be looked at, never deleted), numbered so
+        """Move ``path`` into ``.quarantine/`` (kept to be looked at, never deleted), numbered so
         it is no step file and never replaces one moved there before."""
-        folder = self.folder / "quarantine"
+        folder = self.folder / QUARANTINE  # .dvcignore'd, as the stores' is
         folder.mkdir(exist_ok=True)
         n = 1
         while (folder / f"{path.name}.{n}").exists():

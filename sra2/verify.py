@@ -6,7 +6,7 @@ shard of a store against its done mark, every checkpoint of a training run read 
 A path may be a store, a pointer file naming one (``data/latents.json``), a run folder (its
 ``step-*.pt``) or a folder holding any of these. Damage is reported per shard or file; with
 ``--repair``, damaged shards are moved to ``.quarantine/`` beside the store and damaged
-checkpoints to the run's ``quarantine/``, so that rerunning the stage that wrote them (``dvc
+checkpoints to the run's ``.quarantine/``, so that rerunning the stage that wrote them (``dvc
 repro``) computes them again. Exits 1 when damage is found and left in place, else 0.
 """
 

@@ -46,7 +46,7 @@ def pointer(c: Checkpoints) -> str:
 
 def test_an_intact_latest_is_read_without_a_word(ckpts, capsys):
     assert ckpts.load()["step"] == 3
-    assert capsys.readouterr().err == "" and not (ckpts.folder / "quarantine").exists()
+    assert capsys.readouterr().err == "" and not (ckpts.folder / ".quarantine").exists()
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -62,16 +62,16 @@ def test_a_damaged_newest_is_quarantined_and_the_one_before_resumed(ckpts, capsy
     err = capsys.readouterr().err
     assert f"cannot resume from {ckpts.path(3)}: {reason}" in err and "resuming from" in err
     assert ckpts.steps() == [1, 2] and pointer(ckpts) == "step-0000002.pt\n"
-    assert [p.name for p in (ckpts.folder / "quarantine").iterdir()] == ["step-0000003.pt.1"]
+    assert [p.name for p in (ckpts.folder / ".quarantine").iterdir()] == ["step-0000003.pt.1"]
     # a second damaged step 3 joins the first; retention ignores the quarantine
     ckpts.save(fake(3))
     truncate(ckpts.path(3))
     assert ckpts.load()["step"] == 2
-    assert sorted(p.name for p in (ckpts.folder / "quarantine").iterdir()) == [
+    assert sorted(p.name for p in (ckpts.folder / ".quarantine").iterdir()) == [
         "step-0000003.pt.1", "step-0000003.pt.2"]
     for step in (3, 4, 5):
         ckpts.save(fake(step))
-    assert ckpts.steps() == [3, 4, 5] and (ckpts.folder / "quarantine").is_dir()
+    assert ckpts.steps() == [3, 4, 5] and (ckpts.folder / ".quarantine").is_dir()
 
 
 def test_latest_naming_a_missing_file_resumes_from_the_newest_present(ckpts, capsys):
@@ -97,7 +97,7 @@ def test_with_no_good_checkpoint_left_training_starts_at_step_0(ckpts, capsys):
     assert ckpts.load() is None
     assert "training starts at step 0" in capsys.readouterr().err
     assert ckpts.steps() == [] and not (ckpts.folder / "latest").exists()
-    assert len(list((ckpts.folder / "quarantine").iterdir())) == 3
+    assert len(list((ckpts.folder / ".quarantine").iterdir())) == 3
     assert ckpts.load() is None and capsys.readouterr().err == ""  # nothing left to say
 
 
@@ -113,7 +113,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(ckpts):
     with pytest.raises(CheckpointError, match="step-0000003.pt: refused to load: unsupported "
                                               "global .*Payload.*move it out of"):
         ckpts.load()
-    assert ckpts.steps() == [1, 2, 3] and not (ckpts.folder / "quarantine").exists()
+    assert ckpts.steps() == [1, 2, 3] and not (ckpts.folder / ".quarantine").exists()
 
 
 def test_a_shorter_run_resumes_below_a_longer_one_and_deletes_only_its_own_files(tmp_path, capsys):
@@ -148,7 +148,7 @@ def test_a_truncated_newest_checkpoint_costs_the_steps_since_the_one_before(tmp_
     err = capsys.readouterr().err
     assert f"cannot resume from {run / 'step-0000004.pt'}: cannot be read (" in err
     assert f"resuming from {run / 'step-0000002.pt'} (step 2)" in err
-    assert (run / "quarantine" / "step-0000004.pt.1").exists()
+    assert (run / ".quarantine" / "step-0000004.pt.1").exists()
     for name in ("ema.pt", "metrics.csv"):
         straight, broken = (tmp_path / d / name for d in ("straight", "broken"))
         assert straight.read_bytes() == broken.read_bytes(), name
@@ -174,4 +174,4 @@ def test_verify_scrubs_a_run_folder(ckpts, capsys):
     assert verify.main([str(ckpts.folder)]) == 1
     assert f"DAMAGED {ckpts.path(2)}: cannot be read" in capsys.readouterr().out
     assert verify.main([str(ckpts.folder), "--repair"]) == 0
-    assert ckpts.steps() == [1, 3] and (ckpts.folder / "quarantine" / "step-0000002.pt.1").exists()
+    assert ckpts.steps() == [1, 3] and (ckpts.folder / ".quarantine" / "step-0000002.pt.1").exists()
