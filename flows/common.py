@@ -29,6 +29,7 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
         cfg = load(args["params"])
         from sra2 import checks, launch
 
+        launch.import_torch()  # first: its CPU thread settings count only as torch loads
         plan = launch.plan(cfg.launch)
         checks.check(cfg, stage, plan.nproc_per_node * plan.nnodes, args["params"])
     except ConfigError as e:

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 from PIL import Image
-from prefect import flow
 
 from flows.common import Progress, entry, parse, table
-from sra2 import atomic, vae as vae_lib
+from flows.monitor import flow
+from sra2 import atomic
 from sra2.config import Config
-from sra2.data import load_crops, write_demo_dataset
 
 GRID_IMAGES = 32  # real images in the reconstruction check, spread over the classes
 
@@ -31,6 +30,9 @@ def _png(picture) -> bytes:
 def train_vae(cfg: Config) -> None:
     """Train the demo's VAE on the drawn images, save it at vae.source with training.json (how it
     was made) and reconstructions.png (real images above what it gives back for them)."""
+    from sra2 import vae as vae_lib
+    from sra2.data import load_crops
+
     knobs, folder = cfg.data.demo.vae, Path(cfg.vae.source)
     images = load_crops(cfg.data.root, cfg.data.image_size)
     print(f"training the demo VAE on {len(images)} images: {knobs.steps} steps, of "
@@ -61,6 +63,8 @@ def train_vae(cfg: Config) -> None:
 
 @flow(name="sra2-demo-data", log_prints=True)
 def demo_data_flow(cfg: Config, out: str) -> None:
+    from sra2.data import write_demo_dataset
+
     demo = cfg.data.demo
     shutil.rmtree(out, ignore_errors=True)
     if demo is None:

@@ -12,14 +12,15 @@ from flows.common import entry, parse, run_workers, table
 from flows.monitor import current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
-from sra2.encode import encode_dataset, first_files
-from sra2.store import write_pointer
 
 
 @stage_flow("encode")
 def encode_flow(cfg: Config, out: str, summary: str, pointer: str | None = None) -> dict:
     """With ``pointer``, ``out`` is a folder of stores, one per settings, and ``pointer`` names the
     one these settings use; without it, ``out`` is the store."""
+    from sra2.encode import encode_dataset, first_files
+    from sra2.store import write_pointer
+
     ec = cfg.encode
     current().say(f"encode: preset {cfg.preset}, {cfg.data.root} at {cfg.data.image_size} px, "
                   f"VAE {cfg.vae.source}, batch {ec.batch_size}, shards of {ec.shard_size}, "

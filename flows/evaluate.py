@@ -13,12 +13,12 @@ from flows.common import entry, parse, table
 from flows.monitor import Watch, current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
-from sra2.metrics import evaluate
-from sra2.store import pointed_store
 
 
 @stage_flow("evaluate")
 def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
+    from sra2.metrics import evaluate
+
     ec, mon = cfg.evaluate, current()
     mon.say(f"evaluate: preset {cfg.preset}, samples {samples} against "
             f"{ec.reference or f'the real images of {latents}'} ({ec.num_real or 'all'}), "
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         "latents": ("data/latents.json", "the encoded dataset (a store, or the pointer file naming "
                                          "it): its files are the real images"),
         "out": ("data/metrics.json", "fid and inception_score, for dvc metrics")}, argv)
+    from sra2.store import pointed_store
+
     run_stage(evaluate_flow, cfg.preset, cfg=cfg, samples=args["samples"],
               latents=str(pointed_store(args["latents"])), out=args["out"])
 

@@ -290,10 +290,35 @@ def mark_crashed(mon: Monitor) -> None:
 
 # --- running a stage's flow ----------------------------------------------------------------------
 
+class LazyFlow:
+    """``prefect.flow(**options)(fn)``, made when first called or asked for an attribute: a stage's
+    module imports without Prefect (2-3 s), so that its --help answers at once."""
+
+    def __init__(self, fn: Callable, options: dict):
+        self._fn, self._options, self._flow = fn, options, None
+
+    def _made(self):
+        if self._flow is None:
+            from prefect import flow
+
+            self._flow = flow(**self._options)(self._fn)
+        return self._flow
+
+    def __call__(self, *args, **kwargs):
+        return self._made()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._made(), name)
+
+
+def flow(**options) -> Callable[[Callable], LazyFlow]:
+    """``prefect.flow(**options)`` as a :class:`LazyFlow`."""
+    return lambda fn: LazyFlow(fn, options)
+
+
 def stage_flow(stage: str):
-    """Decorator: the Prefect flow ``sra2-<stage>`` of a body that records its outcome in the
-    stage's monitor, says when it starts and ends, and logs what it prints."""
-    from prefect import flow
+    """Decorator: the Prefect flow ``sra2-<stage>`` (a :class:`LazyFlow`) of a body that records
+    its outcome in the stage's monitor, says when it starts and ends, and logs what it prints."""
 
     def decorate(body: Callable) -> Callable:
         @functools.wraps(body)  # Prefect reads the parameters from the body's signature

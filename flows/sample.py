@@ -11,11 +11,12 @@ from pathlib import Path
 from flows.common import entry, parse, run_workers
 from flows.monitor import current, run_stage, show_pictures, stage_flow
 from sra2.config import Config
-from sra2.generate import sample_stage
 
 
 @stage_flow("sample")
 def sample_flow(cfg: Config, ema: str, out: str) -> dict:
+    from sra2.generate import sample_stage
+
     sc, mon = cfg.sample, current()
     steps = f"{sc.ralu.steps} steps" if sc.sampler == "ralu" else f"{sc.steps} steps"
     mon.say(f"sample: preset {cfg.preset}, {sc.num_samples} images from {ema}, {sc.sampler} "

@@ -14,12 +14,12 @@ from flows.monitor import Picture, current, run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
 from sra2.plots import loss_plot
-from sra2.store import pointed_store
-from sra2.train import loss_title, train
 
 
 def loss_pictures(cfg: Config):
     """The loss curve of the rows received so far (``pictures`` of flows.common.run_workers)."""
+    from sra2.train import loss_title
+
     def draw(rows: list[dict]) -> list[Picture]:
         rows = [r for r in rows if "loss" in r]
         return [("training loss", loss_plot(rows, loss_title(cfg)))] if rows else []
@@ -29,6 +29,8 @@ def loss_pictures(cfg: Config):
 
 @stage_flow("train")
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
+    from sra2.train import train
+
     tc, align = cfg.train, cfg.align
     aligned = (f"layer {align.layer} weight {align.weight} ({align.loss})" if align.enabled
                else "off")
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         atomic.make_folder(args["out"])
     except atomic.NotAFolder as e:  # says all there is to say, as a bad parameter file does
         sys.exit(f"error: {e}")
+    from sra2.store import pointed_store
+
     run_stage(train_flow, cfg.preset, cfg=cfg, latents=str(pointed_store(args["latents"])),
               out=args["out"], summary=args["summary"])
 

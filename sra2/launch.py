@@ -83,6 +83,38 @@ def gpus_visible() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cpu_threads(processes: int, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """OpenMP settings for each of ``processes`` processes computing at once on the cores this
+    process may use, where ``env`` (the user) sets none: an equal share of the cores as intra-op
+    threads, the same for the same cores and process count (CPU results are bitwise repeatable
+    with the same thread count), and idle threads that sleep instead of spinning (with another job
+    on the cores, spinning threads made the demo VAE 3-9x slower). Data loader processes need no
+    share: torch runs each with one thread."""
+    share = max(1, len(os.sched_getaffinity(0)) // processes)
+    defaults = {"OMP_NUM_THREADS": str(share), "OMP_WAIT_POLICY": "PASSIVE"}
+    return {key: value for key, value in defaults.items() if key not in env}
+
+
+def import_torch() -> None:
+    """Import torch in this process (a stage's flow: demo-data and evaluate compute in it) with
+    :func:`cpu_threads` for one process, which OpenMP reads once, as torch loads. They are not left
+    in os.environ: the workers get their own share (:func:`worker_env`)."""
+    added = cpu_threads(1)
+    os.environ.update(added)
+    try:
+        import torch  # noqa: F401
+    finally:
+        for key in added:
+            del os.environ[key]
+
+
+def worker_env(nproc_per_node: int, extra: Mapping[str, str],
+               env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The workers' environment: ``env`` with ``extra`` and, without a GPU, :func:`cpu_threads`.
+    With a GPU it is left to torchrun, which gives each worker 1 thread when there are several."""
+    return {**env, **extra, **({} if gpus_visible() else cpu_threads(nproc_per_node, env))}
+
+
 def plan(launch: Launch, env: Mapping[str, str] = os.environ) -> Plan:
     """The launcher's settings: ``launch`` where set, else Slurm's environment, else one node."""
     slurm = "SLURM_JOB_ID" in env
@@ -273,9 +305,9 @@ def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], Non
         events.touch()
         cmd = [sys.executable, "-m", "torch.distributed.run", *settings.launcher_args(),
                "-m", worker.__name__, f"{work.__module__}:{work.__name__}", str(config), json.dumps(args)]
-        env = {**os.environ, "SRA2_EVENTS": str(events), worker.PARENT_PID: str(os.getpid()),
-               worker.STOP_GRACE: str(grace),
-               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(grace))}
+        env = worker_env(settings.nproc_per_node, {
+            "SRA2_EVENTS": str(events), worker.PARENT_PID: str(os.getpid()),
+            worker.STOP_GRACE: str(grace), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(grace))})
         with _sigterm_raises():
             # a session of its own: a terminal's Ctrl-C reaches this process alone, which stops the
             # workers once and waits for them (torchrun would give them 30 s at most)
