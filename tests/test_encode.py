@@ -125,7 +125,7 @@ def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
     store = ShardedStore(latents)
     files = store.array("files")[:]
     crops = np.stack([load_cropped(Path(cfg.data.root) / f, cfg.data.image_size) for f in files])
-    images = store.array("images")
+    images, mean = store.array("images"), store.array("mean")
     assert images.dtype == np.uint8 and images.shape == (len(files), 32, 32, 3)
     z = store.group
     assert (z["images"].chunks[0], z["images"].shards[0]) == (z["mean"].chunks[0], z["mean"].shards[0])

@@ -18,6 +18,7 @@ EPS = np.finfo(np.float64).eps
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
+    """The weights evaluate() writes for evaluate.inception=random, evaluate.inception_seed=1."""
     return write_random_inception(tmp_path_factory.mktemp("inception") / "w.pth", seed=1)
 
 
@@ -239,21 +240,15 @@ def test_reference_batches_must_hold_the_adm_keys(tmp_path):
 
 # --- evaluate() from files -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def inception_seed0(tmp_path_factory):
-    """The weights evaluate() writes for evaluate.inception=random, evaluate.inception_seed=0."""
-    return write_random_inception(tmp_path_factory.mktemp("inception0") / "w.pth", seed=0)
-
-
-def test_evaluate_against_an_adm_reference_batch(tmp_path, tiny, images, inception_seed0):
-    a, b, _ = images
-    fake = inception_features(ArrayImages(a), inception_seed0, 10, CPU)
-    ref = inception_features(ArrayImages(np.concatenate([a, b])), inception_seed0, 10, CPU)
+def test_evaluate_against_an_adm_reference_batch(tmp_path, tiny, images, features):
+    (a, b, _), (fake, second, _) = images, features
+    ref = {"pool": np.concatenate([fake["pool"], second["pool"]])}  # a and b, in batches of 10
     (mu, sigma), (mu_s, sigma_s) = statistics(fake["pool"]), statistics(fake["spatial"])
     np.savez(tmp_path / "ref.npz", arr_0=np.concatenate([a, b]), mu=mu, sigma=sigma, mu_s=mu_s,
              sigma_s=sigma_s)
     np.savez(tmp_path / "samples.npz", arr_0=a)
-    cfg = with_overrides(tiny, evaluate={"reference": str(tmp_path / "ref.npz"), "batch_size": 10})
+    cfg = with_overrides(tiny, evaluate={"reference": str(tmp_path / "ref.npz"), "batch_size": 10,
+                                         "inception_seed": 1})
     result = evaluate(cfg, tmp_path / "samples.npz", tmp_path / "no-latents-needed")
     # the statistics are the samples' own: both distances vanish up to the null space noise
     assert abs(result["fid"]) <= null_space_noise(sigma, sigma)
@@ -266,8 +261,9 @@ def test_evaluate_against_an_adm_reference_batch(tmp_path, tiny, images, incepti
     assert result["num_samples"] == 10 and "RANDOM" in result["inception_weights"]
 
 
-def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny, images, inception_seed0):
-    a, b, noise = images
+def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny, images, features,
+                                                                 inception):
+    (a, b, noise), fake = images, features[0]
     root = tmp_path / "train"
     (root / "c0").mkdir(parents=True)
     files = [f"c0/{i:02d}.png" for i in range(len(b) + 1)]
@@ -277,11 +273,11 @@ def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny,
                                         fixed={"files": np.asarray(files, dtype=np.dtypes.StringDType())})
     store.write_shard(0, {}, {"rejects": [{"index": 0, "file": files[0], "reason": "test"}]})
     np.savez(tmp_path / "samples.npz", arr_0=a)
-    cfg = with_overrides(tiny, data={"root": str(root)}, evaluate={"batch_size": 10, "num_real": None})
+    cfg = with_overrides(tiny, data={"root": str(root)},
+                         evaluate={"batch_size": 10, "num_real": None, "inception_seed": 1})
     result = evaluate(cfg, tmp_path / "samples.npz", tmp_path / "latents")
-    fake = inception_features(ArrayImages(a), inception_seed0, 10, CPU)
     real = inception_features(CroppedFiles([root / f for f in files[1:]], cfg.data.image_size),
-                              inception_seed0, 10, CPU)
+                              inception, 10, CPU)
     assert result["fid"] == frechet_distance(*statistics(fake["pool"]), *statistics(real["pool"]))
     assert result["sfid"] == frechet_distance(*statistics(fake["spatial"]), *statistics(real["spatial"]))
     assert (result["precision"], result["recall"]) == precision_recall(real["pool"], fake["pool"])
