@@ -255,7 +255,7 @@ def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
     assert zarr.open_group(work / "data" / half["store"], mode="r")["mean"].dtype == np.float16
     # what it changes downstream: train and what follows it (float16 batches: test_latent_copy)
     stale = run(["dvc", "status", "--json"], work, env, stdout_only=True)
-    assert sorted(json.loads(stale)) == ["evaluate", "sample", "train"]
+    assert {"train", "evaluate"} <= set(json.loads(stale)) and "encode" not in json.loads(stale)
 
     set_params(work, preset="tiny")  # back: the first store, finished, untouched
     log = run(["dvc", "repro", "encode"], work, env)
