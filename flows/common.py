@@ -73,7 +73,7 @@ def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
     with output_locks(cfg, outputs):
         watch = Watch(current(stage), stage, unit, description, pictures)
         try:
-            return launch.run(work, cfg, args, watch)
+            return launch.run(work, cfg, args, watch, stop=current().cancel)
         finally:
             watch.finish()  # the rows since the last update, even when the workers failed
 

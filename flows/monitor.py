@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import functools
 import inspect
 import io
@@ -20,6 +21,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ TABLE_ROWS = 20  # newest rows the table artifact shows (rows with an FID are al
 PICTURE_WIDTH = (384, 1024)  # pictures are shown at least / at most this wide (pixels)
 # Prefect loggers that report, again and again, a server we already know is gone
 NOISY = ("prefect.events.clients", "prefect._internal.concurrency")
+CANCEL_POLL = 1.0  # seconds between reads of the run's own state (~20 ms and 2 KB each)
 
 Picture = tuple[str, "Image.Image | Path | str"]  # caption, image or PNG file
 
@@ -87,6 +90,7 @@ class Monitor:
         self.settings = None  # the flow call's own copy of Prefect's settings (run_stage)
         self.began, self.lost_at = time.monotonic(), ""
         self.server_api, self.server_pid = None, None  # a temporary server of this stage's own
+        self.cancel = threading.Event()  # set when the flow run is cancelled (watch_cancel)
         # while the flow body runs: its flow run id and this process, for mark_crashed
         self.running_record = self.path.with_suffix(".running.json")
         self.file = logging.FileHandler(self.path, encoding="utf-8")
@@ -163,6 +167,37 @@ class Monitor:
                 "flow_run": str(context.flow_run.id), "name": context.flow_run.name,
                 "pid": os.getpid(), "started": started_at(os.getpid()),
                 "server_pid": self.server_pid})
+
+    def watch_cancel(self, every: float = CANCEL_POLL) -> Callable[[], None]:
+        """Poll this flow run's state every ``every`` seconds from a daemon thread and set
+        :attr:`cancel` once it is Cancelling (a Cancel from the UI, API or CLI) or Cancelled (the
+        server's own end of one): Prefect tells a run that no runner started nothing, so the
+        stage asks. Returns what ends the watch. An API failure ends the polling (:meth:`call`),
+        never the stage."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import StateType
+        from prefect.context import FlowRunContext
+
+        context, done = FlowRunContext.get(), threading.Event()
+        if context is None or context.flow_run is None:
+            return done.set
+        run_id = context.flow_run.id
+        stopping = {StateType.CANCELLING, StateType.CANCELLED}
+
+        def poll() -> None:
+            with get_client(sync_client=True) as client:
+                while self.online and not done.wait(every):
+                    state = self.call(lambda: client.read_flow_run(run_id).state)
+                    if state is not None and state.type in stopping:
+                        self.say(f"{self.stage}: the run was cancelled from Prefect; stopping and "
+                                 "saving", logging.WARNING)
+                        self.cancel.set()
+                        return
+
+        # in this context: the thread then reaches the server the flow call uses
+        threading.Thread(target=contextvars.copy_context().run, args=(poll,),
+                         name="sra2-watch-cancel", daemon=True).start()
+        return done.set
 
     def elapsed(self) -> str:
         return duration(time.monotonic() - self.began)
@@ -316,9 +351,19 @@ def flow(**options) -> Callable[[Callable], LazyFlow]:
     return lambda fn: LazyFlow(fn, options)
 
 
+def cancelled(message: str):
+    """The state a cancelled stage ends in: Cancelled, saying what was saved. The flow call then
+    raises prefect.exceptions.CancelledRun, so the stage exits non-zero and DVC stops there."""
+    from prefect.client.schemas.objects import State, StateType
+
+    return State(type=StateType.CANCELLED, name="Cancelled", message=message)
+
+
 def stage_flow(stage: str):
     """Decorator: the Prefect flow ``sra2-<stage>`` (a :class:`LazyFlow`) of a body that records
     its outcome in the stage's monitor, says when it starts and ends, and logs what it prints."""
+
+    from sra2.launch import WorkersStopped
 
     def decorate(body: Callable) -> Callable:
         @functools.wraps(body)  # Prefect reads the parameters from the body's signature
@@ -328,13 +373,21 @@ def stage_flow(stage: str):
             mon.record_running()
             mon.say(f"{stage} started (pid {os.getpid()}; tags {', '.join(mon.tags) or 'none'}; "
                     f"log {mon.path})")
+            end_watch = mon.watch_cancel()
             try:
                 mon.result = body(*args, **kwargs)
+            except WorkersStopped as e:
+                if not mon.cancel.is_set():
+                    raise
+                mon.say(f"{stage} cancelled after {mon.elapsed()}: {e}", logging.WARNING)
+                return cancelled(f"cancelled from Prefect: {e}")
             except BaseException as e:
                 mon.error = e
                 mon.say(f"{stage} failed after {mon.elapsed()}: {type(e).__name__}: {e}",
                         logging.ERROR)
                 raise
+            finally:
+                end_watch()
             mon.finished = True
             lost = f" (no Prefect API since {mon.lost_at}: the UI does not show this end)"
             mon.say(f"{stage} finished in {mon.elapsed()}{lost if not mon.online else ''}")

@@ -288,15 +288,21 @@ def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: floa
             proc.wait()
 
 
+class StopAsked(Exception):
+    """``stop`` was set while the workers ran (:func:`run`)."""
+
+
 def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], None] | None = None,
-        poll: float = 0.5, grace: float | None = None) -> dict | None:
+        poll: float = 0.5, grace: float | None = None,
+        stop: threading.Event | None = None) -> dict | None:
     """Call the library function ``work(cfg, **args, progress=...)`` on every process
     ``cfg.launch`` describes; returns rank 0's result (None on a node without rank 0).
 
     Interrupted (Ctrl-C, SIGTERM, an exception), it asks the workers to stop and waits up to
     ``grace`` seconds (default: ``SRA2_STOP_GRACE`` or 600) for them to save, then the interrupt
     goes on: the process ends with 130 after Ctrl-C, 143 after SIGTERM. Workers that stopped on a
-    signal of their own raise :class:`WorkersStopped`."""
+    signal of their own raise :class:`WorkersStopped`, and so do workers stopped because ``stop``
+    was set (a Cancel from Prefect): training saves the step in progress first."""
     settings = plan(cfg.launch)
     grace = worker.stop_grace() if grace is None else grace
     with tempfile.TemporaryDirectory(prefix=f"sra2-{work.__name__}-") as tmp:
@@ -319,12 +325,20 @@ def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], Non
                     reports.take()
                     if finished:
                         break
-                    time.sleep(poll)
-            except BaseException:
+                    if stop is None:
+                        time.sleep(poll)
+                    elif stop.wait(poll):
+                        raise StopAsked
+            except BaseException as e:
                 _stop(proc, reports.pids, settings.nproc_per_node, grace)
                 reports.take()
+                said = (stop_message(reports.stopped) if reports.stopped else
+                        "the workers were stopped; what they finished is kept: run the stage "
+                        "again to go on")
+                if isinstance(e, StopAsked):
+                    raise WorkersStopped(said) from None
                 if reports.stopped:
-                    print(stop_message(reports.stopped), file=sys.stderr)
+                    print(said, file=sys.stderr)
                 raise
     if reports.errors:
         raise failure(reports.errors, proc.returncode)

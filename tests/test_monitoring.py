@@ -4,6 +4,7 @@ finishes, writes its outputs and exits 0, having warned once and kept its local 
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -195,3 +196,57 @@ def test_a_killed_stage_takes_its_server_along_and_the_next_start_marks_its_run_
         (finished,) = db.execute("SELECT count(*) FROM log WHERE message LIKE "
                                  "'Finished in state Completed%'").fetchone()
     assert finished == 1 and "Error logging to API" not in done.stderr, done.stderr[-3000:]
+
+
+CANCEL_BOUND = 30  # s from the Cancel to the stage's end: a 1 s poll, the 0.5 s launch loop, the
+# workers ending the step in progress and saving it (a few s here), torchrun's exit
+
+
+def test_a_cancel_from_prefect_saves_the_step_and_ends_the_run_cancelled(tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import State, StateType
+
+    write_synthetic_store(tmp_path / "latents", 24, (4, 4, 4), 3, chunk_size=4, shard_size=8)
+    params = tmp_path / "params.yaml"
+    train = {"steps": 100_000, "log_every": 5, "ckpt_every": 100_000, "workers": 0}
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": train}))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+               str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
+               str(tmp_path / "train.json")]
+    log = tmp_path / "data/logs/train.log"
+    with open(tmp_path / "stage.out", "w") as out:
+        stage = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: log.exists() and "train: step 5 / 100000" in log.read_text(), 90, stage,
+                 "first training row")
+        with get_client(sync_client=True) as client:
+            [run] = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["sra2-train"])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+            asked = time.monotonic()
+            client.set_flow_run_state(run.id, State(type=StateType.CANCELLING), force=True)
+            code = stage.wait(CANCEL_BOUND)
+            took = time.monotonic() - asked
+            state = client.read_flow_run(run.id).state
+    finally:
+        stop(stage, signal.SIGINT)
+    output = (tmp_path / "stage.out").read_text()
+    assert code != 0, output[-4000:]  # dvc repro stops here: sample never starts
+    assert state.type == StateType.CANCELLED and state.name == "Cancelled", state
+    step = int(re.search(r"stopped at step (\d+)", state.message)[1])
+    [saved] = (tmp_path / "train/checkpoints").glob(f"*/step-{step:07d}.pt")
+    assert f"saved {saved}" in state.message and "error: cancelled from Prefect" in output
+    print(f"cancelled at step {step}: the stage ended {took:.1f} s after the Cancel")
+
+    # the rerun resumes there (byte-identical resumes: tests/test_faults.py, the same save)
+    train["steps"] = step + 5
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": train}))
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert json.loads((tmp_path / "train.json").read_text())["steps"] == step + 5
