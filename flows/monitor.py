@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -85,12 +86,14 @@ class Monitor:
         self.stage, self.path = stage, Path(log_dir) / f"{stage}.log"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.online, self.started, self.finished, self.refused = True, False, False, False
+        self.preempted = False  # ended by SIGTERM after saving: the process exits 143
         self.raise_exceptions = logging.raiseExceptions
         self.result, self.error, self.tags = None, None, []
         self.settings = None  # the flow call's own copy of Prefect's settings (run_stage)
         self.began, self.lost_at = time.monotonic(), ""
         self.server_api, self.server_pid = None, None  # a temporary server of this stage's own
         self.cancel = threading.Event()  # set when the flow run is cancelled (watch_cancel)
+        self.stopped: dict | None = None  # the first rank's report that it stopped and saved
         # while the flow body runs: its flow run id and this process, for mark_crashed
         self.running_record = self.path.with_suffix(".running.json")
         self.file = logging.FileHandler(self.path, encoding="utf-8")
@@ -351,12 +354,20 @@ def flow(**options) -> Callable[[Callable], LazyFlow]:
     return lambda fn: LazyFlow(fn, options)
 
 
-def cancelled(message: str):
-    """The state a cancelled stage ends in: Cancelled, saying what was saved. The flow call then
-    raises prefect.exceptions.CancelledRun, so the stage exits non-zero and DVC stops there."""
+def cancelled(message: str, name: str = "Cancelled"):
+    """The state a stage stopped from outside ends in, of type Cancelled, saying what was saved:
+    "Cancelled" (from Prefect) or "Preempted" (SIGTERM). The flow call then raises
+    prefect.exceptions.CancelledRun, so the stage exits non-zero and DVC stops there."""
     from prefect.client.schemas.objects import State, StateType
 
-    return State(type=StateType.CANCELLED, name="Cancelled", message=message)
+    return State(type=StateType.CANCELLED, name=name, message=message)
+
+
+def preempted(error: BaseException) -> bool:
+    """Whether ``error`` is SIGTERM reaching the flow (Prefect raises it in the main thread)."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(error, TerminationSignal)
 
 
 def stage_flow(stage: str):
@@ -382,6 +393,12 @@ def stage_flow(stage: str):
                 mon.say(f"{stage} cancelled after {mon.elapsed()}: {e}", logging.WARNING)
                 return cancelled(f"cancelled from Prefect: {e}")
             except BaseException as e:
+                if preempted(e) and mon.stopped:  # SIGTERM, and the workers saved: no crash
+                    mon.say(f"{stage} preempted after {mon.elapsed()}: {mon.stopped['message']}",
+                            logging.WARNING)
+                    mon.preempted = True
+                    return cancelled(f"preempted (SIGTERM): {mon.stopped['message']}",
+                                     "Preempted")
                 mon.error = e
                 mon.say(f"{stage} failed after {mon.elapsed()}: {type(e).__name__}: {e}",
                         logging.ERROR)
@@ -410,6 +427,7 @@ def run_stage(flow, preset: str, **params):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows import server
+    from sra2.launch import Terminated
 
     stage = flow.name.removeprefix("sra2-")
     close_current()
@@ -432,6 +450,8 @@ def run_stage(flow, preset: str, **params):
             mark_crashed(mon)
             return flow.with_options(flow_run_name=f"{stage} {preset} {experiment()}")(**params)
     except Exception as e:
+        if mon.preempted:  # recorded as Preempted; the process ends as SIGTERM would end it
+            raise Terminated(128 + signal.SIGTERM) from None
         if mon.error is e:
             raise
         if mon.error is not None:  # Prefect failed while failing: the body's error is the news
@@ -625,6 +645,7 @@ class Watch:
         if event["kind"] == "progress":
             self.update(event["done"], event["total"], event["info"], event.get("time"))
         elif event["kind"] == "stopped":
+            self.mon.stopped = self.mon.stopped or event
             self.mon.say(f"{self.stage}: rank {event['rank']}: {event['message']}", logging.WARNING)
 
     @_harmless

@@ -202,18 +202,19 @@ CANCEL_BOUND = 30  # s from the Cancel to the stage's end: a 1 s poll, the 0.5 s
 # workers ending the step in progress and saving it (a few s here), torchrun's exit
 
 
-def test_a_cancel_from_prefect_saves_the_step_and_ends_the_run_cancelled(tmp_path, prefect_api):
+def start_training(tmp_path: Path, api: str, steps: int = 100_000):
+    """A tiny train stage against ``api``, once it has logged its first row; returns the process,
+    its command line, environment and parameter file, and its flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
                                                 FlowRunFilterState, FlowRunFilterStateType)
-    from prefect.client.schemas.objects import State, StateType
+    from prefect.client.schemas.objects import StateType
 
     write_synthetic_store(tmp_path / "latents", 24, (4, 4, 4), 3, chunk_size=4, shard_size=8)
     params = tmp_path / "params.yaml"
-    train = {"steps": 100_000, "log_every": 5, "ckpt_every": 100_000, "workers": 0}
-    params.write_text(yaml.safe_dump({"preset": "tiny", "train": train}))
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
+        "steps": steps, "log_every": 5, "ckpt_every": 100_000, "workers": 0}}))
+    env = {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
                str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
                str(tmp_path / "train.json")]
@@ -222,13 +223,34 @@ def test_a_cancel_from_prefect_saves_the_step_and_ends_the_run_cancelled(tmp_pat
         stage = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out,
                                  stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: log.exists() and "train: step 5 / 100000" in log.read_text(), 90, stage,
-                 "first training row")
+        wait_for(lambda: log.exists() and f"train: step 5 / {steps}" in log.read_text(), 90,
+                 stage, "first training row")
         with get_client(sync_client=True) as client:
             [run] = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["sra2-train"])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                     type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+    except BaseException:
+        stop(stage, signal.SIGINT)
+        raise
+    return stage, command, env, params, run
+
+
+def saved_step(tmp_path: Path, message: str) -> int:
+    """The step a state's message says was saved, checked against the step file on disk."""
+    step = int(re.search(r"stopped at step (\d+)", message)[1])
+    [saved] = (tmp_path / "train/checkpoints").glob(f"*/step-{step:07d}.pt")
+    assert f"saved {saved}" in message, message
+    return step
+
+
+def test_a_cancel_from_prefect_saves_the_step_and_ends_the_run_cancelled(tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import State, StateType
+
+    stage, command, env, params, run = start_training(tmp_path, prefect_api)
+    try:
+        with get_client(sync_client=True) as client:
             asked = time.monotonic()
             client.set_flow_run_state(run.id, State(type=StateType.CANCELLING), force=True)
             code = stage.wait(CANCEL_BOUND)
@@ -239,14 +261,31 @@ def test_a_cancel_from_prefect_saves_the_step_and_ends_the_run_cancelled(tmp_pat
     output = (tmp_path / "stage.out").read_text()
     assert code != 0, output[-4000:]  # dvc repro stops here: sample never starts
     assert state.type == StateType.CANCELLED and state.name == "Cancelled", state
-    step = int(re.search(r"stopped at step (\d+)", state.message)[1])
-    [saved] = (tmp_path / "train/checkpoints").glob(f"*/step-{step:07d}.pt")
-    assert f"saved {saved}" in state.message and "error: cancelled from Prefect" in output
+    step = saved_step(tmp_path, state.message)
+    assert "error: cancelled from Prefect" in output
     print(f"cancelled at step {step}: the stage ended {took:.1f} s after the Cancel")
 
     # the rerun resumes there (byte-identical resumes: tests/test_faults.py, the same save)
-    train["steps"] = step + 5
-    params.write_text(yaml.safe_dump({"preset": "tiny", "train": train}))
+    params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
+        "steps": step + 5, "log_every": 5, "ckpt_every": 100_000, "workers": 0}}))
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert json.loads((tmp_path / "train.json").read_text())["steps"] == step + 5
+
+
+def test_sigterm_that_saved_is_recorded_as_preempted_not_crashed(tmp_path, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    stage, _, _, _, run = start_training(tmp_path, prefect_api)
+    try:
+        stage.send_signal(signal.SIGTERM)  # what Slurm and Kubernetes send before the end
+        code = stage.wait(CANCEL_BOUND)
+    finally:
+        stop(stage, signal.SIGINT)
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert code == 128 + signal.SIGTERM, (tmp_path / "stage.out").read_text()[-4000:]
+    assert state.type == StateType.CANCELLED and state.name == "Preempted", state
+    assert state.message.startswith("preempted (SIGTERM)")
+    saved_step(tmp_path, state.message)
