@@ -263,5 +263,5 @@ def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
     assert json.loads((work / "data/latents.json").read_text()) == first
     assert json.loads((work / "data/encode.json").read_text())["encoded_now"] == 0
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == files
-    assert sorted(p.name for p in (work / "data/latents").iterdir()) == sorted(
-        [first["digest"], half["digest"]])
+    stores = [p.name for p in (work / "data/latents").iterdir() if not p.name.startswith(".")]
+    assert sorted(stores) == sorted([first["digest"], half["digest"]])  # .quarantine aside
