@@ -45,7 +45,7 @@ def bare_read(files: list[Path]) -> None:
 
 
 def decode_all(store: ShardedStore) -> None:
-    for name in store.sharded():
+    for name in store.sharded:
         for shard in range(store.num_shards):
             store.read(name, slice(*store.shard_range(shard)))
 

@@ -123,7 +123,8 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
                  progress: Progress | None = None) -> dict | None:
     """The sample stage: shards under ``out/shards``, then (rank 0) ``samples.npz`` and ``grid.png``."""
     out = Path(out)
-    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress))
+    # generate has just checked every done shard's files
+    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress), check=False)
     if dist.init()[0] != 0:
         return None
     write_npz(store, out / "samples.npz")

@@ -223,7 +223,7 @@ class ShardedStore:
                 raise ValueError(f"shard {shard} of {name!r} needs {stop - start} items, "
                                  f"got {len(values)}")
             try:  # a file even for a shard of zeros: a missing file then always means damage
-                self.group[name].with_config({"write_empty_chunks": True})[start:stop] = values
+                self.arrays[name].with_config({"write_empty_chunks": True})[start:stop] = values
             except OSError as e:  # the shard stays pending: its done mark is not written
                 raise atomic.write_failed(self.shard_files(shard)[name], e) from e
         files = {}
@@ -249,22 +249,24 @@ class ShardedStore:
 
     # --- checks
 
-    def sharded(self) -> list[str]:
-        """The arrays written shard by shard (the others were written when the store was made)."""
-        return [name for name in self.arrays()
-                if isinstance(self.group[name].metadata.codecs[0], ShardingCodec)]
-
-    @functools.cache
-    def arrays(self) -> list[str]:
+    @functools.cached_property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """Every array of the store, opened once (each opening reads its metadata file)."""
         with warnings.catch_warnings():  # zarr warns of done/, which is ours, not an array
             warnings.filterwarnings("ignore", "Object at done is not")
-            return sorted(self.group.array_keys())
+            return dict(sorted(self.group.arrays()))
+
+    @functools.cached_property
+    def sharded(self) -> list[str]:
+        """The arrays written shard by shard (the others were written when the store was made)."""
+        return [name for name, arr in self.arrays.items()
+                if isinstance(arr.metadata.codecs[0], ShardingCodec)]
 
     def shard_files(self, shard: int) -> dict[str, Path]:
         """Each sharded array's file holding ``shard``."""
         out = {}
-        for name in self.sharded():
-            arr = self.group[name]
+        for name in self.sharded:
+            arr = self.arrays[name]
             key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
             out[name] = self.path / name / key
         return out
@@ -284,9 +286,9 @@ class ShardedStore:
                 if (problem := _file_problem(self.path / want["file"], want, deep)):
                     damage.append(Damage(shard, self.path / want["file"], problem))
         if deep:
-            for name in sorted(set(self.arrays()) - set(self.sharded())):
+            for name in sorted(set(self.arrays) - set(self.sharded)):
                 try:
-                    self.group[name][:]
+                    self.arrays[name][:]
                 except Exception as e:  # noqa: BLE001 - zarr and its codecs raise many kinds
                     damage.append(Damage(None, self.path / name, f"{type(e).__name__}: {e}"))
         return damage
@@ -339,7 +341,7 @@ class ShardedStore:
     def read(self, name: str, rows: slice | int | np.ndarray = slice(None)) -> np.ndarray:
         """``array(name)[rows]`` (an index array reads those rows, in its order); bytes that fail
         their checksum raise :class:`DamagedStore` naming the shard and file."""
-        arr = self.group[name]
+        arr = self.arrays[name]
         try:
             return arr.oindex[rows] if isinstance(rows, np.ndarray) else arr[rows]
         except Exception as e:  # noqa: BLE001 - zarr and its codecs raise many kinds
@@ -349,13 +351,13 @@ class ShardedStore:
     def _failed(self, name: str, rows, error: Exception) -> Damage:
         """The first shard (and its file) whose part of ``rows`` fails to read again alone."""
         reason = f"{type(error).__name__}: {error}"
-        if name not in self.sharded():
+        if name not in self.sharded:
             return Damage(None, self.path / name, reason)
         first = rows[0] if isinstance(rows, tuple) else rows  # the item axis
-        items = np.arange(self.group[name].shape[0])[first].reshape(-1)
+        items = np.arange(self.arrays[name].shape[0])[first].reshape(-1)
         for shard in np.unique(items // self.shard_size).tolist():
             try:
-                self.group[name].oindex[np.unique(items[items // self.shard_size == shard])]
+                self.arrays[name].oindex[np.unique(items[items // self.shard_size == shard])]
             except Exception as e:  # noqa: BLE001
                 return Damage(shard, self.shard_files(shard)[name], f"{type(e).__name__}: {e}")
         return Damage(None, self.path / name, reason)
@@ -367,7 +369,7 @@ class StoredArray:
 
     def __init__(self, store: ShardedStore, name: str):
         self.store, self.name = store, name
-        self.shape, self.dtype = store.group[name].shape, store.group[name].dtype
+        self.shape, self.dtype = store.arrays[name].shape, store.arrays[name].dtype
 
     def __len__(self) -> int:
         return self.shape[0]
