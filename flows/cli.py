@@ -1,25 +1,34 @@
-"""``sra2 <stage> [options]``: run one stage's Prefect flow (what each dvc.yaml stage calls), or
-one of the tools beside them (flops, verify)."""
+"""``sra2 <command> [options]``: run one stage's Prefect flow (what each dvc.yaml stage calls), the
+whole pipeline as one flow run, serve it for the Prefect UI, or one of the tools beside them."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-STAGES = {"demo-data": "flows.demo_data", "encode": "flows.encode", "train": "flows.train",
-          "sample": "flows.sample", "evaluate": "flows.evaluate", "flops": "sra2.flops",
-          "verify": "sra2.verify"}
+COMMANDS = {"demo-data": "flows.demo_data:main", "encode": "flows.encode:main",
+            "train": "flows.train:main", "sample": "flows.sample:main",
+            "evaluate": "flows.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
+            "serve": "flows.pipeline:serve_main", "flops": "sra2.flops:main",
+            "verify": "sra2.verify:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in STAGES:
-        print("usage: sra2 {" + ",".join(STAGES) + "} [--help | options]\n\n"
-              "Runs one pipeline stage as a Prefect flow (flops: print parameter and FLOP counts;\n"
-              "verify: check every stored byte of stores and runs). `dvc repro` runs the stages in order;\n"
-              "`sra2 <stage> --help` lists a stage's options.", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: sra2 {" + ",".join(COMMANDS) + "} [--help | options]\n\n"
+              "A stage name runs that stage as a Prefect flow (`dvc repro` runs them in order);\n"
+              "pipeline: `dvc repro` as one Prefect run with the stages as its subflows;\n"
+              "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, table);\n"
+              "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs.\n"
+              "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     from flows.common import entry
 
-    module = importlib.import_module(STAGES[argv[0]])
-    entry(lambda: sys.exit(module.main(argv[1:])))  # verify's main returns its exit status
+    module, function = COMMANDS[argv[0]].split(":")
+    command = getattr(importlib.import_module(module), function)
+    entry(lambda: sys.exit(command(argv[1:])))  # verify's main returns its exit status
+
+
+if __name__ == "__main__":
+    main()

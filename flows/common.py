@@ -1,5 +1,5 @@
 """What the stage flows share: the command line, the config check, the workers, Prefect progress
-and tables (shown through flows.monitor, so that a failing Prefect API never fails the stage)."""
+and tables (made through flows.monitor, so that a failing Prefect API never fails the stage)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import contextlib
 import sys
 from typing import Callable, Sequence
 
-from flows.monitor import Picture, Watch, current
+from flows.monitor import current
+from flows.pictures import Picture
+from flows.progress import Watch
+from flows.runner import outcome
 from sra2.config import Config, ConfigError, load
 
 
@@ -37,19 +40,6 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
     return cfg, args
 
 
-class Progress:
-    """A progress artifact ``<name>-progress`` for work that runs in the flow's process, updated at
-    most every ``every`` seconds; ``progress(done, total, ...)``. Shown through flows.monitor, so
-    that the Prefect API failing never stops the work."""
-
-    def __init__(self, key: str, description: str, every: float = 5.0):
-        self.watch = Watch(current(), key.removesuffix("-progress"), "steps", description,
-                           every=every)
-
-    def __call__(self, done: int, total: int, *_) -> None:
-        self.watch.update(done, total)
-
-
 def output_locks(cfg: Config, outputs: Sequence[str]) -> contextlib.AbstractContextManager:
     """The locks of the stage's outputs, taken by the node of launch.node_rank 0 only: the other
     nodes of a multi-node run write the same outputs on purpose."""
@@ -65,7 +55,7 @@ def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
                 pictures: Callable[[list[dict]], list[Picture]] | None = None) -> dict | None:
     """Call the library function ``work`` on the processes of ``cfg.launch``
     (torch.distributed.run), showing rank 0's progress (counted in ``unit``) in the stage's log
-    and artifacts (flows.monitor.Watch, with ``pictures`` of its rows); returns rank 0's result.
+    and artifacts (flows.progress.Watch, with ``pictures`` of its rows); returns rank 0's result.
     ``outputs`` (paths the stage writes) are locked first: sra2.lock.OutputBusy, before any worker
     starts, if another run writes one."""
     from sra2 import launch
@@ -76,6 +66,7 @@ def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
             return launch.run(work, cfg, args, watch, stop=current().cancel)
         finally:
             watch.finish()  # the rows since the last update, even when the workers failed
+            outcome().stopped = watch.stopped  # says a SIGTERM'd stage saved (flows.runner)
 
 
 def table(key: str, values: dict, description: str) -> None:

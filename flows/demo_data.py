@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from flows.common import Progress, entry, parse, table
-from flows.monitor import flow
+from flows.common import entry, parse, table
+from flows.progress import Progress
+from flows.runner import run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
 
@@ -61,7 +62,7 @@ def train_vae(cfg: Config) -> None:
     table("demo-vae", {"seconds": round(seconds, 1), **stats}, info["description"])
 
 
-@flow(name="sra2-demo-data", log_prints=True)
+@stage_flow("demo-data")
 def demo_data_flow(cfg: Config, out: str) -> None:
     from sra2.data import write_demo_dataset
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
                          "when data.demo is set, so that DVC tracks the images it draws")
     if cfg.data.demo is not None and cfg.data.demo.vae is not None:
         _check_vae_target(cfg, args["out"])
-    demo_data_flow(cfg, args["out"])
+    run_stage(demo_data_flow, cfg.preset, cfg=cfg, out=args["out"])
 
 
 if __name__ == "__main__":

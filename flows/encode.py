@@ -9,7 +9,8 @@ read it). --out instead writes one store at exactly that path. Runs on every GPU
 from __future__ import annotations
 
 from flows.common import entry, parse, run_workers, table
-from flows.monitor import current, run_stage, stage_flow
+from flows.monitor import current
+from flows.runner import run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
 

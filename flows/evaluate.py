@@ -10,7 +10,9 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from flows.common import entry, parse, table
-from flows.monitor import Watch, current, run_stage, stage_flow
+from flows.monitor import current
+from flows.progress import Watch
+from flows.runner import run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
 
@@ -31,6 +33,7 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
             bar.total = total
             bar.update(done - bar.n)
             watch.update(done, total)
+            mon.stop_if_cancelled(f"{done} / {total} images")
             if done == total:  # what follows has no progress of its own: say what it is
                 bar.close()
                 mon.say("evaluate: features done; computing FID and sFID (matrix square roots), "

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.common import entry, parse, run_workers
-from flows.monitor import current, run_stage, show_pictures, stage_flow
+from flows.monitor import current
+from flows.pictures import show_pictures
+from flows.runner import run_stage, stage_flow
 from sra2.config import Config
 
 

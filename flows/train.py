@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 
 from flows.common import entry, parse, run_workers, table
-from flows.monitor import Picture, current, run_stage, stage_flow
+from flows.monitor import current
+from flows.pictures import Picture
+from flows.runner import run_stage, stage_flow
 from sra2 import atomic
 from sra2.config import Config
 from sra2.plots import loss_plot

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from sra2 import worker
+from sra2 import procs, worker
 from sra2.config import Config, ConfigError, Launch
+from sra2.once import WarnOnce, harmless
 
 Event = dict
 SLURM_PORT = 29500
@@ -170,20 +171,8 @@ def stop_message(stopped: list[Event]) -> str:
 def shielded(on_event: Callable[[Event], None] | None) -> Callable[[Event], None]:
     """``on_event`` whose failures (a monitoring server gone, say) are reported once and then
     ignored: monitoring never stops the work."""
-    warned = False
-
-    def call(event: Event) -> None:
-        nonlocal warned
-        try:
-            if on_event is not None:
-                on_event(event)
-        except Exception as e:  # noqa: BLE001 - any monitoring failure, whatever its kind
-            if not warned:
-                warned = True
-                print(f"warning: progress reporting failed ({type(e).__name__}: {e}); the work "
-                      "goes on without it", file=sys.stderr)
-
-    return call
+    warn = WarnOnce(lambda text: print(f"warning: {text}", file=sys.stderr))
+    return harmless(on_event or (lambda event: None), warn, "progress reporting")
 
 
 @dataclass
@@ -251,13 +240,6 @@ def _signals_ignored():
             signal.signal(s, handler)
 
 
-def _parent_of(pid: int) -> int | None:
-    with contextlib.suppress(OSError):
-        fields = worker.proc_stat(pid)
-        return int(fields[1]) if fields else None
-    return None
-
-
 def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: float) -> None:
     """Ask the workers of torchrun ``proc`` to stop, wait up to ``grace`` seconds for them to save
     (training: a checkpoint at its current step) and exit, then SIGKILL torchrun if still there.
@@ -272,13 +254,13 @@ def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: floa
     print(f"stopping the workers: waiting up to {grace:.0f} s for them to save their work (Ctrl-C "
           f"is ignored meanwhile; kill -9 {os.getpid()} leaves it to them)", file=sys.stderr)
     with _signals_ignored():
-        direct = len([pid for pid in workers if _parent_of(pid) == proc.pid]) == expected
+        direct = len([pid for pid in workers if procs.parent(pid) == proc.pid]) == expected
         if not direct:
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while proc.poll() is None and time.monotonic() < deadline:
             for pid in workers if direct else ():
-                if _parent_of(pid) == proc.pid:
+                if procs.parent(pid) == proc.pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -289,7 +271,8 @@ def _stop(proc: subprocess.Popen, workers: list[int], expected: int, grace: floa
 
 
 class StopAsked(Exception):
-    """``stop`` was set while the workers ran (:func:`run`)."""
+    """``stop`` was set while the workers ran (:func:`run`), or a stage's work in its own process
+    was asked to stop (a Cancel from Prefect)."""
 
 
 def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], None] | None = None,

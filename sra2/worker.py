@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Protocol
 
+from sra2 import procs
 from sra2.config import Config
 
 PARENT_PID = "SRA2_PARENT_PID"  # the launching process (the flow), watched by every rank
@@ -68,41 +69,17 @@ class Events:
 
 # --- watching the launching processes
 
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (proc(5): [0] state, [1] ppid, ..., [19] start time), None
-    when there is no such process; OSError where /proc cannot be read."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None
-
-
-def started_at(pid: int) -> str | None:
-    """A token of process ``pid`` that a later process reusing the pid does not share (its start
-    time), or None when it is gone or a zombie. Without /proc: whether the pid exists."""
-    try:
-        fields = proc_stat(pid)
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return "alive"
-    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
-
-
 def watch_parents(interval: float = 2.0) -> threading.Thread:
     """Stop this process (SIGTERM to itself, SIGKILL after the grace period) once torchrun or the
     flow that started it is gone, checked every ``interval`` seconds from a daemon thread."""
     pids = {os.getppid()}
     if os.environ.get(PARENT_PID):
         pids.add(int(os.environ[PARENT_PID]))
-    tokens = {pid: started_at(pid) for pid in pids}
+    tokens = {pid: procs.started_at(pid) for pid in pids}
 
     def watch() -> None:
-        while all(token is not None and started_at(pid) == token for pid, token in tokens.items()):
+        while all(token is not None and procs.started_at(pid) == token
+                  for pid, token in tokens.items()):
             time.sleep(interval)
         print(f"worker {os.getpid()}: the process that started it is gone: stopping",
               file=sys.stderr)

@@ -23,7 +23,7 @@ from sra2 import atomic, launch
 from sra2.checkpoints import step_file
 from sra2.stopping import Stopped
 from sra2.train import NonFiniteError, build_trainer, check_weights, train
-from sra2.worker import started_at
+from sra2.procs import started_at
 
 from conftest import encoded_tiny, with_overrides
 

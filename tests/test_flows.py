@@ -1,6 +1,6 @@
-"""What the stage flows show and keep (flows.monitor), without a Prefect server: progress texts,
-the table, pictures, the local log, warning once when the API fails, tags, and evaluate's
-progress through Inception."""
+"""What the stage flows show and keep (flows.monitor, progress, runner), without a Prefect server:
+progress texts, the table, pictures, the local log, warning once when the API fails, tags, and
+evaluate's progress through Inception."""
 
 import logging
 import os
@@ -12,8 +12,10 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.monitor import (Eta, Monitor, Watch, _WhenOffline, counted, duration, headline,
-                           pipeline_id, row_line, run_stage, run_tags, stage_flow, table_rows)
+from flows.monitor import Monitor, _WhenOffline
+from flows.progress import Eta, Watch, counted, duration, headline, row_line, table_rows
+from flows.runner import run_stage, stage_flow
+from flows.tags import pipeline_id, run_tags
 from sra2.plots import loss_plot
 
 from conftest import with_overrides
@@ -168,7 +170,7 @@ def test_logging_restores_itself_after_the_monitor_closes(tmp_path):
                 if isinstance(f, _WhenOffline)]
 
 
-PRINT_ID = "from flows.monitor import pipeline_id; print(pipeline_id())"
+PRINT_ID = "from flows.tags import pipeline_id; print(pipeline_id())"
 
 
 def fake_dvc(folder: Path, runs: int) -> Path:

@@ -18,7 +18,7 @@ import yaml
 
 from flows.server import free_port, healthy
 from sra2.latents import write_synthetic_store
-from sra2.worker import started_at
+from sra2.procs import started_at
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300  # the server dies at step 5; the rest takes 8-15 s here (tiny: 20-40 steps/s)
@@ -122,7 +122,7 @@ def test_training_finishes_when_the_prefect_server_dies_mid_run(tmp_path, prefec
 
 
 def descendants(pid: int) -> dict[int, str | None]:
-    """The processes below ``pid``, each with its start token (sra2.worker.started_at)."""
+    """The processes below ``pid``, each with its start token (sra2.procs.started_at)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
