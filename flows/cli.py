@@ -9,8 +9,8 @@ import sys
 COMMANDS = {"demo-data": "flows.demo_data:main", "encode": "flows.encode:main",
             "train": "flows.train:main", "sample": "flows.sample:main",
             "evaluate": "flows.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
-            "serve": "flows.pipeline:serve_main", "flops": "sra2.flops:main",
-            "verify": "sra2.verify:main"}
+            "serve": "flows.pipeline:serve_main", "feature-pca": "flows.feature_pca:main",
+            "flops": "sra2.flops:main", "verify": "sra2.verify:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
               "A stage name runs that stage as a Prefect flow (`dvc repro` runs them in order);\n"
               "pipeline: `dvc repro` as one Prefect run with the stages as its subflows;\n"
               "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, table);\n"
+              "feature-pca: the PCA picture of VAE tokens and SiT hidden states per block;\n"
               "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs.\n"
               "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
