@@ -128,26 +128,30 @@ def _experiments(shown: list[dict]) -> Iterable[tuple[dict, dict]]:
                 yield exp, revs[0]
 
 
-def collect(shown: list[dict], prefix: str) -> dict[str, dict]:
-    """Row name -> {experiment, state, rev, timestamp, params, metrics, error} of the newest
-    experiment named ``<prefix>-<row>``."""
+def newest(shown: list[dict]) -> dict[str, dict]:
+    """Experiment name -> {experiment, state, rev, commit, timestamp, params, metrics, error} of
+    the newest experiment of that name (also used by sra2.convergence)."""
     found: dict[str, dict] = {}
     for exp, rev in _experiments(shown):
         name = exp.get("name") or rev.get("name") or ""
-        if not name.startswith(f"{prefix}-"):
-            continue
         data = rev.get("data") or {}
         metrics = {}
         for values in (data.get("metrics") or {}).values():
             metrics.update(values.get("data") or {})
         entry = {"experiment": name, "state": (exp.get("executor") or {}).get("state") or "done",
-                 "rev": rev.get("rev", "")[:7], "timestamp": data.get("timestamp") or "",
+                 "rev": rev.get("rev", "")[:7], "commit": rev.get("rev", ""),
+                 "timestamp": data.get("timestamp") or "",
                  "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
                  "metrics": metrics, "error": rev.get("error")}
-        row = name.removeprefix(f"{prefix}-")
-        if row not in found or entry["timestamp"] >= found[row]["timestamp"]:
-            found[row] = entry
+        if name not in found or entry["timestamp"] >= found[name]["timestamp"]:
+            found[name] = entry
     return found
+
+
+def collect(shown: list[dict], prefix: str) -> dict[str, dict]:
+    """Row name -> :func:`newest`'s entry of the experiment named ``<prefix>-<row>``."""
+    return {name.removeprefix(f"{prefix}-"): entry for name, entry in newest(shown).items()
+            if name.startswith(f"{prefix}-")}
 
 
 def _number(value: Any, digits: int) -> str:
@@ -207,13 +211,23 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
     return "\n".join(lines)
 
 
-def show(args: argparse.Namespace) -> None:
-    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
+def exp_show(all_commits: bool) -> list[dict]:
+    """`dvc exp show --json` of the repository here; a RuntimeError naming the command and its
+    error output if it fails."""
+    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"error: {' '.join(command)} failed:\n{run.stderr}")
+        raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()}")
+    return json.loads(run.stdout)
+
+
+def show(args: argparse.Namespace) -> None:
     table = TABLES[args.table]
-    found = collect(json.loads(run.stdout), args.prefix)
+    try:
+        shown = exp_show(args.all_commits)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
+    found = collect(shown, args.prefix)
     print(render(found, table, select(table, args.rows)))
 
 

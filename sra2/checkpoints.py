@@ -25,6 +25,8 @@ from __future__ import annotations
 import csv
 import re
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -209,3 +211,59 @@ class MetricsLog:
     def write(self) -> None:
         atomic.write_csv([self.path], self.columns, [self.rows[step] for step in sorted(self.rows)])
         atomic.write_csv([self.mirror], self.columns, self.shown())
+
+
+class TimeLog:
+    """What training up to a step cost: images seen, wall-clock seconds and process-seconds (the
+    wall time of each stretch times the processes that ran it), at every saved or evaluated step.
+
+    Wall times differ between runs that write the same bytes, so this log lives outside every
+    DVC output and every hashed folder: the line's file at ``path`` (``timing/<run>.csv`` beside
+    ``checkpoints/``, one per run folder), and a run's rows up to its ``steps`` mirrored as
+    ``times.csv`` next to ``fid.csv``, for git (:mod:`sra2.convergence` reads both). A resumed run continues from the row at the step it
+    resumed from; without one (the run started before times were kept) it records nothing.
+    Evaluations during training are not counted (:meth:`paused`): their cost is the evaluator's
+    cadence, not the method's."""
+
+    COLUMNS = ["step", "images", "processes", "device", "seconds", "process_seconds"]
+
+    def __init__(self, path: str | Path, start: int, saved: int, global_batch: int,
+                 processes: int, device: str, write: bool):
+        self.path, self.global_batch, self.write = Path(path), global_batch, write
+        self.processes, self.device = processes, device
+        self.rows = {step: r for step, r in self._read().items() if step <= saved}
+        zero = {"seconds": 0.0, "process_seconds": 0.0}
+        self.base = zero if start == 0 else self.rows.get(start)
+        self.start, self.tick, self.excluded = start, time.perf_counter(), 0.0
+
+    def _read(self) -> dict[int, dict]:
+        if not self.path.exists():
+            return {}
+        with open(self.path) as f:
+            return {int(r["step"]): r for r in csv.DictReader(f)}
+
+    @contextmanager
+    def paused(self):
+        """Time spent inside is not training time."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - begin
+
+    def record(self, step: int) -> None:
+        """The cost up to ``step``, taken now (replacing a row an earlier try left there)."""
+        if self.base is None or not self.write:
+            return
+        seconds = time.perf_counter() - self.tick - self.excluded
+        self.rows[step] = {
+            "step": step, "images": step * self.global_batch, "processes": self.processes,
+            "device": self.device,
+            "seconds": round(float(self.base["seconds"]) + seconds, 3),
+            "process_seconds": round(float(self.base["process_seconds"])
+                                     + seconds * self.processes, 3)}
+        atomic.write_csv([self.path], self.COLUMNS, [self.rows[s] for s in sorted(self.rows)])
+
+    def mirror(self, path: str | Path, steps: int) -> None:
+        """The rows up to ``steps`` at ``path`` (just the header when none were kept)."""
+        atomic.write_csv([path], self.COLUMNS, [self.rows[s] for s in sorted(self.rows) if s <= steps])

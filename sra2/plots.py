@@ -1,10 +1,13 @@
-"""A loss-curve PNG drawn with PIL (``dvc plots show`` draws the interactive version)."""
+"""Charts drawn with PIL, no plotting library: the loss-curve PNG (``dvc plots show`` draws the
+interactive version) and line charts with axes (the convergence picture)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from sra2 import atomic
 
@@ -46,3 +49,76 @@ def loss_plot(rows: list[dict], title: str, size: tuple[int, int] = (640, 400)) 
             d.line(points, fill=colour, width=2)
         d.text((w - right - 110, top + 6 + 12 * i), key, fill=colour)
     return img
+
+
+# --- line charts with axes (sra2.convergence)
+
+@dataclass
+class Series:
+    """One line of a chart: its points, and the text put beside its last point."""
+
+    label: str
+    colour: tuple[int, int, int]
+    xs: list[float]
+    ys: list[float]
+    end_text: str = ""
+
+
+def font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size)  # Pillow's own TrueType face: no font files needed
+
+
+def ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten apart) from ``lo`` to ``hi``, at most ``most``."""
+    span = (hi - lo) or abs(hi) or 1.0
+    power = 10 ** math.floor(math.log10(span / most))
+    step = next(m * power for m in (1, 2, 5, 10) if span / (m * power) <= most)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def short_number(value: float) -> str:
+    """400000 -> 400k, 1500000 -> 1.5M, 0.25 -> 0.25: tick labels that fit."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def line_panel(img: Image.Image, box: tuple[int, int, int, int], series: list[Series],
+               x_label: str, y_label: str, y_range: tuple[float, float], note: str = "") -> None:
+    """A chart inside ``box`` (left, top, right, bottom) of ``img``: axes from x = 0 and over
+    ``y_range``, ticks, a dot per point, and each series' ``end_text`` beside its last point
+    (pushed apart so labels do not overlap). ``note`` is written where there is nothing to draw."""
+    d, small = ImageDraw.Draw(img), font(11)
+    left, top, right, bottom = box[0] + 58, box[1] + 8, box[2] - 12, box[3] - 40
+    x_hi = max([x for s in series for x in s.xs] or [1.0]) or 1.0
+    y_lo, y_hi = y_range
+    px = lambda x: left + x / x_hi * (right - left)  # noqa: E731
+    py = lambda y: bottom - (y - y_lo) / ((y_hi - y_lo) or 1.0) * (bottom - top)  # noqa: E731
+    d.rectangle([left, top, right, bottom], outline="black")
+    for x in ticks(0.0, x_hi):
+        d.line([(px(x), bottom), (px(x), bottom + 4)], fill="black")
+        d.text((px(x), bottom + 6), short_number(x), fill="black", font=small, anchor="mt")
+    for y in ticks(y_lo, y_hi):
+        d.line([(left, py(y)), (right, py(y))], fill=(230, 230, 230))
+        d.text((left - 6, py(y)), short_number(y), fill="black", font=small, anchor="rm")
+    d.text(((left + right) / 2, box[3] - 6), x_label, fill="black", font=font(13), anchor="md")
+    d.text((box[0] + 4, top - 2), y_label, fill="black", font=small)
+    if note:
+        d.text(((left + right) / 2, (top + bottom) / 2), note, fill="gray", font=font(13),
+               anchor="mm", align="center")
+    for s in series:
+        points = [(px(x), py(y)) for x, y in zip(s.xs, s.ys)]
+        if len(points) > 1:
+            d.line(points, fill=s.colour, width=2)
+        for x, y in points:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=s.colour)
+    ends = sorted(((py(s.ys[-1]), s) for s in series if s.xs), key=lambda e: e[0])
+    last = -math.inf
+    for y, s in ends:
+        y = max(y, last + 13)
+        last = y
+        at = (px(s.xs[-1]) - 7, y)
+        d.rectangle(d.textbbox(at, s.end_text, font=small, anchor="rm"), fill="white")
+        d.text(at, s.end_text, fill=s.colour, font=small, anchor="rm")

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sra2 import atomic, dist, fid_curve
-from sra2.checkpoints import Checkpoints, MetricsLog, ema_export
+from sra2.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
 from sra2.models import SiT, build
@@ -280,13 +280,14 @@ def loss_title(cfg: Config) -> str:
     return f"{cfg.model.name} + {on}: training loss"
 
 
-def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path) -> None:
-    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves (up to ``steps``,
-    whatever longer runs left in ``run``), the loss plot."""
+def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times: TimeLog) -> None:
+    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves and its times (up to
+    ``steps``, whatever longer runs left in ``run``), the loss plot."""
     cfg = tr.cfg
     atomic.save_torch(ema_export(cfg, tr.ema, steps), out / "ema.pt")
     log.write()
     fid_curve.mirror(run, out / "fid.csv", steps)
+    times.mirror(out / "times.csv", steps)
     if rows := log.shown():
         write_loss_plot(rows, out / "loss.png", loss_title(cfg))
 
@@ -320,10 +321,13 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     del state
     columns = ["step", *tr.names, "grad_norm"]
     log = None
+    saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
     if rank == 0:
-        saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
         log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
                          saved)
+    # not in the run folder: wall times differ between runs of the same bytes (sra2.checkpoints)
+    times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
+                    world, device.type, write=rank == 0)
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_proj = sum(p.numel() for p in tr.heads.parameters())
     if rank == 0:
@@ -352,12 +356,17 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
                 row, rate = meter.row(done, tc.global_batch)
                 if log is not None:  # before the checkpoint: rows after it are dropped on resume
                     log.append(row)
-            if done % tc.ckpt_every == 0 or done == tc.steps or stop or timed:
+            saving = done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
+            evaluating = tc.eval_every and done % tc.eval_every == 0
+            if saving:
                 last_ckpt = save(tr, ckpts, meter, done, rank, world)
                 clock.reset()
-            if tc.eval_every and done % tc.eval_every == 0:  # after the save: a crash here costs nothing
-                scored = fid_curve.evaluate_step(cfg, tr.ema, done, ckpts.folder, latents,
-                                                 out / "fid.csv")
+            if saving or evaluating:
+                times.record(done)
+            if evaluating:  # after the save: a crash here costs nothing
+                with times.paused():
+                    scored = fid_curve.evaluate_step(cfg, tr.ema, done, ckpts.folder, latents,
+                                                     out / "fid.csv")
                 if scored:
                     fid = {"fid": scored["fid"], "fid_step": done, "preview": scored["grid"]}
             if row is not None and log is not None:
@@ -378,7 +387,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
         tail, rate = meter.row(tc.steps, tc.global_batch)
     if rank == 0:
         log.tail = tail or None
-        export(tr, out, tc.steps, log, ckpts.folder)
+        export(tr, out, tc.steps, log, ckpts.folder, times)
         if progress and (tail or start == tc.steps):  # the last row, or nothing left to do
             speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
             progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
