@@ -77,8 +77,16 @@ def ticks(lo: float, hi: float, most: int = 7) -> list[float]:
     return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def tick_labels(values: list[float]) -> list[str]:
+    """Labels with the decimals the ticks' spacing needs (20.4781, 20.4782), or 400k and 1.5M."""
+    step = values[1] - values[0] if len(values) > 1 else 1.0
+    if step >= 1000:
+        return [short_number(v) for v in values]
+    return [f"{v:.{max(0, math.ceil(-math.log10(step) - 1e-9))}f}" for v in values]
+
+
 def short_number(value: float) -> str:
-    """400000 -> 400k, 1500000 -> 1.5M, 0.25 -> 0.25: tick labels that fit."""
+    """400000 -> 400k, 1500000 -> 1.5M, 0.25 -> 0.25."""
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= limit:
             return f"{value / limit:.3g}{suffix}"
@@ -91,20 +99,22 @@ def line_panel(img: Image.Image, box: tuple[int, int, int, int], series: list[Se
     ``y_range``, ticks, a dot per point, and each series' ``end_text`` beside its last point
     (pushed apart so labels do not overlap). ``note`` is written where there is nothing to draw."""
     d, small = ImageDraw.Draw(img), font(11)
-    left, top, right, bottom = box[0] + 58, box[1] + 8, box[2] - 12, box[3] - 40
+    left, top, right, bottom = box[0] + 58, box[1] + 20, box[2] - 12, box[3] - 40
     x_hi = max([x for s in series for x in s.xs] or [1.0]) or 1.0
     y_lo, y_hi = y_range
     px = lambda x: left + x / x_hi * (right - left)  # noqa: E731
     py = lambda y: bottom - (y - y_lo) / ((y_hi - y_lo) or 1.0) * (bottom - top)  # noqa: E731
     d.rectangle([left, top, right, bottom], outline="black")
-    for x in ticks(0.0, x_hi):
+    xs = ticks(0.0, x_hi)
+    for x, text in zip(xs, tick_labels(xs)):
         d.line([(px(x), bottom), (px(x), bottom + 4)], fill="black")
-        d.text((px(x), bottom + 6), short_number(x), fill="black", font=small, anchor="mt")
-    for y in ticks(y_lo, y_hi):
+        d.text((px(x), bottom + 6), text, fill="black", font=small, anchor="mt")
+    ys = ticks(y_lo, y_hi)
+    for y, text in zip(ys, tick_labels(ys)):
         d.line([(left, py(y)), (right, py(y))], fill=(230, 230, 230))
-        d.text((left - 6, py(y)), short_number(y), fill="black", font=small, anchor="rm")
+        d.text((left - 6, py(y)), text, fill="black", font=small, anchor="rm")
     d.text(((left + right) / 2, box[3] - 6), x_label, fill="black", font=font(13), anchor="md")
-    d.text((box[0] + 4, top - 2), y_label, fill="black", font=small)
+    d.text((box[0] + 4, box[1] + 2), y_label, fill="black", font=small)
     if note:
         d.text(((left + right) / 2, (top + bottom) / 2), note, fill="gray", font=font(13),
                anchor="mm", align="center")

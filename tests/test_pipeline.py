@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
+
+from sra2.plots import PALETTE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -168,8 +171,8 @@ def wait_for_queue(work: Path, env: dict, timeout: float = 1800) -> str:
 
 def test_queued_experiments_keep_their_results(pipeline):
     """Two Table 1 rows (alignment off and on, 20 steps, FID at step 20) as queued experiments:
-    each keeps its metrics, losses, loss and FID curves, beside the baseline's; encode is
-    restored, not run."""
+    each keeps its metrics, losses, loss and FID curves and training times, beside the
+    baseline's; encode is restored, not run. The convergence command draws the two."""
     work, env, _ = pipeline
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-q", "-m", "baseline"], work, env)
@@ -215,6 +218,20 @@ def test_queued_experiments_keep_their_results(pipeline):
     for image in ("data/train/loss.png", "data/samples/grid.png"):  # pictures, shown offline
         shown = {rev for entry in plots["data"][image] for rev in entry["revisions"]}
         assert shown == {"HEAD", *names} and {e["type"] for e in plots["data"][image]} == {"image"}
+
+    # FID against step, images and process-hours, from the experiments' commits; the speed-up
+    printed = run([sys.executable, "-m", "sra2.convergence", *names, "--out", "convergence.png"],
+                  work, env)
+    for name in names:  # the times each experiment committed give the hours
+        assert re.search(rf"{name}: 1 evaluation\(s\) up to step 20, final FID [0-9.]+, [0-9.e-]+ "
+                         r"process-hours on CPU", printed), printed
+    assert re.search(rf"{names[1]} (reaches|does not reach) {names[0]}'s final FID [0-9.]+", printed)
+    picture = np.asarray(Image.open(work / "convergence.png").convert("RGB"))
+    assert picture.shape == (64 + 400 + 14 + 18, 3 * 520, 3)
+    for i in range(3):  # each panel (step, images, hours) has both runs' points: not blank
+        panel = picture[64:464, i * 520:(i + 1) * 520].reshape(-1, 3)
+        for colour in PALETTE[:2]:
+            assert (panel == colour).all(axis=1).sum() > 10, (i, colour)
 
     table = run([sys.executable, "-m", "flows.table1", "show", "--rows", *rows], work, env)
     for row, name in zip(rows, names):
