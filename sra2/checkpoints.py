@@ -220,8 +220,9 @@ class TimeLog:
     Wall times differ between runs that write the same bytes, so this log lives outside every
     DVC output and every hashed folder: the line's file at ``path`` (``timing/<run>.csv`` beside
     ``checkpoints/``, one per run folder), and a run's rows up to its ``steps`` mirrored as
-    ``times.csv`` next to ``fid.csv``, for git (:mod:`sra2.convergence` reads both). A resumed run continues from the row at the step it
-    resumed from; without one (the run started before times were kept) it records nothing.
+    ``times.csv`` next to ``fid.csv``, for git (:mod:`sra2.convergence` reads both). A resumed
+    run continues from the row at the step it resumed from; without one (the run started before
+    times were kept) it records nothing.
     Evaluations during training are not counted (:meth:`paused`): their cost is the evaluator's
     cadence, not the method's."""
 
@@ -266,4 +267,5 @@ class TimeLog:
 
     def mirror(self, path: str | Path, steps: int) -> None:
         """The rows up to ``steps`` at ``path`` (just the header when none were kept)."""
-        atomic.write_csv([path], self.COLUMNS, [self.rows[s] for s in sorted(self.rows) if s <= steps])
+        rows = [self.rows[s] for s in sorted(self.rows) if s <= steps]
+        atomic.write_csv([path], self.COLUMNS, rows)

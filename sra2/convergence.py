@@ -1,4 +1,5 @@
-"""FID over training across experiments, and the speed-up read off the curves as the paper states it.
+"""FID over training across experiments, and the speed-up read off the curves as the paper
+states it.
 
   python -m sra2.convergence table1-vanilla table1-layer2 --baseline table1-vanilla
   python -m sra2.convergence runs/a/data/train runs/b/data/train/fid.csv --out convergence.png
@@ -113,7 +114,8 @@ def read_path(arg: str) -> Curve:
     if not fid.is_file():
         raise ConvergenceError(f"{arg}: no fid.csv in this folder")
     times = times_beside(fid)
-    return make_curve(arg, fid.read_text(), str(fid), times.read_text() if times.is_file() else None)
+    times_text = times.read_text() if times.is_file() else None
+    return make_curve(arg, fid.read_text(), str(fid), times_text)
 
 
 def git_file(commit: str, path: str) -> str | None:
@@ -152,7 +154,8 @@ def read_experiments(names: list[str], all_commits: bool) -> dict[str, Curve]:
             raise ConvergenceError(f"{name}: experiment {entry['rev']} ({entry['state']}) has no "
                                    f"{FID_CSV}")
         curves[name] = make_curve(name, text, f"{FID_CSV} of {name} ({entry['rev']})",
-                                  git_file(entry["commit"], TIMES_CSV), global_batch(entry["params"]))
+                                  git_file(entry["commit"], TIMES_CSV),
+                                  global_batch(entry["params"]))
     return curves
 
 
@@ -214,7 +217,8 @@ class SpeedUp:
                 f"{'at least ' if self.lower_bound else ''}{times_text(self.ratio)}")
         if hours := self.hours():
             unit = hours_unit([self.baseline, self.method])
-            line += f" (in {unit}: {hours[1]:.3g} against {hours[0]:.3g}, {hours[0] / hours[1]:.1f}x)"
+            line += (f" (in {unit}: {hours[1]:.3g} against {hours[0]:.3g}, "
+                     f"{hours[0] / hours[1]:.1f}x)")
         return line
 
 

@@ -69,7 +69,7 @@ def font(size: int) -> ImageFont.ImageFont:
 
 
 def ticks(lo: float, hi: float, most: int = 7) -> list[float]:
-    """Round values (1, 2 or 5 times a power of ten apart) from ``lo`` to ``hi``, at most ``most``."""
+    """Round values 1, 2 or 5 times a power of ten apart from ``lo`` to ``hi``, at most ``most``."""
     span = (hi - lo) or abs(hi) or 1.0
     power = 10 ** math.floor(math.log10(span / most))
     step = next(m * power for m in (1, 2, 5, 10) if span / (m * power) <= most)
