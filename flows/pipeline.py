@@ -9,8 +9,8 @@ runs becomes a subflow run of the flow's run (flows.runner.call_flow reads SRA2_
 so the run graph shows the stages in order and a stage's page links back to its pipeline.
 
 Stopping: a Cancel of the flow run cancels its running stage runs, which save and stop as a
-Cancel of the stage does (flows.runner); SIGTERM or Ctrl-C reaches the stages as SIGTERM, which
-saves too. DVC stops at the stage that did not finish, and the next run (a Retry from the UI for a
+Cancel of the stage does, and no further stage starts under it (flows.runner); SIGTERM or Ctrl-C
+reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish, and the next run (a Retry from the UI for a
 served run) resumes there.
 
 Served with Prefect's own ``serve`` (no work pool, no worker): the runs execute on the machine that
@@ -21,12 +21,15 @@ pool and a worker to start and keep alive for the same effect.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.monitor import close_current, current
-from flows.runner import PARENT_RUN, cancelled
+from flows.runner import PARENT_RUN, cancelled, cancelled_run
 from sra2 import procs
 
 STOP_WAIT = 25.0  # seconds the stages get to save after SIGTERM (the runner kills at 30 s)
@@ -46,11 +49,11 @@ def children(run_id: str, *, running: bool = True) -> list:
     """The stage runs (subflow runs) of flow run ``run_id``; only those not yet ended by default."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
-                                                FlowRunFilterStateType)
+                                                FlowRunFilterState, FlowRunFilterStateType)
     from prefect.client.schemas.objects import StateType
 
-    ongoing = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING,
-                                           StateType.SCHEDULED]) if running else None
+    ongoing = FlowRunFilterState(type=FlowRunFilterStateType(any_=[
+        StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])) if running else None
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]), state=ongoing))
@@ -75,14 +78,15 @@ def end_stray_nodes(run_id: str) -> None:
     that were killed before they could say how they ended: mark them Crashed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
-                                                TaskRunFilterStateType)
+                                                TaskRunFilterState, TaskRunFilterStateType)
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
     with get_client(sync_client=True) as client:
         stray = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
-            task_run_filter=TaskRunFilter(state=TaskRunFilterStateType(any_=[StateType.RUNNING])))
+            task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
         for node in stray:
             client.set_task_run_state(node.id, Crashed(
                 message="its stage process ended without saying how"), force=True)
@@ -110,41 +114,81 @@ def dvc_env(run_id: str) -> dict[str, str]:
     return env
 
 
+def follow(path: Path, done: threading.Event,
+           keep: int = 30) -> tuple[threading.Thread, collections.deque]:
+    """Copy what is written to ``path`` to this process's output as it comes (the terminal, or the
+    serve log), from a thread, to its end once ``done`` is set; returns the thread and the deque
+    of the last ``keep`` lines. DVC writes to the file, not a pipe: if this process dies, the stages it runs can still
+    print while they save."""
+    last: collections.deque = collections.deque(maxlen=keep)
+
+    def copy() -> None:
+        with open(path, errors="replace") as f:
+            while True:
+                line = f.readline()
+                if line:
+                    sys.stdout.write(line)
+                    last.append(line.rstrip())
+                elif done.is_set():
+                    break
+                else:
+                    sys.stdout.flush()
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=copy, name="sra2-dvc-output", daemon=True)
+    thread.start()
+    return thread, last
+
+
 def run_dvc(argv: list[str]):
     """Run ``argv`` here with this flow run as its stages' parent; returns None once it succeeded,
-    a Cancelled state if the run was cancelled, and raises if it failed."""
+    a Cancelled state if the run was cancelled, and raises if it failed (with its last lines)."""
     mon = current()
     run_id = str(FlowRunContext.get().flow_run.id)
     mon.say(f"$ {' '.join(argv)}")
-    end_watch = mon.watch_cancel()
-    proc = subprocess.Popen(argv, env=dvc_env(run_id), start_new_session=True)
+    end_watch, ended = mon.watch_cancel(), threading.Event()
+    output = mon.path.with_suffix(".out")  # beside the flow's log: data/logs/<flow>.out
+    with open(output, "w") as out:
+        proc = subprocess.Popen(argv, env=dvc_env(run_id), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    reader, last = follow(output, ended)
     stopping: list[str] | None = None
     try:
         while proc.poll() is None:
-            if mon.cancel.wait(1.0) and stopping is None:
+            if stopping is None and mon.cancel.wait(1.0):
                 stopping = mon.call(cancel_children, run_id) or []
                 mon.say(f"cancelled: stopping {', '.join(stopping) or 'nothing running'}",
                         logging.WARNING)
+            elif stopping is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1.0)
     except BaseException:  # SIGTERM (Prefect raises it here), Ctrl-C: the stages save first
         mon.say("stopping: the running stage saves, then DVC stops", logging.WARNING)
-        stop_stages(proc)
+        if stopping is None and mon.call(cancelled_run, run_id):  # how the runner ends a Cancel
+            mon.call(cancel_children, run_id)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_WAIT)
+        else:
+            stop_stages(proc)
         raise
     finally:
         end_watch()
+        ended.set()
+        reader.join(10)
         mon.call(end_stray_nodes, run_id)
     if stopping is not None:
         return cancelled(f"cancelled; {', '.join(stopping) or 'no stage'} saved and stopped: run "
                          "again (Retry) to resume")
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(argv)} failed (exit code {proc.returncode}): the failed "
-                           "stage's run says why; run again (Retry) to resume")
-    mon.say(f"{argv[0]} {argv[1]} finished")
+        tail = "\n".join(last)
+        raise RuntimeError(f"{' '.join(argv)} failed (exit code {proc.returncode}); run again "
+                           f"(Retry) to resume. Its last lines:\n{tail}")
+    mon.say(f"{' '.join(argv[:3])} finished")
     return None
 
 
 def watched(fn):
     """A flow body with a monitor of its own (log in data/logs/<flow>.log), closed after."""
-    import functools
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
@@ -175,7 +219,9 @@ def experiment_flow(overrides: list[str], name: str = ""):
     `align.weight=0.5`, `preset=sit-b2`), named ``name`` (DVC picks one when empty)."""
     check_overrides(overrides)
     named = ["-n", name] if name else []
-    return run_dvc(["dvc", "exp", "run", *named, *[a for o in overrides for a in ("-S", o)]])
+    # ++: the key is set whether or not params.yaml lists it (presets hold most keys)
+    return run_dvc(["dvc", "exp", "run", *named,
+                    *[a for o in overrides for a in ("-S", "++" + o.lstrip("+"))]])
 
 
 @flow(name="sra2-table", log_prints=True)

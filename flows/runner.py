@@ -207,6 +207,16 @@ def child_run(flow, parent: str, tags: list[str], parameters: dict):
     return run, node
 
 
+def cancelled_run(run_id: str) -> bool:
+    """Whether flow run ``run_id`` is being cancelled or was."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
 def end_node(node, run_id) -> None:
     """Give the stage's task run in the pipeline run the end its subflow run came to."""
     from prefect.client.orchestration import get_client
@@ -224,6 +234,9 @@ def call_flow(flow, mon: Monitor, parameters: dict):
     from prefect.flow_engine import run_flow
 
     parent = os.environ.get(PARENT_RUN)
+    if parent and mon.call(cancelled_run, parent):
+        raise SystemExit(f"error: the pipeline run {parent} was cancelled: {flow.name} does not "
+                         "start")
     child = mon.call(child_run, flow, parent, mon.tags, parameters) if parent else None
     if child is None:
         return flow(**parameters)
