@@ -10,7 +10,8 @@ COMMANDS = {"demo-data": "flows.demo_data:main", "encode": "flows.encode:main",
             "train": "flows.train:main", "sample": "flows.sample:main",
             "evaluate": "flows.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
             "serve": "flows.pipeline:serve_main", "feature-pca": "flows.feature_pca:main",
-            "flops": "sra2.flops:main", "verify": "sra2.verify:main"}
+            "convergence": "sra2.convergence:main", "flops": "sra2.flops:main",
+            "verify": "sra2.verify:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
               "pipeline: `dvc repro` as one Prefect run with the stages as its subflows;\n"
               "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, table);\n"
               "feature-pca: the PCA picture of VAE tokens and SiT hidden states per block;\n"
+              "convergence: FID curves of experiments side by side, and the speed-up;\n"
               "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs.\n"
               "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -207,16 +207,25 @@ def watched(fn):
 @flow(name="sra2-pipeline", log_prints=True)
 @watched
 def pipeline_flow(targets: list[str] | None = None, force: bool = False):
-    """`dvc repro` of the given stages (all when none), each stage a subflow run of this run;
-    ``force`` runs them even when up to date."""
+    """`dvc repro`, each stage a subflow run of this run; a Retry resumes where it stopped.
+
+    Args:
+        targets: stages to bring up to date, e.g. train (all when empty)
+        force: run them even when they are up to date
+    """
     return run_dvc(["dvc", "repro", *(["--force"] if force else []), *(targets or [])])
 
 
 @flow(name="sra2-experiment", log_prints=True)
 @watched
 def experiment_flow(overrides: list[str], name: str = ""):
-    """`dvc exp run` with ``overrides`` (`key=value`, as `-S` takes them: `train.steps=300`,
-    `align.weight=0.5`, `preset=sit-b2`), named ``name`` (DVC picks one when empty)."""
+    """`dvc exp run` with parameter overrides, each stage a subflow run of this run.
+
+    Args:
+        overrides: one `key=value` per item, as `dvc exp run -S` takes it, e.g. train.steps=300,
+            align.weight=0.5, preset=sit-b2 (checked before DVC starts)
+        name: the experiment's name (DVC picks one when empty)
+    """
     check_overrides(overrides)
     named = ["-n", name] if name else []
     # ++: the key is set whether or not params.yaml lists it (presets hold most keys)
@@ -228,9 +237,15 @@ def experiment_flow(overrides: list[str], name: str = ""):
 @watched
 def table_flow(table: str = "1", preset: str = "sit-b2", overrides: list[str] | None = None,
                jobs: int = 1):
-    """A paper table (1: SRA 2 ablations; 3: the methods and their cost): one queued experiment per
-    row (flows.table1) with ``overrides`` on top of each, run ``jobs`` at a time; the table with
-    our FIDs beside the paper's is the run's artifact at the end."""
+    """A paper table as queued experiments, one per row; the table with our FIDs beside the
+    paper's is the run's artifact at the end.
+
+    Args:
+        table: 1 (the SRA 2 ablations) or 3 (vanilla, SRA, REPA, SRA 2, SRA 2 + REPA)
+        preset: the preset every row runs, e.g. sit-b2
+        overrides: `key=value` items added to every row, e.g. train.steps=100000
+        jobs: experiments run at once
+    """
     from prefect.artifacts import create_markdown_artifact
 
     table1 = [sys.executable, "-m", "flows.table1", "--table", table]

@@ -1,5 +1,6 @@
-"""Charts drawn with PIL, no plotting library: the loss-curve PNG (``dvc plots show`` draws the
-interactive version) and line charts with axes (the convergence picture)."""
+"""Charts drawn with PIL, no plotting library: the loss-curve and FID-curve PNGs of a run
+(``dvc plots show`` draws interactive versions from the CSVs) and line charts with axes (the
+convergence picture)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def loss_plot(rows: list[dict], title: str, size: tuple[int, int] = (640, 400)) 
             d.line(points, fill=colour, width=2)
         d.text((w - right - 110, top + 6 + 12 * i), key, fill=colour)
     return img
+
+
+def write_fid_plot(rows: list[dict], path: str | Path, title: str,
+                   size: tuple[int, int] = (640, 400)) -> None:
+    """FID against training step (the rows of a run's ``fid.csv``) as a PNG file, written
+    atomically; without rows, the chart says that none was measured."""
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((10, 8), title, fill="black", font=font(14))
+    steps, fids = [float(r["step"]) for r in rows], [float(r["fid"]) for r in rows]
+    series, y_range = [], (0.0, 1.0)
+    if rows:
+        series = [Series("FID", PALETTE[0], steps, fids, f"{fids[-1]:.2f}")]
+        pad = (max(fids) - min(fids)) * 0.05 or 1.0
+        y_range = (min(fids) - pad, max(fids) + pad)
+    note = "" if rows else "no FID measured during training\n(train.eval_every is 0 or above the steps)"
+    line_panel(img, (0, 26, size[0], size[1]), series, "training step", "FID", y_range, note)
+    atomic.write_with(path, lambda f: img.save(f, format="PNG"))
 
 
 # --- line charts with axes (sra2.convergence)

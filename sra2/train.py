@@ -44,7 +44,7 @@ from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
 from sra2.models import SiT, build
 from sra2.objective import Objective, build_heads, teacher_time, terms
-from sra2.plots import write_loss_plot
+from sra2.plots import write_fid_plot, write_loss_plot
 from sra2.sampling import derived_seed
 from sra2.stopping import Consensus, SaveClock, StopSignals, stopped
 from sra2.worker import Progress
@@ -282,7 +282,7 @@ def loss_title(cfg: Config) -> str:
 
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times: TimeLog) -> None:
     """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves and its times (up to
-    ``steps``, whatever longer runs left in ``run``), the loss plot."""
+    ``steps``, whatever longer runs left in ``run``), the loss and FID plots."""
     cfg = tr.cfg
     atomic.save_torch(ema_export(cfg, tr.ema, steps), out / "ema.pt")
     log.write()
@@ -290,6 +290,8 @@ def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times
     times.mirror(out / "times.csv", steps)
     if rows := log.shown():
         write_loss_plot(rows, out / "loss.png", loss_title(cfg))
+    write_fid_plot(fid_curve.read_rows(out / "fid.csv"), out / "fid.png",
+                   f"{cfg.model.name}: FID during training ({cfg.train.eval_samples} samples)")
 
 
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from sra2.fid_curve import evaluate_step
 from sra2.generate import sample_stage
+from sra2.plots import PALETTE
 from sra2.train import build_model
 
 from conftest import encoded_tiny, randomize, with_overrides
@@ -55,3 +56,6 @@ def test_training_writes_the_fid_curve(tmp_path, setup):
     assert (run / "snapshots/step-0000010.pt").exists()
     assert (run / "fid.csv").read_text() == (tmp_path / "fid.csv").read_text()
     assert (run / "metrics.csv").read_text() == (tmp_path / "metrics.csv").read_text()
+    # the FID picture (an image plot of dvc.yaml) draws the evaluated step: a dot of the line colour
+    drawn = np.asarray(Image.open(tmp_path / "fid.png").convert("RGB"))
+    assert (drawn == PALETTE[0]).all(axis=-1).sum() > 20

@@ -1,6 +1,7 @@
 """End to end: `dvc repro` and `dvc exp run` of the tiny preset in a temporary copy of the
 repository."""
 
+import contextlib
 import json
 import os
 import re
@@ -52,18 +53,72 @@ def copy_repo(work: Path, **params) -> Path:
     return work
 
 
+@contextlib.contextmanager
+def serving(work: Path, env: dict, log: Path):
+    """`sra2 serve` in ``work`` (its output in ``log``) until the block ends; stopped by its pid."""
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], cwd=work,
+                                  env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not deployed("sra2-pipeline/repro"):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def deployed(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name) is not None
+        except ObjectNotFound:
+            return False
+
+
+def run_deployment(name: str, timeout: float = 1800, **parameters):
+    """Start deployment ``name`` through the API, as the UI's Run button does; its flow run once
+    it has ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment as start
+
+    started = start(name, parameters=parameters, timeout=0)
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while not (run := client.read_flow_run(started.id)).state.is_final():
+            assert time.monotonic() < deadline, f"{name}: still {run.state.name}"
+            time.sleep(2)
+    return run
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, prefect_api):
+    """The tiny preset's pipeline, run as a user starts it from the Prefect UI: the served
+    sra2-pipeline deployment, started through the API; its stages' output is the serve log."""
     work = copy_repo(tmp_path_factory.mktemp("repo"), preset="tiny")
     # one intra-op thread in every process, as torchrun gives each of several: comparable bytes
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    log = run(["dvc", "repro"], work, env)
-    return work, env, log
+    served = work.parent / "serve.log"
+    with serving(work, env, served):
+        parent = run_deployment("sra2-pipeline/repro")
+    log = served.read_text()
+    assert parent.state.is_completed(), f"{parent.state}\n{log[-4000:]}"
+    return work, env, log, parent
 
 
 def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
-    work, env, log = pipeline
+    work, env, log, _ = pipeline
     assert ran_stages(log) == ["demo-data", "encode", "train", "sample", "evaluate"]
     import zarr
 
@@ -95,8 +150,36 @@ def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
     assert ignored == big
 
 
+def test_the_served_pipeline_is_one_run_with_each_stage_a_subflow_in_order(pipeline):
+    """Checked through the API, as the UI draws it: the deployment's run is the parent of one
+    subflow run per stage, each hanging from a task of the parent named for it, tagged with the
+    parent's pipeline id, and the run graph chains them in DVC's order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    *_, parent = pipeline
+    stages = ["demo-data", "encode", "train", "sample", "evaluate"]
+    with get_client(sync_client=True) as client:
+        assert client.read_flow(parent.flow_id).name == "sra2-pipeline"
+        assert client.read_deployment(parent.deployment_id).name == "repro"
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        by_stage = {client.read_flow(r.flow_id).name.removeprefix("sra2-"): r for r in runs}
+        assert sorted(by_stage) == sorted(stages) and len(runs) == len(stages)
+        for stage, run in by_stage.items():
+            node = client.read_task_run(run.parent_task_run_id)
+            assert (node.flow_run_id, node.name) == (parent.id, stage)
+            assert node.state.is_completed() and run.state.is_completed()
+            assert f"pipeline:{parent.id}" in run.tags and "preset:tiny" in run.tags
+        graph = client._client.get(f"/flow_runs/{parent.id}/graph-v2").json()
+    nodes = dict(graph["nodes"])
+    assert set(nodes) == {str(r.id) for r in runs}
+    for before, after in zip(stages, stages[1:]):
+        assert nodes[str(by_stage[after].id)]["parents"] == [{"id": str(by_stage[before].id)}]
+
+
 def test_second_repro_has_nothing_to_do(pipeline):
-    work, env, _ = pipeline
+    work, env, _, _ = pipeline
     log = run(["dvc", "repro"], work, env)
     assert ran_stages(log) == [] and "up to date" in log
 
@@ -109,7 +192,7 @@ def recorded_outs(work: Path, skip: str) -> dict[str, str]:
 
 
 def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline):
-    work, env, _ = pipeline
+    work, env, _, _ = pipeline
     outs = recorded_outs(work, skip="data/encode.json")
     latents = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
     changed = latents / "mean/c/0/0/0/0"  # bytes changed inside a chunk, the size kept
@@ -145,7 +228,7 @@ def flow_runs_since(start) -> list[str]:
 def test_two_processes_give_the_bytes_of_one_and_one_flow_run_per_stage(pipeline, tmp_path_factory):
     from datetime import datetime, timezone
 
-    work, env, _ = pipeline
+    work, env, _, _ = pipeline
     two = copy_repo(tmp_path_factory.mktemp("repo2"), preset="tiny", launch={"nproc_per_node": 2})
     start = datetime.now(timezone.utc)
     # up to sample: evaluate runs in the flow's own process, whatever the launch section says
@@ -173,7 +256,7 @@ def test_queued_experiments_keep_their_results(pipeline):
     """Two Table 1 rows (alignment off and on, 20 steps, FID at step 20) as queued experiments:
     each keeps its metrics, losses, loss and FID curves and training times, beside the
     baseline's; encode is restored, not run. The convergence command draws the two."""
-    work, env, _ = pipeline
+    work, env, _, _ = pipeline
     run(["git", "add", "-A"], work, env)
     run(["git", "commit", "-q", "-m", "baseline"], work, env)
     rows = ["vanilla", "layer2"]
@@ -215,7 +298,7 @@ def test_queued_experiments_keep_their_results(pipeline):
     fid_curves = plots["data"]["data/train/fid.csv"]
     assert {v["rev"] for c in fid_curves for v in c["content"]["data"]["values"]} == set(names)
     assert plots.get("errors", []) == []
-    for image in ("data/train/loss.png", "data/samples/grid.png"):  # pictures, shown offline
+    for image in ("data/train/loss.png", "data/train/fid.png", "data/samples/grid.png"):
         shown = {rev for entry in plots["data"][image] for rev in entry["revisions"]}
         assert shown == {"HEAD", *names} and {e["type"] for e in plots["data"][image]} == {"image"}
 
@@ -259,7 +342,7 @@ def test_queued_experiments_keep_their_results(pipeline):
 def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
     import zarr
 
-    work, env, _ = pipeline
+    work, env, _, _ = pipeline
     first = json.loads((work / "data/latents.json").read_text())
     store = work / "data" / first["store"]
     files = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}

@@ -4,8 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sra2.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
+from sra2.plots import PALETTE
 from sra2.train import build_trainer, draws, step_inputs, train, train_step
 
 from conftest import encoded_tiny, with_overrides
@@ -33,6 +35,8 @@ def test_training_lowers_the_loss_and_exports_a_plain_sit(tmp_path, tiny, latent
     assert np.isfinite(last) and last < first
     assert summary["loss_align"] > 0 and summary["projector_parameters"] > 0
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    empty = np.asarray(Image.open(tmp_path / "fid.png").convert("RGB"))  # no FID: says so, no line
+    assert not (empty == PALETTE[0]).all(axis=-1).any()
     export = torch.load(tmp_path / "ema.pt", weights_only=False)
     assert not any(k.startswith("projector") for k in export["ema"])
     (run,) = (tmp_path / "checkpoints").iterdir()
@@ -67,7 +71,7 @@ def test_any_length_in_any_order_ends_as_an_unbroken_run_of_that_length(tmp_path
     run's checkpoints and leaves them, 40 takes its checkpoint again, 60 resumes from it. Rows
     every 7 steps, checkpoints every 15: 20 and 40 end off both, 60 resumes off the rows'."""
     cfg = with_overrides(tiny, train={"log_every": 7, "ckpt_every": 15, "workers": 0})
-    names = ("ema.pt", "metrics.csv", "loss.png", "fid.csv")
+    names = ("ema.pt", "metrics.csv", "loss.png", "fid.csv", "fid.png")
 
     def run(steps: int, out: Path) -> tuple[dict, dict]:
         summary = train(with_overrides(cfg, train={"steps": steps}), latents, out)
