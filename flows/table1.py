@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from sra2.experiments import exp_show, newest
 from sra2.paper import TABLES, Row, Table
 
 
@@ -119,35 +119,6 @@ def queue(args: argparse.Namespace) -> None:
               f"`dvc queue status`, then `python -m flows.table1 --table {table.number} show`")
 
 
-def _experiments(shown: list[dict]) -> Iterable[tuple[dict, dict]]:
-    """(experiment entry, its newest revision) for every experiment of `dvc exp show --json`."""
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            revs = exp.get("revs") or []
-            if revs:
-                yield exp, revs[0]
-
-
-def newest(shown: list[dict]) -> dict[str, dict]:
-    """Experiment name -> {experiment, state, rev, commit, timestamp, params, metrics, error} of
-    the newest experiment of that name (also used by sra2.convergence)."""
-    found: dict[str, dict] = {}
-    for exp, rev in _experiments(shown):
-        name = exp.get("name") or rev.get("name") or ""
-        data = rev.get("data") or {}
-        metrics = {}
-        for values in (data.get("metrics") or {}).values():
-            metrics.update(values.get("data") or {})
-        entry = {"experiment": name, "state": (exp.get("executor") or {}).get("state") or "done",
-                 "rev": rev.get("rev", "")[:7], "commit": rev.get("rev", ""),
-                 "timestamp": data.get("timestamp") or "",
-                 "params": ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {},
-                 "metrics": metrics, "error": rev.get("error")}
-        if name not in found or entry["timestamp"] >= found[name]["timestamp"]:
-            found[name] = entry
-    return found
-
-
 def collect(shown: list[dict], prefix: str) -> dict[str, dict]:
     """Row name -> :func:`newest`'s entry of the experiment named ``<prefix>-<row>``."""
     return {name.removeprefix(f"{prefix}-"): entry for name, entry in newest(shown).items()
@@ -209,16 +180,6 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
         lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {cost[0]} | "
                      f"{cost[1]} | {setting} | {experiment} |")
     return "\n".join(lines)
-
-
-def exp_show(all_commits: bool) -> list[dict]:
-    """`dvc exp show --json` of the repository here; a RuntimeError naming the command and its
-    error output if it fails."""
-    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
-    run = subprocess.run(command, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {run.stderr.strip()}")
-    return json.loads(run.stdout)
 
 
 def show(args: argparse.Namespace) -> None:

@@ -5,9 +5,9 @@ states it.
   python -m sra2.convergence runs/a/data/train runs/b/data/train/fid.csv --out convergence.png
 
 Each RUN is a DVC experiment's name (its committed ``data/train/fid.csv`` and ``times.csv``, read
-from git at the experiment's newest commit, found as ``flows.table1 show`` finds experiments), a
-folder holding ``fid.csv`` (a train output folder such as ``data/train``, or a run folder
-``checkpoints/<run>``), or a ``fid.csv`` file. One PNG shows FID against the training step, the
+from git at the experiment's newest commit, found by sra2.experiments), a folder holding
+``fid.csv`` (a train output folder such as ``data/train``, or a run folder ``checkpoints/<run>``),
+or a ``fid.csv`` file. One PNG shows FID against the training step, the
 training images seen (step x global batch) and the process-hours (processes x wall time, from
 training's ``times.csv``: GPU-hours when the runs trained on GPUs), one line per run, its final
 FID written beside its last point.
@@ -136,7 +136,7 @@ def global_batch(params: dict) -> int | None:
 
 def read_experiments(names: list[str], all_commits: bool) -> dict[str, Curve]:
     """The curves committed to the newest experiment of each name (`dvc exp show`)."""
-    from flows.table1 import exp_show, newest
+    from sra2.experiments import exp_show, newest
 
     try:
         found = newest(exp_show(all_commits))
