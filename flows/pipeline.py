@@ -326,6 +326,7 @@ def pipeline_main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         if server.wanted():
             api, _ = stack.enter_context(server.temporary())
+            stack.callback(server.drain)  # the run's last lines, before the server goes
             stack.enter_context(temporary_settings({PREFECT_API_URL: api, PREFECT_UI_URL: ""}))
         pipeline_flow(targets=args.targets, force=args.force)
 
