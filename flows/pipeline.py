@@ -235,24 +235,26 @@ def experiment_flow(overrides: list[str], name: str = ""):
 
 @flow(name="sra2-table", log_prints=True)
 @watched
-def table_flow(table: str = "1", preset: str = "sit-b2", overrides: list[str] | None = None,
-               jobs: int = 1):
+def table_flow(table: str = "1", preset: str = "sit-b2", rows: list[str] | None = None,
+               overrides: list[str] | None = None, jobs: int = 1):
     """A paper table as queued experiments, one per row; the table with our FIDs beside the
     paper's is the run's artifact at the end.
 
     Args:
         table: 1 (the SRA 2 ablations) or 3 (vanilla, SRA, REPA, SRA 2, SRA 2 + REPA)
         preset: the preset every row runs, e.g. sit-b2
+        rows: the rows to run, e.g. vanilla, layer2 (all when empty)
         overrides: `key=value` items added to every row, e.g. train.steps=100000
         jobs: experiments run at once
     """
     from prefect.artifacts import create_markdown_artifact
 
     table1 = [sys.executable, "-m", "flows.table1", "--table", table]
-    queued = [*table1, "queue", "--preset", preset, "--start", "-j", str(jobs),
+    picked = ["--rows", *rows] if rows else []
+    queued = [*table1, "queue", "--preset", preset, *picked, "--start", "-j", str(jobs),
               *[a for o in overrides or [] for a in ("-S", o)]]
     ended = run_dvc(queued) or wait_for_queue()
-    shown = subprocess.run([*table1, "show"], capture_output=True, text=True)
+    shown = subprocess.run([*table1, "show", *picked], capture_output=True, text=True)
     if shown.returncode == 0:
         current().call(create_markdown_artifact, shown.stdout, key=f"table{table}",
                        description=f"Table {table}: our FIDs beside the paper's")

@@ -365,3 +365,77 @@ def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == files
     stores = [p.name for p in (work / "data/latents").iterdir() if not p.name.startswith(".")]
     assert sorted(stores) == sorted([first["digest"], half["digest"]])  # .quarantine aside
+
+
+def stage_runs(parent) -> dict[str, list]:
+    """The subflow runs of ``parent`` by stage, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        found: dict[str, list] = {}
+        for run in runs:
+            found.setdefault(client.read_flow(run.flow_id).name.removeprefix("sra2-"), []).append(run)
+    return found
+
+
+def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(pipeline):
+    """The UI's Cancel on a served experiment during training: the train stage saves the step in
+    progress and ends Cancelled naming it, no later stage starts, the experiment ends Cancelled;
+    the UI's Retry (AwaitingRetry) runs it again from the step saved to the end. Last in this
+    file: the experiment leaves its parameters in the workspace."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import AwaitingRetry, Cancelling
+
+    from flows.pipeline import STOP_WAIT
+
+    work, env, _, _ = pipeline
+    run(["git", "add", "-A"], work, env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "before the cancelled experiment"], work, env)
+    train_log = work / "data/logs/train.log"
+    logged = train_log.read_text()
+    with serving(work, env, work.parent / "serve-cancel.log"), \
+            get_client(sync_client=True) as client:
+        from prefect.deployments import run_deployment as start
+
+        parent = start("sra2-experiment/run", timeout=0,
+                       parameters={"overrides": ["train.steps=400"], "name": "cancelled"})
+        deadline = time.monotonic() + 600
+        while not re.search(r"train: step (6\d|[7-9]\d|\d{3}) / 400",
+                            train_log.read_text()[len(logged):]):
+            assert time.monotonic() < deadline and not client.read_flow_run(
+                parent.id).state.is_final(), client.read_flow_run(parent.id).state
+            time.sleep(0.5)
+        asked = time.monotonic()
+        client.set_flow_run_state(parent.id, Cancelling(message="Cancel from the UI"))
+        while not (ended := client.read_flow_run(parent.id)).state.is_final():
+            assert time.monotonic() - asked < STOP_WAIT + 60, ended.state
+            time.sleep(0.5)
+        took = time.monotonic() - asked
+        stages = stage_runs(parent)
+        (train,) = stages["train"]
+        assert ended.state.is_cancelled() and train.state.name == "Cancelled", stages
+        saved = int(re.search(r"stopped at step (\d+)", train.state.message).group(1))
+        assert 60 <= saved < 400 and list(work.glob(
+            f"data/train/checkpoints/*/step-{saved:07d}.pt")), train.state.message
+        assert "sample" not in stages and "evaluate" not in stages
+        print(f"Cancel -> the experiment's end: {took:.1f} s; saved step {saved}")
+
+        retried = train_log.read_text()
+        client.set_flow_run_state(parent.id, AwaitingRetry(message="Retry from the UI"),
+                                  force=True)
+        deadline = time.monotonic() + 900
+        while not (ended := client.read_flow_run(parent.id)).state.is_final():
+            assert time.monotonic() < deadline, ended.state
+            time.sleep(1)
+    assert ended.state.is_completed(), ended.state
+    stages = stage_runs(parent)
+    assert [r.state.name for r in stages["train"]] == ["Cancelled", "Completed"]
+    assert stages["sample"][0].state.is_completed() and stages["evaluate"][0].state.is_completed()
+    first = int(re.search(r"train: step (\d+) / 400", train_log.read_text()[len(retried):])[1])
+    assert saved < first <= saved + 5  # the retry resumed at the step saved (rows every 5)
+    assert json.loads((work / "data/train.json").read_text())["steps"] == 400
