@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from prefect.context import FlowRunContext
@@ -235,7 +236,7 @@ def experiment_flow(overrides: list[str], name: str = ""):
 
 @flow(name="sra2-table", log_prints=True)
 @watched
-def table_flow(table: str = "1", preset: str = "sit-b2", rows: list[str] | None = None,
+def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: list[str] | None = None,
                overrides: list[str] | None = None, jobs: int = 1):
     """A paper table as queued experiments, one per row; the table with our FIDs beside the
     paper's is the run's artifact at the end.
@@ -249,7 +250,7 @@ def table_flow(table: str = "1", preset: str = "sit-b2", rows: list[str] | None 
     """
     from prefect.artifacts import create_markdown_artifact
 
-    table1 = [sys.executable, "-m", "flows.table1", "--table", table]
+    table1 = [sys.executable, "-m", "flows.table1", "--table", str(table)]
     picked = ["--rows", *rows] if rows else []
     queued = [*table1, "queue", "--preset", preset, *picked, "--start", "-j", str(jobs),
               *[a for o in overrides or [] for a in ("-S", o)]]
