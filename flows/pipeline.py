@@ -207,14 +207,14 @@ def watched(fn):
 
 @flow(name="sra2-pipeline", log_prints=True)
 @watched
-def pipeline_flow(targets: list[str] | None = None, force: bool = False):
+def pipeline_flow(targets: tuple[str, ...] = (), force: bool = False):
     """`dvc repro`, each stage a subflow run of this run; a Retry resumes where it stopped.
 
     Args:
         targets: stages to bring up to date, e.g. train (all when empty)
         force: run them even when they are up to date
     """
-    return run_dvc(["dvc", "repro", *(["--force"] if force else []), *(targets or [])])
+    return run_dvc(["dvc", "repro", *(["--force"] if force else []), *targets])
 
 
 @flow(name="sra2-experiment", log_prints=True)
@@ -236,8 +236,8 @@ def experiment_flow(overrides: list[str], name: str = ""):
 
 @flow(name="sra2-table", log_prints=True)
 @watched
-def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: list[str] | None = None,
-               overrides: list[str] | None = None, jobs: int = 1):
+def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: tuple[str, ...] = (),
+               overrides: tuple[str, ...] = (), jobs: int = 1):
     """A paper table as queued experiments, one per row; the table with our FIDs beside the
     paper's is the run's artifact at the end.
 
@@ -253,7 +253,7 @@ def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: list[str]
     table1 = [sys.executable, "-m", "flows.table1", "--table", str(table)]
     picked = ["--rows", *rows] if rows else []
     queued = [*table1, "queue", "--preset", preset, *picked, "--start", "-j", str(jobs),
-              *[a for o in overrides or [] for a in ("-S", o)]]
+              *[a for o in overrides for a in ("-S", o)]]
     ended = run_dvc(queued) or wait_for_queue()
     shown = subprocess.run([*table1, "show", *picked], capture_output=True, text=True)
     if shown.returncode == 0:
