@@ -108,11 +108,16 @@ def times_beside(fid: Path) -> Path:
     return fid.parent / "times.csv"
 
 
-def read_path(arg: str) -> Curve:
+def fid_file(arg: str) -> Path | None:
+    """The fid.csv that ``arg`` names (the file, or a folder holding it); None if it names none:
+    then it is an experiment's name (a folder called ``sra2`` is not a run)."""
     path = Path(arg)
     fid = path / "fid.csv" if path.is_dir() else path
-    if not fid.is_file():
-        raise ConvergenceError(f"{arg}: no fid.csv in this folder")
+    return fid if fid.is_file() else None
+
+
+def read_path(arg: str) -> Curve:
+    fid = fid_file(arg)
     times = times_beside(fid)
     times_text = times.read_text() if times.is_file() else None
     return make_curve(arg, fid.read_text(), str(fid), times_text)
@@ -141,14 +146,14 @@ def read_experiments(names: list[str], all_commits: bool) -> dict[str, Curve]:
     try:
         found = newest(exp_show(all_commits))
     except RuntimeError as e:
-        raise ConvergenceError(f"{names[0]} is no file or folder, and the experiments could not "
-                               f"be listed: {e}") from None
+        raise ConvergenceError(f"{names[0]} names no fid.csv, and the experiments could not be "
+                               f"listed: {e}") from None
     curves = {}
     for name in names:
         entry = found.get(name)
         if entry is None:
-            raise ConvergenceError(f"{name}: no such file, folder or DVC experiment (experiments: "
-                                   f"{', '.join(sorted(found)) or 'none'})")
+            raise ConvergenceError(f"{name}: no fid.csv, folder holding one or DVC experiment of "
+                                   f"that name (experiments: {', '.join(sorted(found)) or 'none'})")
         text = git_file(entry["commit"], FID_CSV)
         if text is None:
             raise ConvergenceError(f"{name}: experiment {entry['rev']} ({entry['state']}) has no "
@@ -161,7 +166,7 @@ def read_experiments(names: list[str], all_commits: bool) -> dict[str, Curve]:
 
 def read_runs(runs: list[str], all_commits: bool = True) -> list[Curve]:
     """The curves of paths and experiment names, in the order given."""
-    experiments = [r for r in runs if not Path(r).exists()]
+    experiments = [r for r in runs if fid_file(r) is None]
     found = read_experiments(experiments, all_commits) if experiments else {}
     return [found[r] if r in found else read_path(r) for r in runs]
 

@@ -297,7 +297,7 @@ def _title(cfg: Config, t: float, seed: int, store: Path) -> list[tuple[str, str
         lines.append((f"{vae_lib.describe(cfg.vae)}: not SD-VAE, its latents are a random local "
                        "map of the pixels", "red"))
     elif cfg.data.demo is not None:
-        lines.append((f"DEMO: {vae_lib.describe(cfg.vae)}, not SD-VAE", "red"))
+        lines.append((f"DEMO: {vae_lib.describe(cfg.vae)}", "red"))  # which says not SD-VAE
     return lines
 
 
