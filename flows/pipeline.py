@@ -10,8 +10,8 @@ so the run graph shows the stages in order and a stage's page links back to its 
 
 Stopping: a Cancel of the flow run cancels its running stage runs, which save and stop as a
 Cancel of the stage does, and no further stage starts under it (flows.runner); SIGTERM or Ctrl-C
-reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish, and the next run (a Retry from the UI for a
-served run) resumes there.
+reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish, and
+the next run (a Retry from the UI for a served run) resumes there.
 
 Served with Prefect's own ``serve`` (no work pool, no worker): the runs execute on the machine that
 serves, in this repository, where the GPUs, data and DVC cache are; a process work pool would add a
@@ -111,7 +111,8 @@ def dvc_env(run_id: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
     env.update({PARENT_RUN: run_id, "SRA2_PIPELINE_RUN": run_id,
-                "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_UI_URL": PREFECT_UI_URL.value()})
+                "PREFECT_API_URL": PREFECT_API_URL.value() or "",
+                "PREFECT_UI_URL": PREFECT_UI_URL.value() or ""})
     return env
 
 
@@ -119,8 +120,8 @@ def follow(path: Path, done: threading.Event,
            keep: int = 30) -> tuple[threading.Thread, collections.deque]:
     """Copy what is written to ``path`` to this process's output as it comes (the terminal, or the
     serve log), from a thread, to its end once ``done`` is set; returns the thread and the deque
-    of the last ``keep`` lines. DVC writes to the file, not a pipe: if this process dies, the stages it runs can still
-    print while they save."""
+    of the last ``keep`` lines. DVC writes to the file, not a pipe: if this process dies, the
+    stages it runs can still print while they save."""
     last: collections.deque = collections.deque(maxlen=keep)
 
     def copy() -> None:
@@ -219,19 +220,20 @@ def pipeline_flow(targets: tuple[str, ...] = (), force: bool = False):
 
 @flow(name="sra2-experiment", log_prints=True)
 @watched
-def experiment_flow(overrides: list[str], name: str = ""):
+def experiment_flow(overrides: list[str], name: str = "", targets: tuple[str, ...] = ()):
     """`dvc exp run` with parameter overrides, each stage a subflow run of this run.
 
     Args:
         overrides: one `key=value` per item, as `dvc exp run -S` takes it, e.g. train.steps=300,
             align.weight=0.5, preset=sit-b2 (checked before DVC starts)
         name: the experiment's name (DVC picks one when empty)
+        targets: the stages to run, e.g. train (all when empty)
     """
     check_overrides(overrides)
     named = ["-n", name] if name else []
     # ++: the key is set whether or not params.yaml lists it (presets hold most keys)
     return run_dvc(["dvc", "exp", "run", *named,
-                    *[a for o in overrides for a in ("-S", "++" + o.lstrip("+"))]])
+                    *[a for o in overrides for a in ("-S", "++" + o.lstrip("+"))], *targets])
 
 
 @flow(name="sra2-table", log_prints=True)

@@ -289,3 +289,32 @@ def test_sigterm_that_saved_is_recorded_as_preempted_not_crashed(tmp_path, prefe
     assert state.type == StateType.CANCELLED and state.name == "Preempted", state
     assert state.message.startswith("preempted (SIGTERM)")
     saved_step(tmp_path, state.message)
+
+
+def test_no_stage_starts_under_a_cancelled_pipeline_run(prefect_api, tmp_path, monkeypatch):
+    """A Cancel of the pipeline run that lands while DVC moves on to the next stage: that stage
+    ends at once, naming the run, and its body never runs (flows.runner.call_flow)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    from flows.runner import PARENT_RUN, run_stage, stage_flow
+
+    ran = []
+
+    @stage_flow("probe")
+    def probe_flow() -> None:
+        ran.append("body")
+
+    @flow(name="sra2-pipeline-probe")
+    def pipeline() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        parent = client.create_flow_run(pipeline, state=Cancelled(message="Cancel from the UI"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(PARENT_RUN, str(parent.id))
+    with pytest.raises(SystemExit, match=f"the pipeline run {parent.id} was cancelled: "
+                                         "sra2-probe does not start"):
+        run_stage(probe_flow, "tiny")
+    assert ran == []

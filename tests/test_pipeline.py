@@ -379,15 +379,16 @@ def stage_runs(parent) -> dict[str, list]:
             sort=FlowRunSort.EXPECTED_START_TIME_ASC)
         found: dict[str, list] = {}
         for run in runs:
-            found.setdefault(client.read_flow(run.flow_id).name.removeprefix("sra2-"), []).append(run)
+            stage = client.read_flow(run.flow_id).name.removeprefix("sra2-")
+            found.setdefault(stage, []).append(run)
     return found
 
 
 def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(pipeline):
-    """The UI's Cancel on a served experiment during training: the train stage saves the step in
-    progress and ends Cancelled naming it, no later stage starts, the experiment ends Cancelled;
-    the UI's Retry (AwaitingRetry) runs it again from the step saved to the end. Last in this
-    file: the experiment leaves its parameters in the workspace."""
+    """The UI's Cancel on a served experiment (of the train stage: sample and evaluate would add a
+    minute) during training: the train stage saves the step in progress and ends Cancelled naming
+    it, the experiment ends Cancelled; the UI's Retry (AwaitingRetry) runs it again from the step
+    saved to the end. Last in this file: the experiment leaves its parameters in the workspace."""
     from prefect.client.orchestration import get_client
     from prefect.states import AwaitingRetry, Cancelling
 
@@ -395,7 +396,7 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
 
     work, env, _, _ = pipeline
     run(["git", "add", "-A"], work, env)
-    run(["git", "commit", "-q", "--allow-empty", "-m", "before the cancelled experiment"], work, env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "before the experiment"], work, env)
     train_log = work / "data/logs/train.log"
     logged = train_log.read_text()
     with serving(work, env, work.parent / "serve-cancel.log"), \
@@ -403,7 +404,8 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
         from prefect.deployments import run_deployment as start
 
         parent = start("sra2-experiment/run", timeout=0,
-                       parameters={"overrides": ["train.steps=400"], "name": "cancelled"})
+                       parameters={"overrides": ["train.steps=400"], "name": "cancelled",
+                                   "targets": ["train"]})
         deadline = time.monotonic() + 600
         while not re.search(r"train: step (6\d|[7-9]\d|\d{3}) / 400",
                             train_log.read_text()[len(logged):]):
@@ -422,7 +424,6 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
         saved = int(re.search(r"stopped at step (\d+)", train.state.message).group(1))
         assert 60 <= saved < 400 and list(work.glob(
             f"data/train/checkpoints/*/step-{saved:07d}.pt")), train.state.message
-        assert "sample" not in stages and "evaluate" not in stages
         print(f"Cancel -> the experiment's end: {took:.1f} s; saved step {saved}")
 
         retried = train_log.read_text()
@@ -435,7 +436,6 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
     assert ended.state.is_completed(), ended.state
     stages = stage_runs(parent)
     assert [r.state.name for r in stages["train"]] == ["Cancelled", "Completed"]
-    assert stages["sample"][0].state.is_completed() and stages["evaluate"][0].state.is_completed()
     first = int(re.search(r"train: step (\d+) / 400", train_log.read_text()[len(retried):])[1])
     assert saved < first <= saved + 5  # the retry resumed at the step saved (rows every 5)
     assert json.loads((work / "data/train.json").read_text())["steps"] == 400
