@@ -249,3 +249,27 @@ def test_evaluate_reports_the_images_through_inception(tmp_path, tiny, monkeypat
                      progress=lambda done, total: seen.append((done, total)))
     # the total up front, then each batch: the 3 samples (2 + 1), the 4 reference images (2 + 2)
     assert seen == [(0, 7), (2, 7), (3, 7), (5, 7), (7, 7)]
+
+
+def test_a_cancelled_evaluate_stops_between_batches_and_writes_nothing(tmp_path, tiny,
+                                                                      unreachable_api):
+    """evaluate computes in the flow's own process: once its run is cancelled (the monitor's
+    cancel set, as flows.monitor.Monitor.watch_cancel sets it) it stops at the next batch and
+    ends Cancelled saying how far it got; no metrics file is written."""
+    from flows.evaluate import evaluate_flow
+    from flows.monitor import close_current, current
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    cfg = with_overrides(tiny, evaluate={"reference": str(tmp_path / "ref.npz"), "batch_size": 2})
+    close_current()
+    current("evaluate").cancel.set()
+    try:
+        state = evaluate_flow.fn(cfg, str(tmp_path / "samples.npz"), str(tmp_path / "latents"),
+                                 str(tmp_path / "metrics.json"))
+    finally:
+        close_current()
+    assert state.type.value == "CANCELLED" and state.name == "Cancelled"
+    assert "stopped at 0 / 7 images" in state.message and "starts over" in state.message
+    assert not (tmp_path / "metrics.json").exists()
