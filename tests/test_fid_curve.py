@@ -1,7 +1,6 @@
 """FID over training: snapshots, scores in fid.csv, nothing evaluated twice, snapshots sampleable."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from sra2.generate import sample_stage
 from sra2.plots import PALETTE
 from sra2.train import build_model
 
-from conftest import encoded_tiny, randomize, with_overrides
+from conftest import encoded_tiny, with_overrides
 
 
 @pytest.fixture(scope="module")
@@ -21,25 +20,7 @@ def setup(tmp_path_factory):
                         sample={"steps": 4})
 
 
-def test_each_step_is_scored_once_and_its_snapshot_samples(tmp_path, setup):
-    cfg, latents = setup
-    ema = randomize(build_model(cfg, 4), seed=3, std=0.05)
-    row = evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv")
-    assert row["step"] == 20 and all(np.isfinite(row[k]) for k in ("fid", "sfid", "inception_score"))
-    assert Path(row["grid"]).is_file()
-    assert evaluate_step(cfg, ema, 20, tmp_path, latents, tmp_path / "out.csv") is None  # not redone
-    assert (tmp_path / "out.csv").read_text() == (tmp_path / "fid.csv").read_text()
-    with open(tmp_path / "fid.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [20] and float(rows[0]["fid"]) == row["fid"]
-    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == ["step-0000020.pt"]
-    # the sample stage takes any snapshot
-    result = sample_stage(with_overrides(cfg, sample={"num_samples": 2, "shard_size": 2}),
-                          tmp_path / "snapshots/step-0000020.pt", tmp_path / "samples")
-    assert result["samples"] == 2 and (tmp_path / "samples/samples.npz").exists()
-
-
-def test_training_writes_the_fid_curve(tmp_path, setup):
+def test_training_writes_the_fid_curve_once_per_step_and_its_snapshots_sample(tmp_path, setup):
     from sra2.train import train
 
     cfg, latents = setup
@@ -53,9 +34,19 @@ def test_training_writes_the_fid_curve(tmp_path, setup):
     # the monitor gets a picture of the evaluated EMA's samples
     assert rows[-1]["preview"] == str(run / "evals/step-0000010/grid.png")
     assert Image.open(rows[-1]["preview"]).size[0] > 0
-    assert (run / "snapshots/step-0000010.pt").exists()
     assert (run / "fid.csv").read_text() == (tmp_path / "fid.csv").read_text()
     assert (run / "metrics.csv").read_text() == (tmp_path / "metrics.csv").read_text()
     # the FID picture (an image plot of dvc.yaml) draws the evaluated step: a dot of the line colour
     drawn = np.asarray(Image.open(tmp_path / "fid.png").convert("RGB"))
     assert (drawn == PALETTE[0]).all(axis=-1).sum() > 20
+    with open(tmp_path / "fid.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert all(np.isfinite(float(row[k])) for k in ("fid", "sfid", "inception_score"))
+    # a step with its row is never scored again (one evaluation per step, also after a restart)
+    model = build_model(cfg, 4)
+    assert evaluate_step(cfg, model, 10, run, latents, tmp_path / "fid.csv") is None
+    assert [p.name for p in (run / "snapshots").iterdir()] == ["step-0000010.pt"]
+    # the sample stage takes any snapshot
+    result = sample_stage(with_overrides(cfg, sample={"num_samples": 2, "shard_size": 2}),
+                          run / "snapshots/step-0000010.pt", tmp_path / "samples")
+    assert result["samples"] == 2 and (tmp_path / "samples/samples.npz").exists()
