@@ -404,10 +404,10 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
         from prefect.deployments import run_deployment as start
 
         parent = start("sra2-experiment/run", timeout=0,
-                       parameters={"overrides": ["train.steps=400"], "name": "cancelled",
+                       parameters={"overrides": ["train.steps=800"], "name": "cancelled",
                                    "targets": ["train"]})
         deadline = time.monotonic() + 600
-        while not re.search(r"train: step (6\d|[7-9]\d|\d{3}) / 400",
+        while not re.search(r"train: step (6\d|[7-9]\d|\d{3}) / 800",
                             train_log.read_text()[len(logged):]):
             assert time.monotonic() < deadline and not client.read_flow_run(
                 parent.id).state.is_final(), client.read_flow_run(parent.id).state
@@ -422,7 +422,7 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
         (train,) = stages["train"]
         assert ended.state.is_cancelled() and train.state.name == "Cancelled", stages
         saved = int(re.search(r"stopped at step (\d+)", train.state.message).group(1))
-        assert 60 <= saved < 400 and list(work.glob(
+        assert 60 <= saved < 800 and list(work.glob(
             f"data/train/checkpoints/*/step-{saved:07d}.pt")), train.state.message
         print(f"Cancel -> the experiment's end: {took:.1f} s; saved step {saved}")
 
@@ -436,6 +436,6 @@ def test_a_cancelled_served_experiment_saves_its_step_and_a_retry_resumes_there(
     assert ended.state.is_completed(), ended.state
     stages = stage_runs(parent)
     assert [r.state.name for r in stages["train"]] == ["Cancelled", "Completed"]
-    first = int(re.search(r"train: step (\d+) / 400", train_log.read_text()[len(retried):])[1])
+    first = int(re.search(r"train: step (\d+) / 800", train_log.read_text()[len(retried):])[1])
     assert saved < first <= saved + 5  # the retry resumed at the step saved (rows every 5)
-    assert json.loads((work / "data/train.json").read_text())["steps"] == 400
+    assert json.loads((work / "data/train.json").read_text())["steps"] == 800
