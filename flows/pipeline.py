@@ -38,27 +38,13 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.monitor import close_current, current
-from flows.runner import PARENT_RUN, cancelled, cancelled_run
+from flows.runner import PARENT_RUN, cancelled, cancelled_run, children
 from sra2 import procs
 
 STOP_WAIT = 25.0  # seconds the stages get to save after SIGTERM (the runner kills at 30 s)
 
 
 # --- running a DVC command under this flow run ---------------------------------------------------
-
-def children(run_id: str, *, running: bool = True) -> list:
-    """The stage runs (subflow runs) of flow run ``run_id``; only those not yet ended by default."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
-                                                FlowRunFilterState, FlowRunFilterStateType)
-    from prefect.client.schemas.objects import StateType
-
-    ongoing = FlowRunFilterState(type=FlowRunFilterStateType(any_=[
-        StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])) if running else None
-    with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]), state=ongoing))
-
 
 def cancel_children(run_id: str) -> list[str]:
     """Ask the running stage runs of ``run_id`` to stop (Cancelling): each stage sees it within a

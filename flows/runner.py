@@ -180,6 +180,23 @@ def _stage_node():
     """The task a stage's subflow hangs from in the pipeline run (it runs in another process)."""
 
 
+def children(run_id: str, *, running: bool = True) -> list:
+    """The stage runs (subflow runs) of flow run ``run_id``, oldest first; only those not yet
+    ended by default."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    ongoing = FlowRunFilterState(type=FlowRunFilterStateType(any_=[
+        StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED])) if running else None
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]), state=ongoing),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+
+
 def child_run(flow, parent: str, tags: list[str], parameters: dict):
     """Create the flow run of ``flow`` as a subflow of pipeline run ``parent``: a task run of the
     parent, named for the stage, whose child the new flow run is, waiting for the stage run before
@@ -188,16 +205,12 @@ def child_run(flow, parent: str, tags: list[str], parameters: dict):
 
     from prefect import Task
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.client.schemas.objects import FlowRunResult
-    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Running
 
     stage = flow.name.removeprefix("sra2-")
+    before = children(parent, running=False)[-1:]
     with get_client(sync_client=True) as client:
-        before = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
-                any_=[parent])), sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
         node = client.create_task_run(
             Task(_stage_node, name=stage), flow_run_id=parent, dynamic_key=uuid4().hex[:8],
             name=stage, extra_tags=tags, state=Running(),

@@ -48,12 +48,13 @@ def ancestors(pid: int) -> list[int]:
 
 
 def session(sid: int) -> list[int]:
-    """The processes of session ``sid`` (those a process started with start_new_session=True and
-    their descendants, unless they made sessions of their own)."""
+    """The live processes of session ``sid`` (those a process started with start_new_session=True
+    and their descendants, unless they made sessions of their own); zombies are left out."""
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError, TypeError):
-            if int(stat(int(entry.name))[3]) == sid:
+            fields = stat(int(entry.name))
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
                 found.append(int(entry.name))
     return found
 

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,18 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """End a process this test started, by its own handle, if it still runs: ``sig``, then
+    SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def write_folder(root: Path, files: dict[str, bytes]) -> Path:

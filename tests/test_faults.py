@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sra2 import atomic, launch
+from sra2 import atomic, launch, procs
 from sra2.checkpoints import step_file
 from sra2.stopping import Stopped
 from sra2.train import NonFiniteError, build_trainer, check_weights, train
-from sra2.procs import started_at
 
 from conftest import encoded_tiny, with_overrides
 
@@ -94,19 +93,6 @@ def end(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-
-
-def session(leader: int) -> list[int]:
-    """The processes of the session ``leader`` leads (a worker, its fork server and readers)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, _pgrp, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
-        except (OSError, ValueError):
-            continue
-        if int(sid) == leader and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def test_a_signal_saves_the_step_in_progress_and_the_rerun_ends_as_an_unbroken_run(tmp_path, setup):
@@ -261,23 +247,23 @@ def test_workers_of_a_launch_killed_with_sigkill_save_and_exit(tmp_path, setup):
     try:
         seen = wait_for(events, "progress", proc)
         workers = [e["pid"] for e in seen if e["kind"] == "started"]
-        torchrun = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                    for pid in workers}
-        watched = {pid: started_at(pid) for pid in (*workers, *torchrun)}
+        torchrun = {procs.parent(pid) for pid in workers}
+        watched = {pid: procs.started_at(pid) for pid in (*workers, *torchrun)}
         assert len(workers) == 2 and len(torchrun) == 1 and None not in watched.values()
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
-                any(started_at(pid) == token for pid, token in watched.items())
-                or any(session(pid) for pid in workers)):
+                any(procs.started_at(pid) == token for pid, token in watched.items())
+                or any(procs.session(pid) for pid in workers)):
             time.sleep(0.5)
-        assert not [pid for pid, token in watched.items() if started_at(pid) == token]
-        assert not [session(pid) for pid in workers if session(pid)]  # fork servers, readers
+        assert not [pid for pid, token in watched.items() if procs.started_at(pid) == token]
+        # fork servers, readers
+        assert not [procs.session(pid) for pid in workers if procs.session(pid)]
     finally:
         end(proc)
-        leftovers = [pid for pid, token in watched.items() if started_at(pid) == token]
-        for pid in leftovers + [p for leader in workers for p in session(leader)]:
+        leftovers = [pid for pid, token in watched.items() if procs.started_at(pid) == token]
+        for pid in leftovers + [p for leader in workers for p in procs.session(leader)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     run = run_folder(tmp_path / "out")  # they saved on the way out

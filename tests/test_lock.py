@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import with_overrides
+from conftest import stop, with_overrides
 from flows.common import output_locks
 from sra2.data import write_demo_dataset
 from sra2.lock import OutputBusy, hold, lock_path
@@ -42,17 +42,6 @@ def take(*outputs) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace: float = 60) -> None:
-    """End a process this test started (by its own handle), if it still runs."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def holder(tmp_path):
     """A process that holds the lock of tmp_path/out until it is killed."""
@@ -61,7 +50,7 @@ def holder(tmp_path):
         assert proc.stdout.readline().strip() == "locked"
         yield proc
     finally:
-        stop(proc)
+        stop(proc, signal.SIGKILL)
 
 
 def test_a_second_writer_stops_at_once_naming_the_holder(tmp_path, holder):
@@ -128,4 +117,4 @@ def test_two_encode_stages_on_one_store_one_writes(tmp_path, prefect_api):
     finally:
         for proc in runs:
             # SIGINT lets the flow stop its torchrun launcher and workers (sra2.launch._stop)
-            stop(proc, signal.SIGINT)
+            stop(proc, signal.SIGINT, grace=60)

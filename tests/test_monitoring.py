@@ -20,19 +20,10 @@ from flows.server import free_port, healthy
 from sra2.latents import write_synthetic_store
 from sra2.procs import started_at
 
+from conftest import stop
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 300  # the server dies at step 5; the rest takes 8-15 s here (tiny: 20-40 steps/s)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """End a process this test started, by its pid."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from PIL import Image
 
 from sra2.plots import PALETTE
 
+from conftest import stop
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -67,12 +69,7 @@ def serving(work: Path, env: dict, log: Path):
             time.sleep(1)
         yield
     finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, grace=60)
 
 
 def deployed(name: str) -> bool:
@@ -370,15 +367,12 @@ def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
 def stage_runs(parent) -> dict[str, list]:
     """The subflow runs of ``parent`` by stage, oldest first."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-    from prefect.client.schemas.sorting import FlowRunSort
+
+    from flows.runner import children
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])),
-            sort=FlowRunSort.EXPECTED_START_TIME_ASC)
         found: dict[str, list] = {}
-        for run in runs:
+        for run in children(str(parent.id), running=False):
             stage = client.read_flow(run.flow_id).name.removeprefix("sra2-")
             found.setdefault(stage, []).append(run)
     return found
