@@ -11,7 +11,7 @@ COMMANDS = {"demo-data": "flows.demo_data:main", "encode": "flows.encode:main",
             "evaluate": "flows.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
             "serve": "flows.pipeline:serve_main", "feature-pca": "flows.feature_pca:main",
             "convergence": "sra2.convergence:main", "flops": "sra2.flops:main",
-            "verify": "sra2.verify:main"}
+            "verify": "sra2.verify:main", "plan": "sra2.plan:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
               "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, table);\n"
               "feature-pca: the PCA picture of VAE tokens and SiT hidden states per block;\n"
               "convergence: FID curves of experiments side by side, and the speed-up;\n"
-              "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs.\n"
+              "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs;\n"
+              "plan: what a run will cost (time, GPU-hours, disk per folder) before it runs.\n"
               "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     from flows.common import entry

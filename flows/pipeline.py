@@ -280,9 +280,8 @@ def check_overrides(overrides: list[str]) -> None:
     named, before DVC starts anything."""
     import yaml
 
-    from flows.table1 import apply_overrides
     from sra2 import checks
-    from sra2.config import ConfigError, resolve
+    from sra2.config import ConfigError, apply_overrides, resolve
 
     try:
         params = apply_overrides(yaml.safe_load(Path("params.yaml").read_text()) or {}, overrides)

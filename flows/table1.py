@@ -17,7 +17,6 @@ which sets the key whether or not params.yaml lists it). `show` reads
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from sra2.config import apply_overrides
 from sra2.experiments import exp_show, newest
 from sra2.paper import TABLES, Row, Table
 
@@ -47,23 +47,6 @@ def queue_command(row: Row, preset: str | None, prefix: str, extra: Iterable[str
     for override in row_overrides(row, preset, extra):
         command += ["-S", override]
     return command
-
-
-def apply_overrides(params: dict, overrides: Iterable[str]) -> dict:
-    """params.yaml's mapping with `-S`-style overrides (`[+|++]section.key=value`) applied."""
-    params = copy.deepcopy(params)
-    for override in overrides:
-        key, sep, text = override.lstrip("+").partition("=")
-        if not sep or not key:
-            raise ValueError(f"-S {override!r}: expected KEY=VALUE")
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"-S {override!r}: {part} is not a section")
-        node[last] = yaml.safe_load(text)
-    return params
 
 
 def check_row(params: dict, row: Row, preset: str | None, extra: Iterable[str]) -> None:

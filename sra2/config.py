@@ -9,6 +9,7 @@ holds only what a run changes, so ``dvc exp run -S preset=sit-b2 -S +train.lr=2e
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
 
@@ -158,8 +159,9 @@ class Encode(Section):
     batch_size: Annotated[PositiveInt, NotInResult()]  # images per VAE call
     shard_size: PositiveInt  # images per shard: the unit of writing and of resuming
     chunk_size: PositiveInt  # images per chunk: the unit of random reads
-    # processes decoding and cropping JPEGs (0: in the worker itself)
-    workers: Annotated[NonNegativeInt, NotInResult()]
+    # processes decoding and cropping JPEGs per rank (0: in the rank itself); auto: the rank's
+    # share of the node's cores less one for the rank (sra2.encode.decode_workers)
+    workers: Annotated[NonNegativeInt | Literal["auto"], NotInResult()]
     dtype: Literal["float32", "float16"]
     precision: Literal["fp32", "bf16", "fp16"]  # VAE compute dtype on a GPU; CPU runs fp32
     flip: bool  # also store the latents of the horizontally flipped image
@@ -171,6 +173,14 @@ class Encode(Section):
     # image); reject lists them as rejected files, which training skips
     odd_images: Literal["accept", "reject"] = "accept"
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]  # auto: this rank's GPU if any
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        # one message for any bad value, not one per member of the union
+        if value != "auto" and (type(value) is not int or value < 0):
+            raise ValueError("must be a number of processes >= 0 or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -487,6 +497,23 @@ def resolve(params: dict[str, Any], source: str = "params") -> Config:
         return Config.model_validate({"preset": name, **merged})
     except ValidationError as e:
         raise _explain(e, source) from None
+
+
+def apply_overrides(params: dict, overrides: Iterable[str]) -> dict:
+    """params.yaml's mapping with `-S`-style overrides (`[+|++]section.key=value`) applied."""
+    params = copy.deepcopy(params)
+    for override in overrides:
+        key, sep, text = override.lstrip("+").partition("=")
+        if not sep or not key:
+            raise ValueError(f"-S {override!r}: expected KEY=VALUE")
+        *parents, last = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"-S {override!r}: {part} is not a section")
+        node[last] = yaml.safe_load(text)
+    return params
 
 
 def load(path: str | Path = "params.yaml") -> Config:

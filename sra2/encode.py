@@ -7,6 +7,7 @@ finished, instead of encoding again."""
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -16,11 +17,31 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sra2 import dist, vae as vae_lib
+from sra2 import dist, space, vae as vae_lib
 from sra2.config import Config, result_settings
 from sra2.data import BadImage, ImageList, center_crop_arr, list_images, load_rgb, oddity
 from sra2.store import ShardedStore, attributes, digest
 from sra2.worker import Progress
+
+
+# one rank's decoding processes at most: one H100 eats ~730 SD-VAE encodes/s in fp32, ~1,450 in
+# bf16 (its FLOPs at 40% MFU), which ~4 or ~8 cores decode and crop at ~200 ImageNet-like JPEGs/s
+# a core (bench/decode.py); twice that would sit idle, holding memory
+MAX_WORKERS = 16
+
+
+def decode_workers(setting: int | str, cores: int | None = None,
+                   processes: int | None = None) -> int:
+    """``encode.workers`` as a number of processes: a number as it is; ``auto``: this rank's share
+    of ``cores`` (default: the cores this process may run on) among the node's ``processes``
+    encoding at once (default: torchrun's ``LOCAL_WORLD_SIZE``, 1 outside torchrun), less one core
+    for the rank itself, at least 1 and at most :data:`MAX_WORKERS`. torchrun does not pin its
+    workers to cores, so each rank sees all the node's cores the job may use."""
+    if setting != "auto":
+        return setting
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if processes is None else processes
+    return max(1, min(MAX_WORKERS, cores // processes - 1))
 
 
 class _CroppedFiles(Dataset):
@@ -184,6 +205,9 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         store = open_store(cfg, out, images, latent_shape)
         # every rank's share, counted before any rank starts writing
         pending = sum(stop - start for start, stop in map(store.shard_range, store.pending_shards()))
+        needs = space.encode_needs(cfg, latent_arrays(cfg, latent_shape), store.path,
+                                   store.num_items, store.pending_shards())
+        space.ensure("encode", needs + space.dvc_share({store.path.parent: needs[0].end}))
     dist.barrier()
     store = ShardedStore(out) if rank else store
     shards = store.pending_shards(rank, world)
@@ -194,13 +218,14 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
                         for shape, dtype in arrays.values())
         print(_plan(cfg, images, store, todo, world, vae, device, per_image))
 
+    workers = decode_workers(cfg.encode.workers)
     loader = DataLoader(
         _CroppedFiles(images, cfg.data.image_size, cfg.encode.strict, cfg.encode.odd_images),
         batch_sampler=_batches(store, shards, cfg.encode.batch_size),
-        num_workers=cfg.encode.workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.encode.workers else None,
+        num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
         # not fork: a worker forked from a process running Prefect's threads dies at exit
-        multiprocessing_context="forkserver" if cfg.encode.workers else None)
+        multiprocessing_context="forkserver" if workers else None)
     assembler = _ShardAssembler(store, {name: dtype for name, (_, dtype) in arrays.items()})
     start, done = time.perf_counter(), 0
     bar = tqdm(total=todo, unit="img", desc="encode", disable=rank != 0 or not todo, smoothing=0.1)

@@ -160,6 +160,24 @@ def _train_flops(cfg: Config, device: str) -> int:
     return 3 * trained + extra
 
 
+def vae_flops(cfg: Config) -> tuple[int, int]:
+    """FLOPs of the VAE's encoder on one image of ``data.image_size`` and of its decoder on one
+    latent: the shape of ``vae.random`` where set, else SD-VAE's (which no config spells out)."""
+    from sra2.config import VAE
+    from sra2.vae import build_random_vae
+
+    shape = cfg.vae.random or {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                               "norm_num_groups": 32, "seed": 0}
+    vae_cfg = VAE(source="random", random=shape, scale=cfg.vae.scale)
+    side = cfg.data.image_size
+    with torch.device("meta"):
+        vae = build_random_vae(vae_cfg)
+        x = torch.zeros(1, 3, side, side)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    return int(counter.get_total_flops()), count_flops(lambda v: vae.decode(v).sample, z)
+
+
 def gpu_need(cfg: Config, peak_tflops: float = PEAK_TFLOPS["H100"], mfu: float = 0.5) -> float:
     """Training images (latents) per second one GPU of ``peak_tflops`` consumes at ``mfu``."""
     return peak_tflops * 1e12 * mfu / train_flops(cfg)

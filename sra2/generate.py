@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sra2 import dist, ralu, vae as vae_lib
+from sra2 import dist, ralu, space, vae as vae_lib
 from sra2.config import Config, result_settings
 from sra2.images import write_grid, write_npz
 from sra2.models import load_checkpoint, read_checkpoint
@@ -66,8 +66,10 @@ def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.
                   sc.last_step)
 
 
-def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None) -> Path:
-    """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's path."""
+def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None,
+             npz: Path | None = None) -> Path:
+    """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's
+    path. ``npz``: where the caller then writes them as one file (the preflight counts it)."""
     sc = cfg.sample
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
@@ -83,11 +85,13 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(signature)
     if rank == 0:
-        ShardedStore.open_or_create(
+        made = ShardedStore.open_or_create(
             path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
             fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes, sc.labels)},
             signature=signature)
+        needs = space.sample_needs(cfg, path, made.pending_shards(), npz)
+        space.ensure("sample", needs + space.dvc_share({npz.parent: needs[-1].end} if npz else {}))
     dist.barrier()
     store = ShardedStore(path)
     labels = store.array("labels")[:]
@@ -124,7 +128,8 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
     """The sample stage: shards under ``out/shards``, then (rank 0) ``samples.npz`` and ``grid.png``."""
     out = Path(out)
     # generate has just checked every done shard's files
-    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress), check=False)
+    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress, out / "samples.npz"),
+                         check=False)
     if dist.init()[0] != 0:
         return None
     write_npz(store, out / "samples.npz")

@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
 
-from sra2 import atomic
+from sra2 import atomic, dvc_cache
 
 # numcodecs' Blosc with zstd and bit shuffling (the best ratio on float latents for little CPU),
 # then a CRC32C of each compressed chunk that every read checks
@@ -302,8 +302,9 @@ class ShardedStore:
 
     def repair(self, log: Callable[[str], None] = print) -> list[Damage]:
         """Check every byte of the done shards (:meth:`check` deep) and move each damaged shard's
-        mark and files into the quarantine folder, so that the writer computes them again;
-        returns what was found. Damage outside the shards cannot be repaired here: it raises."""
+        mark and files into the quarantine folder, so that the writer computes them again (and
+        DVC cache entries linked to the damaged files, :mod:`sra2.dvc_cache`); returns what was
+        found. Damage outside the shards cannot be repaired here: it raises."""
         started = time.perf_counter()
         damage = self.check(deep=True)
         unowned = [d for d in damage if d.shard is None]
@@ -317,6 +318,7 @@ class ShardedStore:
             folder = self.quarantine(shards)
             log(f"store {self.path}: moved {len(shards)} damaged shard(s) {shards} to {folder}: "
                 f"they are computed again")
+            dvc_cache.evict_damaged([d.file for d in damage], folder, log)
         checked = len(self.done_shards()) + len(shards)
         if checked:
             log(f"store {self.path}: checked the bytes of {checked} done shard(s) in "

@@ -24,6 +24,7 @@ unbroken run of N steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -38,7 +39,7 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2 import atomic, dist, fid_curve
+from sra2 import atomic, dist, fid_curve, latent_copy, space
 from sra2.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
 from sra2.config import Config, result_settings
 from sra2.latents import open_batches, stream
@@ -47,6 +48,7 @@ from sra2.objective import Objective, build_heads, teacher_time, terms
 from sra2.plots import write_fid_plot, write_loss_plot
 from sra2.sampling import derived_seed
 from sra2.stopping import Consensus, SaveClock, StopSignals, stopped
+from sra2.store import ShardedStore, pointed_store
 from sra2.worker import Progress
 
 
@@ -294,6 +296,45 @@ def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times
                    f"{cfg.model.name}: FID during training ({cfg.train.eval_samples} samples)")
 
 
+def checkpoint_bytes(cfg: Config) -> tuple[int, int]:
+    """Bytes of (a step checkpoint, an EMA export: ema.pt or a snapshot): the tensors of the model
+    and heads, built on the meta device (no memory, no time), and what torch.save adds to each."""
+    with torch.device("meta"):
+        model = build_model(cfg, space.latent_shape(cfg)[-1])
+        heads = build_heads(model, cfg)
+
+    def weight(tensors) -> tuple[int, int]:
+        tensors = list(tensors)
+        return sum(t.numel() * t.element_size() for t in tensors), len(tensors)
+
+    sit, sit_n = weight(model.state_dict().values())
+    head, head_n = weight(heads.state_dict().values())
+    trained, trained_n = weight(p for p in [*model.parameters(), *heads.parameters()]
+                                if p.requires_grad)
+    ema = sit + sit_n * space.TENSOR_OVERHEAD + 2048  # and the export's few small entries
+    # a step checkpoint: model, EMA, heads, and per trained tensor AdamW's moments and step count
+    extra, extra_n = head + 2 * trained + 4 * trained_n, head_n + 3 * trained_n
+    return 2 * ema + extra + extra_n * space.TENSOR_OVERHEAD, ema
+
+
+def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
+    """What this run will write: the checkpoints it does not have yet, the EMA export (and DVC's
+    copy of it, where DVC copies), and the node-local copy of the store unless one is ready."""
+    tc, store = cfg.train, ShardedStore(pointed_store(latents))
+    run = Checkpoints(out / "checkpoints", signature(cfg, store.attrs["signature"]))
+    have = sum(run.path(step).stat().st_size for step in run.steps())
+    step, ema = checkpoint_bytes(cfg)
+    needs = space.train_needs(cfg, out, step, ema, have) + space.dvc_share({out: ema})
+    if tc.read_from == "copy":
+        root = latent_copy.copy_root(tc.copy_dir)
+        with contextlib.suppress(OSError):  # an unwritable folder: training reads the store
+            ready = latent_copy.LatentCopy(store, root, cfg.repa.enabled)
+            if ready.check() is not None:
+                needs.append(space.copy_need(latent_copy.nbytes(ready.arrays), root))
+            ready.lock.close()
+    return needs
+
+
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
     """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``, or taking the checkpoint
     at that step); returns a summary.
@@ -304,6 +345,9 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     tc, out = cfg.train, Path(out)
     device = dist.device(tc.device, rank)
     dist.deterministic(tc.deterministic)
+
+    if rank == 0:
+        space.ensure("train", preflight(cfg, latents, out))
 
     # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
     data = open_batches(cfg, latents, rank, world)

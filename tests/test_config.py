@@ -215,11 +215,12 @@ def _overlay(base: dict, over: dict) -> dict:
 
 
 # sra2/presets/sit-b2.yaml as it was written out in full before the paper presets shared a base
-# (chunk_size then 32: one latent a chunk since streaming training reads random rows)
+# (chunk_size then 32: one latent a chunk since streaming training reads random rows; workers
+# then 16: derived from the node's cores since, sra2.encode.decode_workers)
 PAPER = {
     "data": {"root": "data/imagenet/train", "image_size": 256},
     "vae": {"source": "stabilityai/sd-vae-ft-ema", "scale": 0.18215},
-    "encode": {"batch_size": 256, "shard_size": 1024, "chunk_size": 1, "workers": 16,
+    "encode": {"batch_size": 256, "shard_size": 1024, "chunk_size": 1, "workers": "auto",
                "dtype": "float32", "precision": "fp32", "flip": False, "strict": False,
                "device": "auto"},
     "model": {"name": "SiT-B/2", "num_classes": 1000, "learn_sigma": False, "class_dropout": 0.1},
@@ -365,7 +366,8 @@ def test_every_table1_row_is_a_valid_run_of_the_paper_presets(preset):
 
 @pytest.mark.parametrize("preset", ["sit-b2", "sit-xl2"])
 def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
-    from flows.table1 import apply_overrides, check_row, row_overrides
+    from flows.table1 import check_row, row_overrides
+    from sra2.config import apply_overrides
     from sra2.objective import terms
     from sra2.paper import TABLE3
 
@@ -415,7 +417,8 @@ def test_table1_refuses_a_row_the_model_cannot_run():
 
 
 def test_table1_rows_change_one_thing_each():
-    from flows.table1 import apply_overrides, row_overrides
+    from flows.table1 import row_overrides
+    from sra2.config import apply_overrides
     from sra2.paper import TABLE1
 
     base = resolve({"preset": "sit-b2"}).model_dump()

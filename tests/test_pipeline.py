@@ -181,6 +181,36 @@ def test_second_repro_has_nothing_to_do(pipeline):
     assert ran_stages(log) == [] and "up to date" in log
 
 
+def file_bytes(*paths: Path) -> int:
+    """Bytes of the files at or under ``paths`` (a file's own size: no folders, no blocks)."""
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*"))
+               if f.is_file())
+
+
+def test_the_plan_foresees_the_bytes_the_repro_left_in_each_folder(pipeline):
+    """`sra2 plan`'s figures, computed before anything runs, against what the tiny pipeline left
+    (the pictures and logs it does not count, < 100 KB whatever the scale, aside)."""
+    work, env, _, _ = pipeline
+    run([sys.executable, "-m", "sra2.plan", "--json", "plan.json"], work, env)
+    planned = {k: v["end"] for k, v in json.loads((work / "plan.json").read_text())["folders"].items()}
+    store = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
+    [copy] = [m.parent for m in Path(os.environ["SRA2_COPY_DIR"]).glob("*/manifest.json")
+              if json.loads(m.read_text())["source"]["store"] == str(store.resolve())]
+    left = {"data/latents": file_bytes(store),
+            str(Path(os.environ["SRA2_COPY_DIR"])): file_bytes(*copy.glob("*.npy")),
+            "data/train": file_bytes(*(work / "data/train/checkpoints").glob("*/step-*.pt"),
+                                     work / "data/train/ema.pt"),
+            "data/samples/shards": file_bytes(work / "data/samples/shards"),
+            "data/samples": file_bytes(work / "data/samples/samples.npz")}
+    for folder, nbytes in left.items():
+        assert abs(planned[folder] - nbytes) <= 0.05 * nbytes, (folder, planned[folder], nbytes)
+    # no second copy: DVC's cache is the outputs' own files (hard links), bar its listings
+    cached = [p for p in (work / ".dvc/cache/files").rglob("*") if p.is_file()]
+    own = sum(p.stat().st_size for p in cached if p.stat().st_nlink == 1)
+    assert own <= 0.01 * sum(p.stat().st_size for p in cached)
+    assert not [f for f in planned if ".dvc" in f]  # and the plan counts nothing for it
+
+
 def recorded_outs(work: Path, skip: str) -> dict[str, str]:
     """What dvc.lock records of each stage's outputs: path -> hash."""
     stages = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
@@ -188,14 +218,28 @@ def recorded_outs(work: Path, skip: str) -> dict[str, str]:
             if o["path"] != skip}
 
 
+def damaged_cache_entries(work: Path) -> list[str]:
+    """DVC cache entries whose bytes no longer have the MD5 that names them."""
+    import hashlib
+
+    files = [p for p in (work / ".dvc/cache/files/md5").rglob("*") if p.is_file()]
+    return [str(p) for p in files
+            if hashlib.md5(p.read_bytes()).hexdigest() != p.parent.name + p.name.split(".")[0]]
+
+
 def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline):
+    """With the repository's cache.type (hard links), bytes changed in a cached store are
+    changed in DVC's cache too: the rerun repairs both, and leaves every other entry alone."""
     work, env, _, _ = pipeline
     outs = recorded_outs(work, skip="data/encode.json")
     latents = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
     changed = latents / "mean/c/0/0/0/0"  # bytes changed inside a chunk, the size kept
+    assert changed.stat().st_nlink == 2  # the cache entry and the store's file are one file
+    entries = {p: p.stat().st_ino for p in (work / ".dvc/cache/files/md5").rglob("*")}
     data = bytearray(changed.read_bytes())
     data[10:14] = bytes(b ^ 0xFF for b in data[10:14])
     changed.write_bytes(bytes(data))
+    assert len(damaged_cache_entries(work)) == 1
     [samples] = (work / "data/samples/shards").glob("*/zarr.json")
     deleted = samples.parent / "images/c/1/0/0/0"
     deleted.unlink()  # a missing file, which zarr would read as black images
@@ -210,6 +254,11 @@ def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline
     assert checked.count(": clean") == 2
     assert len(list((work / "data/latents/.quarantine").rglob("mean/c/0/0/0/0"))) == 1
     assert "up to date" in run(["dvc", "status"], work, env)
+    assert damaged_cache_entries(work) == [] and changed.stat().st_nlink == 2
+    # the damaged entry was moved aside and cached anew; every other entry is the file it was
+    now = {p: p.stat().st_ino for p in (work / ".dvc/cache/files/md5").rglob("*")}
+    [renewed] = [p for p in entries if now.get(p) != entries[p]]
+    assert f"DVC cache entry {renewed} of " in log
 
 
 def flow_runs_since(start) -> list[str]:
