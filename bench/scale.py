@@ -14,11 +14,12 @@ costs the same at any N), and measures with ``dvc repro``:
   checkpoints, samples once);
 - ``dvc status`` and a no-op ``dvc repro``.
 
-Networks are stand-ins where their compute would dominate a CPU: the VAE is an AutoencoderKL with
-8 channels per block (SD-VAE's downsampling: 4 x 32 x 32 latents of 256 px crops), the SiT is
-SiT-Micro/2 (20 training steps, 2 sampling steps), Inception is a fixed random projection of each
-image's 8 x 8 mean colours to the evaluator's feature sizes (2048, 2023, 1008), fed by the same
-DataLoader torch-fidelity uses. Every byte written has the shapes of a paper run: samples are
+Networks are stand-ins where their compute would dominate a CPU, their inputs and outputs shaped
+as the real ones: the VAE's encoder gives each 256 px crop's 8 x 8 mean colours under a fixed grain
+as a 4 x 32 x 32 posterior (mean, std), its decoder paints 8 x 8 pixel blocks under a grain; the SiT is SiT-Micro/2 (20
+training steps, 2 sampling steps); Inception is a fixed random projection of each image's 8 x 8
+mean colours to the evaluator's feature sizes (2048, 2023, 1008), fed by the same DataLoader
+torch-fidelity uses. Every byte written has the shapes of a paper run: samples are
 0.625 N (50,000 at N = 80,000), evaluated against as many real crops (``evaluate.reference``
 null, the presets' default). Each figure's growth exponent is fitted across N, and the figures
 are extrapolated to ImageNet (1,281,167 images; samples stay at 50,000).
@@ -122,9 +123,36 @@ def config(images: Path, n: int, smoke: bool):
                     "evaluate": {"num_real": samples, "batch_size": 250}})
 
 
-def timed(module, name: str, spent: list[float]) -> None:
-    """Add the seconds spent in ``module.name`` to ``spent[0]`` (a network's share of the wall)."""
-    inner = getattr(module, name)
+GRAIN = np.random.default_rng(0).standard_normal((4, 256, 256)).astype(np.float32)
+
+
+def vae_encode(vae, images):
+    """SD-VAE's encoder's stand-in: each crop's 8 x 8 mean colours under a fixed grain, as the
+    posterior's (mean, std) of 4 x 32 x 32 for 256 px crops; the grain gives the values the
+    random mantissas of real latents (what decides how a store compresses)."""
+    import torch
+
+    side = images.shape[-1] // 8
+    grain = torch.from_numpy(GRAIN[:, :side, :side])
+    pooled = torch.nn.functional.avg_pool2d(images, 8)
+    mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1) + grain
+    return mean, torch.exp(-3 + 0.1 * (mean - grain.roll(1, -1)))
+
+
+def vae_decode(vae, latents, scale):
+    """SD-VAE's decoder's stand-in: each latent's first three channels as 8 x 8 pixel blocks
+    under a fixed grain (samples of a barely trained model are noise, and do not compress)."""
+    import torch
+
+    x = torch.nn.functional.interpolate(latents[:, :3] / scale, scale_factor=8)
+    x = x + torch.from_numpy(GRAIN[:3, :x.shape[-2], :x.shape[-1]])
+    return (127.5 * x.tanh() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def timed(module, name: str, spent: list[float], standin=None) -> None:
+    """Add the seconds spent in ``module.name`` (or in ``standin``, put in its place) to
+    ``spent[0]``: a network's share of the wall."""
+    inner = standin or getattr(module, name)
 
     @functools.wraps(inner)
     def wrapper(*args, **kwargs):
@@ -168,7 +196,7 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
     watch = Workers()
     start = time.perf_counter()
     if stage == "encode":
-        timed(vae, "encode", network)
+        timed(vae, "encode", network, vae_encode)
         result = encode.encode_dataset(cfg, "data/latents", per_settings=True)
         store.write_pointer("data/latents.json", result["store"])
     elif stage == "train":
@@ -176,7 +204,7 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
         train.train(cfg, "data/latents.json", "data/train")
     elif stage == "sample":
         timed(generate, "latents", network)
-        timed(vae, "decode", network)
+        timed(vae, "decode", network, vae_decode)
         generate.sample_stage(cfg, "data/train/ema.pt", "data/samples")
     else:
         metrics.feature_function = standin_features
@@ -280,15 +308,31 @@ def disk(work: Path) -> dict[str, dict[str, int]]:
     for name, folder in [("store", work / "data/latents"), ("checkpoints", work / "data/train"),
                          ("samples", work / "data/samples"), ("copy", work / "copy"),
                          ("dvc cache", work / ".dvc/cache")]:
-        nbytes = files = 0
+        nbytes = apparent = files = 0
         for path in folder.rglob("*"):
             st = path.lstat()
             if path.is_file() and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
-                nbytes += st.st_blocks * 512
-                files += 1
-        out[name] = {"bytes": nbytes, "files": files}
+                nbytes, apparent, files = nbytes + st.st_blocks * 512, apparent + st.st_size, files + 1
+        out[name] = {"bytes": nbytes, "apparent": apparent, "files": files}
     return out
+
+
+def planned(cfg, n: int) -> dict[str, int]:
+    """What ``sra2 plan`` foresees for these folders (sra2.space, as the preflights count)."""
+    from sra2 import space
+    from sra2.encode import latent_arrays
+    from sra2.latent_copy import ARRAYS
+    from sra2.train import checkpoint_bytes
+
+    arrays = latent_arrays(cfg, space.latent_shape(cfg))
+    step, ema = checkpoint_bytes(cfg)
+    raw = space.item_bytes(arrays)
+    here = Path("data")
+    return {"store": space.encode_needs(cfg, arrays, here / "latents" / "s", n)[0].end,
+            "checkpoints": space.train_needs(cfg, here, step, ema)[0].end,
+            "samples": sum(x.end for x in space.sample_needs(cfg, here / "s", None, here / "x")),
+            "copy": n * sum(raw[a] for a in ARRAYS)}
 
 
 def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:
@@ -308,6 +352,7 @@ def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:
     row = {"n": n, "samples": config(images, n, args.smoke).sample.num_samples,
            "repro": total, "stages": stages, "disk": used,
            "disk_ratio": sum(v["bytes"] for v in used.values()) / unavoidable,
+           "planned": planned(config(images, n, args.smoke), n),
            "dvc_status": seconds(["dvc", "status"], work),
            "dvc_noop_repro": seconds(["dvc", "repro"], work)}
     if not args.keep:
@@ -370,9 +415,12 @@ def table(rows: list[dict]) -> str:
         f"{s} {1e3 * r['stages'][s]['outside'] / r[scale_of(s)]:.2f} ms" for s in STAGES)
         for r in rows]
     ratios = ", ".join(f"N={r['n']:,}: {r['disk_ratio']:.3f}" for r in rows)
+    plan = "; ".join(f"N={r['n']:,}: " + ", ".join(
+        f"{k} {v / r['disk'][k].get('apparent', r['disk'][k]['bytes']):.3f}"
+        for k, v in r["planned"].items()) for r in rows)
     return "\n".join(lines + ["", "per item, outside the networks: " + "; ".join(per_item),
                               f"disk used / unavoidable (store + copy + checkpoints + samples "
-                              f"once): {ratios}"])
+                              f"once): {ratios}", f"sra2 plan / bytes written: {plan}"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-type", help="DVC cache.type instead of the repository's")
     p.add_argument("--keep", action="store_true", help="keep each N's workspace")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script")
+    p.add_argument("--report", action="store_true", help="print the table of --out's scale.json")
     args = p.parse_args(argv)
+    if args.report:
+        rows = json.loads((args.out / "scale.json").read_text())
+        for r in rows:  # runs saved before the plan's figures were recorded
+            r.setdefault("planned", planned(config(args.out / f"images-{r['n']}", r["n"], False),
+                                            r["n"]))
+        print(table(rows))
+        return 0
     if args.smoke:  # one small N: every stage and measurement once (no growth to fit)
         args.sizes, args.classes = [64], 4
     args.out.mkdir(parents=True, exist_ok=True)
