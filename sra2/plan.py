@@ -4,10 +4,10 @@ memory; per folder the bytes at the end and at the peak, against what is free; w
     sra2 plan -S preset=sit-b2 --gpus 8 --gpu H100
     sra2 plan -S preset=sit-b2 -S +repa.enabled=true -S +encode.pixels=true --images 1281167
 
-Times come from the FLOPs of each stage's networks (:mod:`sra2.flops`, counted on the meta
-device) at an MFU: measured by ``bench/gpu.py`` (``--gpu-table``, its table.json) or assumed
-(``--mfu``, 40% by default), and from the cores' JPEG decoding rate for encode. Bytes come from
-:mod:`sra2.space`, the same figures each stage's preflight checks.
+Times come from the FLOPs of each stage's networks (sra2.flops, counted on the meta device) at
+an MFU, measured by bench/gpu.py (--gpu-table, its table.json) or assumed (--mfu, 0.4 by
+default), and for encode from the cores' JPEG decoding rate. Bytes come from sra2.space: the
+figures each stage's preflight checks before it writes.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, help="GPUs in the run (default: those visible, 1)")
     parser.add_argument("--gpu", help="GPU kind: H100, H200, A100 (default: the visible one)")
     parser.add_argument("--cores", type=int, help="CPU cores for decoding (default: this machine's)")
-    parser.add_argument("--mfu", type=float, help=f"model FLOP utilisation (default: measured by "
-                        f"bench/gpu.py in --gpu-table, else {MFU:.0%})")
+    parser.add_argument("--mfu", type=float, help=f"model FLOP utilisation, 0-1 (default: "
+                        f"measured by bench/gpu.py in --gpu-table, else {MFU})")
     parser.add_argument("--gpu-table", type=Path, default=Path("bench/results/gpu/table.json"),
                         help="bench/gpu.py's table.json (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
