@@ -7,8 +7,9 @@ run the library's own stage functions (``encode_dataset``, ``train``, ``sample_s
 ``metrics.evaluate``) as ``dvc.yaml`` runs the flows (without Prefect, whose temporary server
 costs the same at any N), and measures with ``dvc repro``:
 
-- per stage: wall time, the part of it outside the networks, peak RSS of the stage process and
-  peak private memory (USS) of each of its worker processes;
+- per stage: wall time, the part of it outside the networks, the stage process's peak RSS and
+  anonymous memory (RSS less the page cache it maps), and the peak private (USS: page-cache pages
+  it alone maps included) and anonymous memory of each of its worker processes;
 - per folder: bytes on disk (each inode once: the workspace's outputs, ``.dvc/cache``'s own, the
   node-local copy) and files; the disk used against what cannot be avoided (store, copy,
   checkpoints, samples once);
@@ -212,35 +213,47 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
                                   store.pointed_store("data/latents.json"))
         Path("data/metrics.json").write_text(json.dumps(scores, default=str))
     wall = time.perf_counter() - start
-    watch.stop()
     return {"wall": wall, "outside": wall - network[0],
-            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "worker_uss": watch.peak}
+            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **watch.stop()}
+
+
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's private memory (USS: what no other process maps, page-cache pages it alone
+    maps included) and anonymous memory (its own heap and arrays: what page cache is not), bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":")
+        fields[key] = int(value.split()[0]) * 1024
+    return {"uss": fields["Private_Clean"] + fields["Private_Dirty"], "anon": fields["Anonymous"]}
 
 
 class Workers:
-    """The peak private memory (USS) of this process's children, sampled twice a second."""
+    """Peaks, sampled twice a second, of this process's anonymous memory and of the private and
+    anonymous memory of each of its children (reader and decoding processes)."""
 
     def __init__(self):
         import psutil
 
-        self.peak, self.me, self.done = 0, psutil.Process(), threading.Event()
+        self.peak = {"anon": 0, "worker_uss": 0, "worker_anon": 0}
+        self.me, self.done = psutil.Process(), threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
-        import psutil
-
         while not self.done.wait(0.5):
+            self.peak["anon"] = max(self.peak["anon"], memory()["anon"])
             for child in self.me.children(recursive=True):
                 try:
-                    self.peak = max(self.peak, child.memory_full_info().uss)
-                except psutil.Error:
-                    pass
+                    found = memory(child.pid)
+                except (OSError, ValueError, KeyError):  # gone meanwhile
+                    continue
+                self.peak["worker_uss"] = max(self.peak["worker_uss"], found["uss"])
+                self.peak["worker_anon"] = max(self.peak["worker_anon"], found["anon"])
 
-    def stop(self) -> None:
+    def stop(self) -> dict[str, int]:
         self.done.set()
         self.thread.join()
+        return self.peak
 
 
 # --- one N under DVC
@@ -373,7 +386,9 @@ def figures(row: dict) -> dict[str, float]:
         st = row["stages"][s]
         out[f"{s} outside networks s"] = st["outside"]
         out[f"{s} RSS MB"] = st["rss"] / 1e6
-        out[f"{s} worker USS MB"] = st["worker_uss"] / 1e6
+        for key in ("anon", "worker_uss", "worker_anon"):
+            label = key.replace("worker_", "worker ").replace("anon", "anonymous").replace("uss", "USS")
+            out[f"{s} {label} MB"] = st.get(key, math.nan) / 1e6
     for name, d in row["disk"].items():
         out[f"{name} MB"] = d["bytes"] / 1e6
         out[f"{name} files"] = d["files"]

@@ -31,8 +31,8 @@ def test_the_smoke_run_measures_every_stage_and_folder_under_dvc(tmp_path):
 def synthetic(n: int, grow) -> dict:
     """A measured row whose every figure is ``grow(x)`` of its scale (images or samples)."""
     samples = n // 2
-    stage = {"wall": 2 * grow(n), "outside": grow(n), "rss": 1e6 * grow(n),
-             "worker_uss": 1e6 * grow(n)}
+    stage = {"wall": 2 * grow(n), "outside": grow(n),
+             **{k: 1e6 * grow(n) for k in ("rss", "anon", "worker_uss", "worker_anon")}}
     return {"n": n, "samples": samples, "stages": {s: dict(stage) for s in scale.STAGES},
             "disk": {k: {"bytes": 1e6 * grow(n), "files": grow(n)} for k in
                      ("store", "checkpoints", "samples", "copy", "dvc cache")},
