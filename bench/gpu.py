@@ -1,14 +1,15 @@
 """One command for a lent GPU: every speed figure the README promises, in one table, in minutes.
 
     python bench/gpu.py results/gpu            # one H100/H200: about 6-8 minutes
-    python bench/gpu.py results/cpu --smoke    # the same code on a tiny model, on the CPU, in seconds
+    python bench/gpu.py results/cpu --smoke    # the same code on a tiny model, on the CPU: minutes
 
 Sections, each a few rows of (section, case, figure, value):
 
 - train: SiT-B/2 and SiT-XL/2 in bf16, without and with ``train.compile``: images/s of the bare
   step (vanilla and SRA 2) and of the whole training loop reading a synthetic ImageNet-shaped store
   through the node-local copy (``bench/train.py``'s measurements), MFU, SRA 2 / vanilla step time,
-  loop / bare, peak GPU memory;
+  loop / bare, peak GPU memory; and one short row of SiT-B/2 + SRA 2 + REPA, eager, reading the
+  images from the store (REPA's DINOv2 encoder, projector and loss under autocast);
 - sample: the SDE sampler (250 steps) of SiT-XL/2 with and without CFG, the whole sample stage
   against the bare forwards it cannot avoid;
 - encode: the SD-VAE architecture's encoder, images/s; inception: the evaluator's Inception
@@ -18,9 +19,14 @@ Sections, each a few rows of (section, case, figure, value):
 - determinism: two identical short runs, and one resumed from its checkpoint, compared byte for
   byte, with and without ``train.deterministic``, and the step rate each way.
 
-Weights are seeded random ones (speed does not depend on them). Each section is saved as soon as
-it is measured, as ``table.json`` and ``table.md`` in the folder given; a section that fails
-records its error and the others still run.
+Weights are seeded random ones (speed does not depend on them), DINOv2's too. Each section is
+saved as soon as it is measured, as ``table.json`` and ``table.md`` in the folder given; a section
+that fails records its error and the others still run.
+
+``--smoke`` takes every path of the full run that a CPU can take, so that the GPU's minutes are not
+spent on bugs a CPU shows: bf16 autocast (on the CPU too, here only), ``torch.compile`` (the CPU's
+inductor), REPA, ``train.deterministic``. Not the CPU's: Triton kernels, DINOv2 under autocast
+(``sra2.dinov2.features`` autocasts on CUDA only), cuBLAS's workspace.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,18 +56,24 @@ from sra2 import atomic, dist, flops, latent_copy, vae as vae_lib
 from sra2.config import VAE, Config
 from sra2.encode import measure_encoder
 from sra2.generate import sample_stage
+from sra2.latents import write_synthetic_store
 from sra2.metrics import ArrayImages, inception_features, write_random_inception
 from sra2.train import build_model, train
 
-# what each run measures: the GPU's, and the smoke test's (the same code, tiny sizes)
+# what each run measures: the GPU's, and the smoke test's (the same code, tiny sizes); models:
+# their micro-batch (SiT-XL/2's accumulates gradients); repa: the model, batch, store size (latents
+# with their images), projector width and block of the SRA 2 + REPA row
 FULL = {"preset": "sit-b2", "models": {"SiT-B/2": 256, "SiT-XL/2": 64}, "compile": [False, True],
         "precision": "bf16", "batch": 256, "steps": 20, "warmup": 5, "items": 20000, "workers": 2,
+        "repa": {"model": "SiT-B/2", "batch": 256, "items": 2048, "width": 2048, "layer": 4},
         "sample": {"model": "SiT-XL/2", "num": 64, "steps": 250}, "vae": SD_VAE_SHAPE,
         "image": 256, "encode_batch": 64, "inception": 500, "determinism": ("SiT-B/2", 32, 10)}
-SMOKE = {"preset": "demo", "models": {"SiT-Demo/2": 16}, "compile": [False], "precision": "fp32",
-         "batch": 16, "steps": 4, "warmup": 2, "items": 512, "workers": 0,
+SMOKE = {"preset": "demo", "models": {"SiT-Demo/2": 8}, "compile": [False, True],
+         "precision": "bf16", "batch": 16, "steps": 4, "warmup": 2, "items": 512, "workers": 0,
+         "repa": {"model": "SiT-Demo/2", "batch": 4, "items": 64, "width": 64, "layer": 3},
          "sample": {"model": "SiT-Demo/2", "num": 4, "steps": 4}, "vae": None,
          "image": 64, "encode_batch": 4, "inception": 8, "determinism": ("SiT-Demo/2", 8, 4)}
+METHODS = {"vanilla": "vanilla", "sra2": "SRA 2", "sra2+repa": "SRA 2 + REPA"}  # in the table
 
 
 class Table:
@@ -99,37 +113,77 @@ def peak_memory(device: torch.device) -> float:
     return peak
 
 
-def train_configs(size: dict, model: str, micro: int, compiled: bool, device: str) -> tuple[Config, Config]:
+def autocast(device: torch.device, precision: str):
+    """``sra2.dist.autocast`` on any device: the pipeline's CPU runs stay fp32, the smoke's run
+    the GPU's bf16 paths."""
+    if precision in dist.AUTOCAST:
+        return torch.autocast(device.type, dist.AUTOCAST[precision])
+    return nullcontext()
+
+
+def train_configs(size: dict, model: str, micro: int, compiled: bool, device: str,
+                  methods: tuple[str, ...] = ("vanilla", "sra2")) -> dict[str, Config]:
+    """The configuration of each method (``bench/train.py``'s) at these sizes."""
     args = train_bench.parse_args(
         ["--preset", size["preset"], "--model", model, "--batch", str(size["batch"]),
          "--batch-per-gpu", str(micro), "--precision", size["precision"],
          "--steps", str(size["steps"]), "--warmup", str(size["warmup"]), "--device", device,
          "--workers", str(size["workers"])]
         + (["--compile"] if compiled else []))
-    return train_bench.build_config(args, "vanilla"), train_bench.build_config(args, "sra2")
+    configs = {}
+    for method in methods:
+        data = train_bench.build_config(args, method).model_dump()
+        # seeded DINOv2 weights (a lent GPU cannot download them), the REPA row's width and block
+        data["repa"].update(encoder="random", width=size["repa"]["width"],
+                            layer=size["repa"]["layer"])
+        configs[method] = Config.model_validate(data)
+    return configs
 
 
-def section_train(t: Table, size: dict, device: torch.device, store: Path, peak: float | None) -> None:
+def measure_train(t: Table, size: dict, device: torch.device, case: str, configs: dict[str, Config],
+                  store: Path, peak: float | None) -> None:
+    """The bare step of each method (vanilla first), the training loop of the last one."""
+    # every case compiles as a run does, in a fresh process: the last case's graphs would make
+    # this one's batch size dynamic (dynamo's automatic dynamic shapes) and count to its limit
+    torch._dynamo.reset()
     shape = (4, size["image"] // 8, size["image"] // 8)
+    peak_memory(device)
+    rates = {method: train_bench.bare_step_rate(cfg, shape, device, size["steps"], size["warmup"])
+             for method, cfg in configs.items()}
+    bare_memory = peak_memory(device)
+    method, cfg = list(configs.items())[-1]
+    with tempfile.TemporaryDirectory() as out:
+        loop = train_bench.loop_rate(cfg, store, Path(out))
+    loop_memory = peak_memory(device)
+    name = METHODS[method]
+    for each, rate in rates.items():
+        t.add("train", case, f"bare step, {METHODS[each]} (images/s)", rate)
+    t.add("train", case, f"training loop, {name} (images/s)", loop)
+    t.add("train", case, f"{name} / vanilla step time", rates["vanilla"] / rates[method])
+    t.add("train", case, "loop / bare step", loop / rates[method])
+    if peak and method == "sra2":  # sra2/plan.py takes the mean of these for SRA 2 runs
+        t.add("train", case, "MFU of the loop (%)",
+              100 * loop * flops.train_flops(cfg) / peak / 1e12)
+    t.add("train", case, "peak GPU memory, bare / loop (GiB)",
+          f"{bare_memory:.1f} / {loop_memory:.1f}")
+
+
+def section_train(t: Table, size: dict, device: torch.device, store: Path, scratch: Path,
+                  peak: float | None) -> None:
     for model, micro in size["models"].items():
         for compiled in size["compile"]:
             case = f"{model} {size['precision']}{' compiled' if compiled else ''}"
-            vanilla, sra2 = train_configs(size, model, micro, compiled, device.type)
-            peak_memory(device)
-            rates = {name: train_bench.bare_step_rate(cfg, shape, device, size["steps"], size["warmup"])
-                     for name, cfg in (("vanilla", vanilla), ("sra2", sra2))}
-            bare_memory = peak_memory(device)
-            with tempfile.TemporaryDirectory() as out:
-                loop = train_bench.loop_rate(sra2, store, Path(out))
-            loop_memory = peak_memory(device)
-            t.add("train", case, "bare step, vanilla (images/s)", rates["vanilla"])
-            t.add("train", case, "bare step, SRA 2 (images/s)", rates["sra2"])
-            t.add("train", case, "training loop, SRA 2 (images/s)", loop)
-            t.add("train", case, "SRA 2 / vanilla step time", rates["vanilla"] / rates["sra2"])
-            t.add("train", case, "loop / bare step", loop / rates["sra2"])
-            if peak:
-                t.add("train", case, "MFU of the loop (%)", 100 * loop * flops.train_flops(sra2) / peak / 1e12)
-            t.add("train", case, "peak GPU memory, bare / loop (GiB)", f"{bare_memory:.1f} / {loop_memory:.1f}")
+            configs = train_configs(size, model, micro, compiled, device.type)
+            measure_train(t, size, device, case, configs, store, peak)
+    repa = size["repa"]
+    configs = train_configs({**size, "batch": repa["batch"]}, repa["model"], repa["batch"], False,
+                            device.type, ("vanilla", "sra2+repa"))
+    cfg = configs["sra2+repa"]
+    side = cfg.data.image_size // 8
+    images = write_synthetic_store(scratch / "repa", repa["items"], (4, side, side),
+                                   cfg.model.num_classes, 1, 1024, image_size=cfg.data.image_size)
+    measure_train(t, size, device, f"{repa['model']} {size['precision']}, SRA 2 + REPA", configs,
+                  images.path, peak)
 
 
 def section_sample(t: Table, size: dict, device: torch.device) -> None:
@@ -191,7 +245,7 @@ def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy
     t.add("read", "copy", "build / verify (GB/s)", f"{cost['build GB/s']:.2f} / {cost['verify GB/s']:.2f}")
     t.add("read", "this process", "anonymous memory (MB)", after["anonymous"])
     for model in size["models"]:
-        _, sra2 = train_configs(size, model, size["batch"], False, "cpu")
+        sra2 = train_configs(size, model, size["batch"], False, "cpu")["sra2"]
         t.add("read", f"one GPU, {model} + SRA 2", "need at 50% MFU of 989 TFLOP/s (latents/s)",
               flops.gpu_need(sra2))
 
@@ -199,7 +253,7 @@ def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy
 def section_determinism(t: Table, size: dict, device: torch.device, store: Path) -> None:
     model, batch, steps = size["determinism"]
     for deterministic in (False, True):
-        _, cfg = train_configs(size, model, batch, False, device.type)
+        cfg = train_configs(size, model, batch, False, device.type)["sra2"]
         data = cfg.model_dump()
         data["train"].update(global_batch=batch, steps=steps, ckpt_every=steps // 2,
                              log_every=steps // 2, deterministic=deterministic)
@@ -237,14 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(args.out, {"device": name, "torch": torch.__version__, "smoke": args.smoke,
                          "when": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak})
     wanted = set(args.only or ["train", "sample", "encode", "read", "determinism"])
+    # sra2.dist.autocast is a no-op on the CPU: here it autocasts there too, as on a GPU
+    cpu_autocast = (mock.patch.object(dist, "autocast", autocast) if device.type == "cpu"
+                    else nullcontext())
     failed = 0
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, cpu_autocast:
         scratch = Path(tmp)
         os.environ["SRA2_COPY_DIR"] = str(scratch / "copies")
         side = size["image"] // 8
-        classes = train_configs(size, next(iter(size["models"])), size["batch"], False, "cpu")[1].model.num_classes
+        first = train_configs(size, next(iter(size["models"])), size["batch"], False, "cpu")
+        classes = first["sra2"].model.num_classes
         store, copy, cost = read_bench.build_copy(scratch, size["items"], (4, side, side), 1, classes)
-        sections = {"train": lambda: section_train(t, size, device, store, peak),
+        sections = {"train": lambda: section_train(t, size, device, store, scratch, peak),
                     "sample": lambda: section_sample(t, size, device),
                     "encode": lambda: section_encode_inception(t, size, device, scratch),
                     "read": lambda: section_read(t, size, store, copy, cost),
