@@ -166,14 +166,17 @@ def timed(module, name: str, spent: list[float], standin=None) -> None:
     setattr(module, name, wrapper)
 
 
-def standin_features(cfg, device, scratch, seen=None):
+FEATURES = {"pool": 2048, "spatial": 2023, "logits": 1008}  # the evaluator's
+SMOKE_FEATURES = {"pool": 64, "spatial": 64, "logits": 32}  # the smoke's: its matrix roots are cheap
+
+
+def standin_features(cfg, device, scratch, seen=None, heads=FEATURES):
     """Inception's stand-in: each image's 8 x 8 mean colours through fixed random projections to
     the evaluator's feature sizes, read by the DataLoader torch-fidelity uses (batches, workers)."""
     import torch
     from torch.utils.data import DataLoader
 
     g = torch.Generator().manual_seed(0)
-    heads = {"pool": 2048, "spatial": 2023, "logits": 1008}
     weights = {k: torch.randn(192, d, generator=g) / 14 for k, d in heads.items()}
 
     def features(images):
@@ -208,7 +211,8 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
         timed(vae, "decode", network, vae_decode)
         generate.sample_stage(cfg, "data/train/ema.pt", "data/samples")
     else:
-        metrics.feature_function = standin_features
+        metrics.feature_function = functools.partial(
+            standin_features, heads=SMOKE_FEATURES if smoke else FEATURES)
         scores = metrics.evaluate(cfg, "data/samples/samples.npz",
                                   store.pointed_store("data/latents.json"))
         Path("data/metrics.json").write_text(json.dumps(scores, default=str))
