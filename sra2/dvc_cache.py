@@ -5,7 +5,9 @@ its cache entry share their blocks (reflink, copy on write) or are one file (har
 big is stored twice. With hardlinks, bytes damaged in the workspace are damaged in the cache too,
 and DVC trusts its read-only entries without hashing them again: a rerun that computes a damaged
 file anew would be linked back to the damaged entry. A repair therefore moves such an entry out of
-the cache with the damaged file (:func:`evict_damaged`); DVC then caches the new file.
+the cache with the damaged file (:func:`evict_damaged`); DVC then caches the new file. And DVC
+leaves a persistent output's files copied out of the cache after its stage reruns: the stage
+links them back first (:func:`relink`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from sra2.space import size
 
 
 def entries(files: list[Path]) -> dict[Path, Path]:
@@ -92,3 +96,23 @@ def copies_into(folder: Path) -> Path | None:
     if "symlink" in types or ("hardlink" in types and same_disk):
         return None
     return cache
+
+
+def relink(folder: Path, log: Callable[[str], None] = print) -> int:
+    """Make the files under ``folder`` that are copies of their cache entries the cache's files
+    again; returns the bytes this frees. Before a stage with a persistent output runs, DVC copies
+    every linked file of that output (its "unprotect"), and they stay copies after the stage: each
+    rerun of encode would leave a second copy of every store. A copy is known by its single link
+    and its entry's size (DVC made it from that entry moments before)."""
+    copies = [p for p in Path(folder).rglob("*") if p.is_file() and p.stat().st_nlink == 1]
+    freed = 0
+    for file, entry in entries(copies).items():
+        if entry.is_file() and entry.stat().st_size == file.stat().st_size:
+            tmp = file.with_name(f".{file.name}.relink.tmp")
+            os.link(entry, tmp)
+            os.replace(tmp, file)
+            freed += entry.stat().st_size
+    if freed:
+        log(f"{folder}: {size(freed)} that DVC had copied out of its cache are its files again "
+            f"(hard links)")
+    return freed

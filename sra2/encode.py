@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sra2 import dist, space, vae as vae_lib
+from sra2 import dist, dvc_cache, space, vae as vae_lib
 from sra2.config import Config, result_settings
 from sra2.data import BadImage, ImageList, center_crop_arr, list_images, load_rgb, oddity
 from sra2.store import ShardedStore, attributes, digest
@@ -195,6 +195,7 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     store, with its path (``store``) and the images this call encoded (``encoded_now``)."""
     rank, world = dist.init()
     images = list_images(cfg.data.root)
+    written = Path(out)  # the folder of stores, or the one store: what DVC records
     if per_settings:
         out = settings_store(cfg, out, images)
     device = dist.device(cfg.encode.device, rank)
@@ -202,6 +203,8 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     side = cfg.data.image_size // vae_lib.downsampling(vae)
     latent_shape = (vae.config.latent_channels, side, side)
     if rank == 0:
+        # DVC copied the stores it caches out of its cache before this stage: links, not copies
+        dvc_cache.relink(written)
         store = open_store(cfg, out, images, latent_shape)
         # every rank's share, counted before any rank starts writing
         pending = sum(stop - start for start, stop in map(store.shard_range, store.pending_shards()))

@@ -408,10 +408,12 @@ def test_encode_settings_get_their_own_store_and_going_back_reuses_it(pipeline):
     assert ran_stages(log) == ["encode"]
     assert json.loads((work / "data/latents.json").read_text()) == first
     assert json.loads((work / "data/encode.json").read_text())["encoded_now"] == 0
-    # the same bytes, hard-linked to DVC's cache again (DVC copies a persistent output's linked
-    # files before the stage runs and links them back after it: README, "Disk")
+    # the same bytes, and no second copy of them: DVC copies a persistent output's linked files
+    # out of its cache before the stage runs, and the stage links them back (README, "Disk"); a
+    # file both stores hold alike (their labels) is one cache entry for both
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == files
-    assert {p.stat().st_nlink for p in files} == {2}
+    assert min(p.stat().st_nlink for p in files) >= 2
+    assert "that DVC had copied out of its cache are its files again" in log
     stores = [p.name for p in (work / "data/latents").iterdir() if not p.name.startswith(".")]
     assert sorted(stores) == sorted([first["digest"], half["digest"]])  # .quarantine aside
 
