@@ -409,8 +409,10 @@ def fit(rows: list[dict]) -> dict[str, tuple[float, float]]:
     """Per figure: (growth exponent over N, extrapolation to ImageNet or to 50,000 samples)."""
     out = {}
     for name in figures(rows[0]):
-        xs = [r[scale_of(name)] for r in rows]
-        ys = [max(figures(r)[name], 1e-9) for r in rows]
+        # runs that did not record a figure (older ones) leave it out
+        pairs = [(r[scale_of(name)], max(figures(r)[name], 1e-9)) for r in rows
+                 if math.isfinite(figures(r)[name])]
+        xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
         if len(set(xs)) < 2:
             out[name] = (math.nan, math.nan)  # one N: nothing to fit
             continue
