@@ -1,13 +1,13 @@
 """The DVC cache entries behind a store's files.
 
-This repository's ``.dvc/config`` sets ``cache.type: reflink,hardlink``: a cached output's file and
-its cache entry share their blocks (reflink, copy on write) or are one file (hardlink), so nothing
-big is stored twice. With hardlinks, bytes damaged in the workspace are damaged in the cache too,
-and DVC trusts its read-only entries without hashing them again: a rerun that computes a damaged
-file anew would be linked back to the damaged entry. A repair therefore moves such an entry out of
-the cache with the damaged file (:func:`evict_damaged`); DVC then caches the new file. And DVC
-leaves a persistent output's files copied out of the cache after its stage reruns: the stage
-links them back first (:func:`relink`).
+This repository's ``.dvc/config`` sets ``cache.type: hardlink,copy``: a cached output's file and
+its cache entry are one file (a copy only where the cache is on another file system), so nothing
+big is stored twice. Bytes damaged in the workspace are then damaged in the cache too, and DVC
+trusts its read-only entries without hashing them again: a rerun that computes a damaged file anew
+would be linked back to the damaged entry. A repair therefore moves such an entry out of the
+cache with the damaged file (:func:`evict_damaged`); DVC then caches the new file. And DVC leaves
+a persistent output's files copied out of the cache after its stage reruns: the stage links them
+back first (:func:`relink`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
-
-from sra2.space import size
 
 
 def entries(files: list[Path]) -> dict[Path, Path]:
@@ -113,6 +111,6 @@ def relink(folder: Path, log: Callable[[str], None] = print) -> int:
             os.replace(tmp, file)
             freed += entry.stat().st_size
     if freed:
-        log(f"{folder}: {size(freed)} that DVC had copied out of its cache are its files again "
-            f"(hard links)")
+        log(f"{folder}: {freed / 2**20:,.1f} MiB that DVC had copied out of its cache are its "
+            f"files again (hard links)")
     return freed
