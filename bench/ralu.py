@@ -2,7 +2,7 @@
 
 Samplers (all deterministic, so each sample's error is measured from the same starting noise):
 - reference: Euler, ``--reference-steps`` steps at full size (the best this ODE can do);
-- RALU, with the token positions ``centres`` and ``half`` (sample.ralu, SPEC section 10);
+- RALU, with the token positions ``centres`` and ``half`` (sample.ralu, arXiv 2507.08422);
 - Euler with as many network evaluations as RALU, and with as many FLOPs;
 - the preset's own sampler (the pipeline's SDE), for its FID only (other noise path).
 For each: wall time of sampling (RALU's edge decode included), FLOPs per sample (network: tokens

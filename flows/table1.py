@@ -140,8 +140,8 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
     """The table in Markdown: each row's change, the published FID, ours, and the cost of its
     settings: training FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder:
     sra2.flops) and their ratio to the vanilla row's."""
-    lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (sra2/paper.py; published numbers "
-             "in SPEC.md).", "",
+    lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (published numbers: "
+             "sra2/paper.py).", "",
              "| row | change | paper FID | our FID | our IS | train GFLOPs/image | x vanilla | "
              "our run | experiment |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]

@@ -218,10 +218,10 @@ class Align(Section):
 
 
 class Repa(Section):
-    """REPA (SPEC section 11): the hidden state after block ``layer`` (REPA's encoder_depth)
-    through Linear(D, width), SiLU, Linear(width, width), SiLU, Linear(width, 768) must match the
-    DINOv2 ViT-B/14 patch tokens of the training image (minus the cosine per token). It needs the
-    images: the store must be encoded with encode.pixels."""
+    """REPA (README, "The methods the paper compares with"): the hidden state after block
+    ``layer`` (REPA's encoder_depth) through Linear(D, width), SiLU, Linear(width, width), SiLU,
+    Linear(width, 768) must match the DINOv2 ViT-B/14 patch tokens of the training image (minus
+    the cosine per token). It needs the images: the store must be encoded with encode.pixels."""
 
     enabled: bool = False
     layer: PositiveInt = 8  # 1-based block; REPA's maintainer used 4 for SiT-B/2
@@ -234,10 +234,10 @@ class Repa(Section):
 
 
 class Sra(Section):
-    """SRA v1 (SPEC section 11): the EMA model, without gradients, sees the same noise and labels
-    at a time moved toward the data by up to t_max x U(0, 1); its hidden state after block
-    ``teacher_block`` is the target of the student's after ``student_block`` through a head
-    Linear(D, 2D), SiLU, Linear(2D, D)."""
+    """SRA v1 (README, "The methods the paper compares with"): the EMA model, without gradients,
+    sees the same noise and labels at a time moved toward the data by up to t_max x U(0, 1); its
+    hidden state after block ``teacher_block`` is the target of the student's after
+    ``student_block`` through a head Linear(D, 2D), SiLU, Linear(2D, D)."""
 
     enabled: bool = False
     student_block: PositiveInt = 3  # SiT-B/2: 3 -> 8; SiT-XL/2: 8 -> 20 (the SRA paper's pairs)
@@ -294,7 +294,7 @@ class Train(Section):
 
 
 class Ralu(Section):
-    """RALU (sample.sampler: ralu; sra2.ralu, SPEC section 10): Euler ODE steps in three stages,
+    """RALU (sample.sampler: ralu; sra2.ralu, arXiv 2507.08422): Euler ODE steps in three stages,
     half-size latent, then its most edged tokens at full size, then all of it; at each stage's
     end the upsampled tokens are re-noised to match their noise level ("noise-timestep
     matching"). The defaults are the published FLUX-5x ends and top_k on SiT's uniform step grid
@@ -306,7 +306,7 @@ class Ralu(Section):
     # SiT times where stages 1 and 2 end (stage 3 ends at 1)
     ends: Annotated[list[Annotated[float, Field(gt=0, lt=1)]],
                     Field(min_length=2, max_length=2)] = [0.3, 0.45]
-    # per stage, the step grid's time shift h (1: uniform, SiT's; SPEC's g(sigma))
+    # per stage, the step grid's time shift h (1: uniform, SiT's; the RALU paper's g(sigma))
     shifts: Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)] = [1.0, 1.0, 1.0]
     # noise-timestep matching: the correlation left in the noise of 4 copied children,
     # 0 < c <= 1/4; the sampler restarts at t = e / ((1 - e) / sqrt(c) + e) (e 0.3: 0.18 with

@@ -8,7 +8,7 @@ always come in the original checkpoint's format (the file ``torch.hub.load('face
 dinov2', 'dinov2_vitb14')`` loads, position embedding for 518 px, a 37 x 37 grid) and go through
 timm's conversion, which resamples the position embedding to the grid with
 ``resample_abs_pos_embed`` (bicubic, antialiased): what REPA does to the hub model after loading
-it (SPEC section 11).
+it (REPA's code).
 
 ``repa.encoder`` names the weights: ``dinov2_vitb14`` (downloaded once into torch.hub's cache,
 ``$TORCH_HOME/hub/checkpoints``, the file the hub model loads), a local ``.pth`` (or

@@ -24,7 +24,7 @@ from sra2.align import build_projector
 from sra2.config import Config
 from sra2.models import SiT, SiT_models, build
 
-# SPEC section 1: the alignment layer (1-based block) of the paper for each model
+# the SRA 2 paper: the alignment layer (1-based block) of the paper for each model
 PAPER_LAYERS = {"SiT-B/2": 2, "SiT-L/2": 8, "SiT-XL/2": 8}
 # dense bf16 tensor-core peak per GPU, TFLOP/s (the vendors' figures without sparsity)
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}

@@ -1,5 +1,5 @@
-"""The paper's published numbers, in one place: SRA 2 (arXiv 2601.17830, CVPR 2026), as gathered in
-SPEC.md section 1 ("Paper results to reproduce" and the ablations below it).
+"""The paper's published numbers, in one place: SRA 2 (arXiv 2601.17830, CVPR 2026), its Table 1
+(the ablations), Table 3 (the methods compared) and the final FIDs.
 
 Every FID here is FID-50K on ImageNet 256x256 against ADM's reference batch, with the SDE
 Euler-Maruyama sampler (250 steps) and no classifier-free guidance.
@@ -54,8 +54,8 @@ TABLE1 = (
 )
 
 # Table 3, the methods compared at one training length: SiT-B/2 at 400K steps, each method's own
-# loss on the same latents, sampler and evaluator. Published numbers at that setting (SPEC.md
-# sections 1 and 11): vanilla and SRA 2 from this paper, REPA from its own paper (reproductions
+# loss on the same latents, sampler and evaluator. Published numbers at that setting (the SRA 2
+# and REPA papers): vanilla and SRA 2 from this paper, REPA from its own paper (reproductions
 # found 27.3 and 22.75); SRA and SRA 2 + REPA have none at B/2 400K (SRA 2 + REPA is reported
 # 3.1 / 1.9 / 1.1 below REPA at 100K / 200K / 400K on another setting).
 # Every row reads one store, encoded with the images REPA needs: the same latents for all.

@@ -1,4 +1,4 @@
-"""RALU, region-adaptive latent upsampling (arXiv 2507.08422; SPEC section 10), as a SiT sampler.
+"""RALU, region-adaptive latent upsampling (arXiv 2507.08422), as a SiT sampler.
 
 Euler ODE steps in SiT time (0 = noise, 1 = data), in three stages:
 1. the half-size latent (full-size noise subsampled, so still i.i.d.): a quarter of the tokens;

@@ -1,4 +1,4 @@
-"""Checkpoint time conventions (SPEC sections 3-5) and safe checkpoint reading.
+"""Checkpoint time conventions (SiT's and REPA's, README) and safe checkpoint reading.
 
 SiT time: t = 0 noise, t = 1 data, the network predicts x1 - x0. REPA time (REPA and the SRA code
 built on it): s = 1 - t, s = 1 noise, the network predicts eps - x. The layouts below copy what the
@@ -69,7 +69,7 @@ def save(obj, path, **kwargs):
 # ------------------------------------------------------------------- the REPA-time SDE reference
 
 def repa_time_euler_maruyama(net, x, y, gens, steps, last_step, scale, guidance_high):
-    """SPEC section 4 rewritten in REPA time s = 1 - t (noise at s = 1), the way REPA integrates:
+    """The SDE sampler rewritten in REPA time s = 1 - t (noise at s = 1), the way REPA integrates:
     s = linspace(1, last_step, steps). With v_r = net(x, s) = -v and ds = -dt < 0, the SiT step
     ((1 + t) v - x) dt becomes ((2 - s) v_r + x) ds, and the noise sqrt(2 w(t) dt) eps with
     w = 1 - t becomes sqrt(2 s |ds|) eps; the last step, from last_step to 0, has no noise.

@@ -1,4 +1,4 @@
-"""Forward FLOPs of SiT and of the SRA 2 projector, against the figures in SPEC sections 1-2."""
+"""Forward FLOPs of SiT and of the SRA 2 projector, against the DiT, SiT and SRA 2 papers' figures."""
 
 from __future__ import annotations
 

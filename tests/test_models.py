@@ -1,6 +1,6 @@
 """SiT architecture: sizes, initialisation, the alignment hook, embeddings and checkpoint loading.
 
-The reference numbers come from SPEC.md sections 1-2 (DiT/SiT papers and the official code)."""
+The reference numbers come from the DiT and SiT papers and the official code."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_parameter_counts_match_the_papers(name, millions):
 @pytest.mark.parametrize("name, depth, width, millions, tol", [
     ("SiT-B/2", 5, None, 8.29, 0.01),   # the paper's "5-layer MLP, 8M"
     ("SiT-B/2", 2, None, 1.21, 0.01),   # the paper's "2-layer MLP, 1M"
-    ("SiT-XL/2", 5, None, 18.6, 0.05),  # SPEC: 18.6M, ~4% of XL/2 forward FLOPs
+    ("SiT-XL/2", 5, None, 18.6, 0.05),  # the SRA 2 paper: 18.6M, ~4% of XL/2 forward FLOPs
 ])
 def test_projector_parameter_counts(name, depth, width, millions, tol):
     model = meta_model(name, learn_sigma=False)

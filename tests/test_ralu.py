@@ -1,4 +1,4 @@
-"""RALU (sra2.ralu, SPEC section 10): the noise-timestep matching keeps x_t on its path, the
+"""RALU (sra2.ralu, arXiv 2507.08422): the noise-timestep matching keeps x_t on its path, the
 sampler without its tricks is the plain Euler sampler, every token gets the sin-cos embedding of
 where it sits, and the edge mask picks the edged tokens."""
 
@@ -80,7 +80,7 @@ def test_copied_children_without_correlated_noise_would_fail_the_marginal_check(
 
 
 def test_matching_is_the_published_restart_time():
-    # SPEC 10: FLUX-5x (c = 0.0177) restarts stage 2 near 0.054 and stage 3 near 0.098
+    # the RALU paper: FLUX-5x (c = 0.0177) restarts stage 2 near 0.054 and stage 3 near 0.098
     assert ralu.matching(0.3, 0.0177).restart == pytest.approx(0.054, abs=5e-4)
     assert ralu.matching(0.45, 0.0177).restart == pytest.approx(0.098, abs=5e-4)
 

@@ -1,4 +1,4 @@
-"""Samplers (SPEC section 4) and classifier-free guidance (section 5)."""
+"""Samplers (SiT's SDE and ODE) and classifier-free guidance."""
 
 from __future__ import annotations
 
