@@ -29,9 +29,7 @@ from sra2.config import Config, resolve
 from sra2.data import list_images, write_demo_dataset
 from sra2.encode import encode_dataset, measure_encoder
 
-# stabilityai/sd-vae-ft-ema's architecture; its weights cannot be downloaded here, so seeded ones
-SD_VAE_SHAPE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                "norm_num_groups": 32, "seed": 0}
+SD_VAE_SHAPE = vae_lib.SD_VAE_SHAPE  # its weights cannot be downloaded here: seeded ones
 CLASSES = 10
 
 

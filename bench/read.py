@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import torch
 
-from sra2 import flops, latent_copy
+from sra2 import flops, latent_copy, procs
 from sra2.config import resolve
 from sra2.latents import StepBatches, batch_indices, stream, write_synthetic_store
 
@@ -67,15 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def memory() -> dict[str, float]:
-    """This process's memory in MB: RSS, PSS (shared pages divided among their users), private
-    (pages no other process maps) and anonymous (not file-backed: what no page cache can hold)."""
-    fields = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":")
-        fields[key] = int(value.split()[0]) / 1024
-    return {"RSS": fields["Rss"], "PSS": fields["Pss"],
-            "private": fields["Private_Clean"] + fields["Private_Dirty"],
-            "anonymous": fields["Anonymous"]}
+    """This process's memory in MB: RSS, PSS, private and anonymous (sra2.procs.memory)."""
+    found = procs.memory()
+    return {"RSS": found["rss"] / 2**20, "PSS": found["pss"] / 2**20,
+            "private": found["private"] / 2**20, "anonymous": found["anonymous"] / 2**20}
 
 
 def timed(read, steps: range, batch: int) -> float:

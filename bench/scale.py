@@ -51,6 +51,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 
+from sra2 import procs
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET, PAPER_SAMPLES = 1_281_167, 50_000
 SAMPLES_PER_IMAGE = PAPER_SAMPLES / 80_000
@@ -221,16 +223,6 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **watch.stop()}
 
 
-def memory(pid: int | str = "self") -> dict[str, int]:
-    """A process's private memory (USS: what no other process maps, page-cache pages it alone
-    maps included) and anonymous memory (its own heap and arrays: what page cache is not), bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":")
-        fields[key] = int(value.split()[0]) * 1024
-    return {"uss": fields["Private_Clean"] + fields["Private_Dirty"], "anon": fields["Anonymous"]}
-
-
 class Workers:
     """Peaks, sampled twice a second, of this process's anonymous memory and of the private and
     anonymous memory of each of its children (reader and decoding processes)."""
@@ -245,14 +237,14 @@ class Workers:
 
     def _watch(self) -> None:
         while not self.done.wait(0.5):
-            self.peak["anon"] = max(self.peak["anon"], memory()["anon"])
+            self.peak["anon"] = max(self.peak["anon"], procs.memory()["anonymous"])
             for child in self.me.children(recursive=True):
                 try:
-                    found = memory(child.pid)
+                    found = procs.memory(child.pid)
                 except (OSError, ValueError, KeyError):  # gone meanwhile
                     continue
-                self.peak["worker_uss"] = max(self.peak["worker_uss"], found["uss"])
-                self.peak["worker_anon"] = max(self.peak["worker_anon"], found["anon"])
+                self.peak["worker_uss"] = max(self.peak["worker_uss"], found["private"])
+                self.peak["worker_anon"] = max(self.peak["worker_anon"], found["anonymous"])
 
     def stop(self) -> dict[str, int]:
         self.done.set()

@@ -164,10 +164,9 @@ def vae_flops(cfg: Config) -> tuple[int, int]:
     """FLOPs of the VAE's encoder on one image of ``data.image_size`` and of its decoder on one
     latent: the shape of ``vae.random`` where set, else SD-VAE's (which no config spells out)."""
     from sra2.config import VAE
-    from sra2.vae import build_random_vae
+    from sra2.vae import SD_VAE_SHAPE, build_random_vae
 
-    shape = cfg.vae.random or {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                               "norm_num_groups": 32, "seed": 0}
+    shape = cfg.vae.random or SD_VAE_SHAPE
     vae_cfg = VAE(source="random", random=shape, scale=cfg.vae.scale)
     side = cfg.data.image_size
     with torch.device("meta"):

@@ -1,4 +1,5 @@
-"""What Linux's /proc says about a process: its parent, session, command line and start time.
+"""What Linux's /proc says about a process: its parent, session, command line, start time and
+memory.
 
 Used to tell a live process from a later one that reuses its pid (workers watching their
 launchers, records of running stages) and to find the dvc process above a stage. Where /proc
@@ -84,3 +85,16 @@ def start_time(pid: int) -> datetime:
         return datetime.fromtimestamp(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, StopIteration, TypeError, IndexError, ValueError):
         return datetime.now()
+
+
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory in bytes (smaps_rollup): rss, pss (shared pages divided among their
+    users), private (pages no other process maps, page-cache pages included) and anonymous (not
+    file-backed: what no page cache can hold)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":")
+        fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields["Rss"], "pss": fields["Pss"],
+            "private": fields["Private_Clean"] + fields["Private_Dirty"],
+            "anonymous": fields["Anonymous"]}

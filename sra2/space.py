@@ -115,22 +115,24 @@ def made_bytes(sharded: int, num_items: int, name_length: int) -> int:
             + round(num_items * (8 + name_length) * FIXED_RATIO))
 
 
-def measured_ratio(store_path: Path, name: str, raw: int, chunk_size: int) -> float | None:
-    """Compressed / raw bytes of ``name`` in a store's done shards, None before the first."""
+def measured_ratios(store_path: Path, raw: dict[str, int], chunk_size: int) -> dict[str, float]:
+    """Compressed / raw bytes of each array in a store's done shards (one pass over their done
+    marks); arrays without a done shard are left out."""
     from sra2.store import ShardedStore
 
     try:
         store = ShardedStore(store_path, check=False)
     except (FileNotFoundError, ValueError):
-        return None
-    stored = items = 0
+        return {}
+    stored, items = dict.fromkeys(raw, 0), dict.fromkeys(raw, 0)
     for record in store.records():
-        if name in record.get("files", {}):
-            start, stop = store.shard_range(record["shard"])
-            chunks = -(-(stop - start) // chunk_size)
-            stored += record["files"][name]["bytes"] - chunks * CHUNK_OVERHEAD - SHARD_OVERHEAD
-            items += stop - start
-    return stored / (raw * items) if items else None
+        start, stop = store.shard_range(record["shard"])
+        chunks = -(-(stop - start) // chunk_size)
+        for name, found in record.get("files", {}).items():
+            if name in raw:
+                stored[name] += found["bytes"] - chunks * CHUNK_OVERHEAD - SHARD_OVERHEAD
+                items[name] += stop - start
+    return {name: stored[name] / (raw[name] * items[name]) for name in raw if items[name]}
 
 
 # --- each stage's needs
@@ -142,8 +144,8 @@ def encode_needs(cfg: Config, arrays: dict[str, tuple[tuple[int, ...], str]], st
     dtype); a resumed store counts its ``pending`` shards only (at its measured compression), a
     new one its made-up-front arrays too."""
     ec, raw = cfg.encode, item_bytes(arrays)
-    ratios = {n: (measured_ratio(store, n, raw[n], ec.chunk_size) if pending is not None
-                  else None) or RATIO[n] for n in arrays}
+    measured = measured_ratios(store, raw, ec.chunk_size) if pending is not None else {}
+    ratios = {n: measured.get(n) or RATIO[n] for n in arrays}
     left = store_bytes(arrays, num_items, ec.shard_size, ec.chunk_size, ratios,
                        {"rejects": [], "odd": []}, pending)
     made = 0 if pending is not None else made_bytes(len(arrays), num_items, name_length)

@@ -19,6 +19,12 @@ from sra2.config import VAE, DemoVAE
 from sra2.data import to_model_range
 
 
+# SD-VAE's architecture (stabilityai/sd-vae-ft-ema) as a vae.random shape: FLOP counts and
+# benchmarks build it with seeded weights
+SD_VAE_SHAPE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                "norm_num_groups": 32, "seed": 0}
+
+
 def build_random_vae(cfg: VAE) -> torch.nn.Module:
     """An AutoencoderKL of the configured shape with weights drawn from ``cfg.random.seed``."""
     from diffusers import AutoencoderKL
