@@ -25,8 +25,8 @@ that fails records its error and the others still run.
 
 ``--smoke`` takes every path of the full run that a CPU can take, so that the GPU's minutes are not
 spent on bugs a CPU shows: bf16 autocast (on the CPU too, here only), ``torch.compile`` (the CPU's
-inductor), REPA, ``train.deterministic``. Not the CPU's: Triton kernels, DINOv2 under autocast
-(``sra2.dinov2.features`` autocasts on CUDA only), cuBLAS's workspace.
+inductor), REPA's DINOv2 encoder under autocast, ``train.deterministic``. Not the CPU's: Triton
+kernels, cuBLAS's workspace.
 """
 
 from __future__ import annotations

@@ -131,6 +131,16 @@ def write_with(path: str | Path, write: Callable[[Any], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def link(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` a hard link to ``source`` (one file, two names), replacing what was there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    os.link(source, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     write_with(path, lambda f: f.write(data))
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from sra2 import flops
+from sra2 import dist, flops
 from sra2.config import Repa
 
 # the files torch.hub's facebookresearch/dinov2 entry points load
@@ -117,12 +117,13 @@ def preprocess(images: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
 def features(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """REPA's target: the final-LayerNorm patch tokens (DINOv2's ``x_norm_patchtokens``, no class
     token), float32 (N, grid * grid, 768), of uint8 (N, H, W, 3) images of any size; no
-    gradients. On CUDA the blocks run under bf16 autocast, the input's normalisation outside it in
-    float32 (fp16 normalisation gives NaNs: REPA issue 46)."""
+    gradients. The blocks run under bf16 autocast where :func:`sra2.dist.autocast` has it (a GPU),
+    the input's normalisation outside it in float32 (fp16 normalisation gives NaNs: REPA issue
+    46)."""
     device = next(encoder.parameters()).device
     with torch.no_grad():
         x = preprocess(images.to(device, non_blocking=True), encoder.patch_embed.img_size[0])
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with dist.autocast(device, "bf16"):
             tokens = encoder.forward_features(x)
     return tokens[:, encoder.num_prefix_tokens:].float()
 

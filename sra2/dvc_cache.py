@@ -1,4 +1,4 @@
-"""The DVC cache entries behind a store's files.
+"""The DVC cache entries behind a store's files and the samples' ``.npz``.
 
 This repository's ``.dvc/config`` sets ``cache.type: hardlink,copy``: a cached output's file and
 its cache entry are one file (a copy only where the cache is on another file system), so nothing
@@ -20,9 +20,9 @@ from typing import Callable
 
 
 def entries(files: list[Path]) -> dict[Path, Path]:
-    """The cache entry that DVC recorded for each of ``files`` (by the listing of the cached
-    output folder holding it, as ``dvc.lock`` names it); files outside every cached output folder,
-    or outside a DVC repository, are left out."""
+    """The cache entry that DVC recorded for each of ``files`` (a cached output file as
+    ``dvc.lock`` names it, or a file of a cached output folder by the folder's listing); files
+    outside every cached output, or outside a DVC repository, are left out."""
     if not files:
         return {}
     from dvc.exceptions import NotDvcRepoError
@@ -34,16 +34,21 @@ def entries(files: list[Path]) -> dict[Path, Path]:
         return {}
     found = {}
     with Repo(root) as repo:
+        oid_path = repo.cache.local.oid_to_path
         for out in repo.index.outs:
-            if not (out.use_cache and out.hash_info and out.is_dir_checksum):
+            if not (out.use_cache and out.hash_info and out.hash_info.value):
                 continue
             base = Path(out.fs_path)
+            if not out.is_dir_checksum:
+                found.update({f: Path(oid_path(out.hash_info.value)) for f in files
+                              if Path(os.path.abspath(f)) == base})
+                continue
             inside = [f for f in files if Path(os.path.abspath(f)).is_relative_to(base)]
             tree = out.get_dir_cache() if inside else None
             for file in inside if tree is not None else []:
                 entry = tree.get(Path(os.path.abspath(file)).relative_to(base).parts)
                 if entry is not None and entry[1] is not None:
-                    found[file] = Path(repo.cache.local.oid_to_path(entry[1].value))
+                    found[file] = Path(oid_path(entry[1].value))
     return found
 
 

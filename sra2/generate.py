@@ -1,5 +1,10 @@
 """Sample images from the EMA weights into a sharded store, then assemble the ADM ``.npz``.
 
+The shards are scratch: once the ``.npz`` is written beside them (``shards/<signature>/
+samples.npz``) they are removed, and the stage's ``samples.npz`` is a hard link to that file, so
+the 50K images are stored once (DVC's cache links the same file). A rerun with the same weights
+and settings checks that file's CRC32 and links it again instead of sampling.
+
 Sample i's label and every noise draw (initial latent, SDE steps) come from seeds derived from
 (seed, i) alone, so the images do not depend on the batch size, the number of GPUs or restarts.
 """
@@ -7,19 +12,25 @@ Sample i's label and every noise draw (initial latent, SDE steps) come from seed
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from sra2 import dist, ralu, space, vae as vae_lib
+from sra2 import atomic, dist, dvc_cache, ralu, space, vae as vae_lib
 from sra2.config import Config, result_settings
-from sra2.images import write_grid, write_npz
+from sra2.images import npz_damage, read_npz_images, write_grid, write_npz
 from sra2.models import load_checkpoint, read_checkpoint
 from sra2.sampling import Generators, derived_seed, guided_velocity, randn, sample
-from sra2.store import ShardedStore, digest
+from sra2.store import QUARANTINE, ShardedStore, digest
 from sra2.worker import Progress
+
+NPZ = "samples.npz"
 
 
 def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform") -> np.ndarray:
@@ -45,12 +56,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _signature(cfg: Config, ema_sha256: str) -> dict:
+def signature(cfg: Config, ema_path: str | Path) -> dict:
     """What the images depend on: the weights (by digest), the VAE and the sample settings."""
     sc = cfg.sample
     # ralu's settings change the images only when ralu samples
     sample = result_settings(sc, exclude=() if sc.sampler == "ralu" else {"ralu"})
-    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
+    return {"ema_sha256": _file_sha256(Path(ema_path)), "vae": result_settings(cfg.vae),
+            "sample": sample}
 
 
 def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
@@ -67,9 +79,10 @@ def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.
 
 
 def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None,
-             npz: Path | None = None) -> Path:
+             npz: Path | None = None, sign: dict | None = None) -> Path:
     """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's
-    path. ``npz``: where the caller then writes them as one file (the preflight counts it)."""
+    path. ``npz``: where the caller then writes them as one file (the preflight counts it);
+    ``sign``: :func:`signature`, where the caller has it already."""
     sc = cfg.sample
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
@@ -81,17 +94,17 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, model.input_size, model.input_size)
-    signature = _signature(cfg, _file_sha256(Path(ema_path)))
+    sign = sign or signature(cfg, ema_path)
     # one folder per signature: new weights or settings start afresh, old samples stay put
-    path = Path(out) / digest(signature)
+    path = Path(out) / digest(sign)
     if rank == 0:
         made = ShardedStore.open_or_create(
             path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
             fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes, sc.labels)},
-            signature=signature)
+            signature=sign)
         needs = space.sample_needs(cfg, path, made.pending_shards(), npz)
-        space.ensure("sample", needs + space.dvc_share({npz.parent: needs[-1].end} if npz else {}))
+        space.ensure("sample", needs + space.dvc_share({npz.parent: needs[0].end} if npz else {}))
     dist.barrier()
     store = ShardedStore(path)
     labels = store.array("labels")[:]
@@ -125,16 +138,53 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
 
 def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
                  progress: Progress | None = None) -> dict | None:
-    """The sample stage: shards under ``out/shards``, then (rank 0) ``samples.npz`` and ``grid.png``."""
+    """The sample stage: shards under ``out/shards/<signature>``, assembled there into
+    ``samples.npz`` (the shards then removed), linked to ``out/samples.npz``; (rank 0)
+    ``grid.png``."""
     out = Path(out)
-    # generate has just checked every done shard's files
-    store = ShardedStore(generate(cfg, ema_path, out / "shards", progress, out / "samples.npz"),
-                         check=False)
-    if dist.init()[0] != 0:
+    sign = signature(cfg, ema_path)
+    folder = out / "shards" / digest(sign)
+    kept, npz = folder / NPZ, out / NPZ
+    rank = dist.init()[0]
+    if rank == 0 and kept.exists():
+        _drop_if_damaged(kept, npz)
+    dist.barrier()  # every rank sees whether the samples are kept
+    if kept.exists():
+        if progress:
+            progress(0, 0)
+    else:
+        generate(cfg, ema_path, folder.parent, progress, kept, sign)
+        if rank == 0:  # generate has just checked every done shard's files
+            write_npz(ShardedStore(folder, check=False), kept)
+    if rank != 0:
         return None
-    write_npz(store, out / "samples.npz")
+    _remove_shards(folder)  # also what a stage killed right after the npz left behind
+    atomic.link(kept, npz)
+    images = read_npz_images(npz)
     # demo weights say what they are on the picture itself
     caption = f"DEMO: {vae_lib.describe(cfg.vae)}" if cfg.data.demo is not None else ""
-    write_grid(store.array("images")[: cfg.sample.grid], out / "grid.png", caption)
-    return {"samples": store.num_items, "npz": str(out / "samples.npz"), "grid": str(out / "grid.png"),
-            "shards": str(store.path)}
+    write_grid(images[: cfg.sample.grid], out / "grid.png", caption)
+    return {"samples": len(images), "npz": str(npz), "grid": str(out / "grid.png"),
+            "kept": str(kept)}
+
+
+def _drop_if_damaged(kept: Path, npz: Path) -> None:
+    """Move ``kept`` aside, with the DVC cache entry of ``npz`` linked to it, when its bytes fail
+    the zip's CRC32: the samples are then drawn again."""
+    why = npz_damage(kept)
+    if why is None:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = kept.parent.parent / QUARANTINE / kept.parent.name / f"{stamp}-{os.getpid()}"
+    folder.mkdir(parents=True)
+    print(f"{kept}: {why}; moved to {folder}: the samples are drawn again", file=sys.stderr)
+    dvc_cache.evict_damaged([npz], folder, lambda line: print(line, file=sys.stderr))
+    os.replace(kept, folder / kept.name)
+    shutil.rmtree(kept.parent)  # a store starts afresh in its place
+
+
+def _remove_shards(folder: Path) -> None:
+    """Everything in the sample store's folder but its ``samples.npz``."""
+    for path in folder.iterdir():
+        if path.name != NPZ:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()

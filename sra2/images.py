@@ -31,12 +31,23 @@ def write_npz(store: ShardedStore, path: str | Path) -> None:
     atomic.write_with(path, write)
 
 
+def npz_damage(path: str | Path) -> str | None:
+    """What is wrong with the ``.npz`` at ``path`` (its zip structure, or a member's bytes against
+    its CRC32, every byte read), or None."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        return f"not a readable zip ({type(e).__name__}: {e})"
+    return f"{bad}'s bytes fail its CRC32" if bad else None
+
+
 class DamagedFile(ValueError):
     """A file that cannot be read as what it should be; the message names it and what to do."""
 
 
-SAMPLES_REMEDY = ("rerun the sample stage alone (dvc repro -s -f sample): it keeps its finished "
-                  "shards and only writes the file again")
+SAMPLES_REMEDY = ("rerun the sample stage alone (dvc repro -s -f sample): it finds the damage and "
+                  "draws the samples again")
 
 
 def read_npz_images(path: str | Path, remedy: str = SAMPLES_REMEDY) -> np.ndarray:

@@ -22,7 +22,7 @@ import yaml
 
 from sra2 import flops, space
 from sra2.config import Config, apply_overrides, resolve
-from sra2.encode import latent_arrays
+from sra2.encode import decode_workers, latent_arrays
 from sra2.space import Need, size
 from sra2.train import checkpoint_bytes
 
@@ -93,7 +93,9 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     encoder, decoder = flops.vae_flops(cfg)
     views = 2 if cfg.encode.flip else 1
     gpu_s, gpus_s = gpu_time(n * views * encoder, hw)
-    decode_s = n / (hw.cores * DECODE_PER_CORE)
+    # each GPU's rank decodes with its own workers, a core of the node's share left to the rank
+    decoders = hw.gpus * decode_workers(cfg.encode.workers, hw.cores, hw.gpus)
+    decode_s = n / (decoders * DECODE_PER_CORE)
     arrays = latent_arrays(cfg, space.latent_shape(cfg))
     store = space.encode_needs(cfg, arrays, data / "latents" / "store", n)
     encode = Stage("encode", f"{n:,} images, VAE encoder {encoder / 1e9:.0f} GFLOPs x {views}",
@@ -118,12 +120,12 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
                   + space.dvc_share({data / "train": ema}))
 
     sample_s, sample_gpu = gpu_time(sc.num_samples * per_sample, hw)
-    samples = space.sample_needs(cfg, data / "samples" / "shards" / "store", None,
-                                 data / "samples" / "samples.npz")
+    store = data / "samples" / "shards" / "store"
+    samples = space.sample_needs(cfg, store, None, store / "samples.npz")
     sample = Stage("sample", f"{sc.num_samples:,} images x {sc.steps} steps, "
                              f"{per_sample / 1e9:.0f} GFLOPs per image",
                    sample_s, sample_gpu, PROCESS_RAM,
-                   samples + space.dvc_share({data / "samples": samples[-1].end}))
+                   samples + space.dvc_share({data / "samples": samples[0].end}))
 
     real = cfg.evaluate.num_real or n
     scored = sc.num_samples + min(real, n)

@@ -177,17 +177,17 @@ def train_needs(cfg: Config, out: Path, step: int, ema: int, have: int = 0) -> l
 def sample_needs(cfg: Config, store: Path, pending: list[int] | None = None,
                  npz: Path | None = None) -> list[Need]:
     """The sample store at ``store`` (its ``pending`` shards when it exists) and, where given,
-    ``npz``, the one file the sample stage then writes them into."""
+    ``npz``, the one file the shards are then assembled into (beside them, in the same folder:
+    the shards are removed once it is written)."""
     sc, side = cfg.sample, cfg.data.image_size
     arrays = {"images": ((side, side, 3), "uint8")}
     shards = store_bytes(arrays, sc.num_samples, sc.shard_size, 1,  # one image a chunk
                          {"images": RATIO["samples"]}, {}, pending)
     made = 0 if pending is not None else made_bytes(1, sc.num_samples, 0)
-    needs = [Need(store.parent, "sample shards", shards + made, shards + made)]
-    if npz is not None:
-        nbytes = sc.num_samples * side * side * 3 + NPZ_OVERHEAD
-        needs.append(Need(npz.parent, "samples.npz", nbytes, nbytes))
-    return needs
+    if npz is None:
+        return [Need(store.parent, "sample shards", shards + made, shards + made)]
+    nbytes = sc.num_samples * side * side * 3 + NPZ_OVERHEAD
+    return [Need(store.parent, "sample shards, then samples.npz", shards + made + nbytes, nbytes)]
 
 
 def dvc_share(cached: dict[Path, int]) -> list[Need]:

@@ -1,13 +1,14 @@
 """Scrub stored data on demand, as a file system's scrub or git's fsck: every byte of every done
-shard of a store against its done mark, every checkpoint of a training run read back.
+shard of a store against its done mark, every checkpoint of a training run read back, every byte
+of the samples' ``.npz`` against its CRC32.
 
     python -m sra2.verify data/latents data/samples/shards data/train/checkpoints [--repair]
 
 A path may be a store, a pointer file naming one (``data/latents.json``), a run folder (its
-``step-*.pt``) or a folder holding any of these. Damage is reported per shard or file; with
-``--repair``, damaged shards are moved to ``.quarantine/`` beside the store and damaged
+``step-*.pt``), an ``.npz`` or a folder holding any of these. Damage is reported per shard or file;
+with ``--repair``, damaged shards are moved to ``.quarantine/`` beside the store and damaged
 checkpoints to the run's ``.quarantine/``, so that rerunning the stage that wrote them (``dvc
-repro``) computes them again. Exits 1 when damage is found and left in place, else 0.
+repro``) computes them again; the sample stage moves a damaged ``.npz`` aside itself. Exits 1 when damage is found and left in place, else 0.
 """
 
 from __future__ import annotations
@@ -18,23 +19,25 @@ import time
 from pathlib import Path
 
 from sra2.checkpoints import Checkpoints, resumable
+from sra2.images import npz_damage
 from sra2.models import UnsafeCheckpoint
 from sra2.store import QUARANTINE, DamagedStore, ShardedStore, pointed_store
 
 
-def found(path: Path) -> tuple[list[Path], list[Path]]:
-    """The stores and the run folders at or under ``path`` (a pointer file names a store)."""
+def found(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """The stores, run folders and ``.npz`` files at or under ``path`` (a pointer file names a
+    store)."""
     if path.is_file():
-        return [pointed_store(path)], []
+        return ([], [], [path]) if path.suffix == ".npz" else ([pointed_store(path)], [], [])
     if (path / "zarr.json").is_file():
-        return [path], []
+        return [path], [], []
     if any(Checkpoints.STEP_FILE.fullmatch(p.name) for p in path.iterdir()):
-        return [], [path]
-    stores, runs = [], []
+        return [], [path], []
+    kinds = [], [], sorted(path.glob("*.npz"))
     for child in sorted(p for p in path.iterdir() if p.is_dir() and p.name != QUARANTINE):
-        more = found(child)
-        stores, runs = stores + more[0], runs + more[1]
-    return stores, runs
+        for kind, more in zip(kinds, found(child)):
+            kind.extend(more)
+    return kinds
 
 
 def scrub_store(path: Path, repair: bool) -> int:
@@ -79,6 +82,18 @@ def scrub_run(folder: Path, repair: bool) -> int:
     return left
 
 
+def scrub_npz(path: Path) -> int:
+    """Print whether every byte of the ``.npz`` matches its CRC32; returns 1 when one does not."""
+    started = time.perf_counter()
+    why = npz_damage(path)
+    print(f"{path}: {path.stat().st_size / 2**30:.2f} GiB read in "
+          f"{time.perf_counter() - started:.1f} s: {'clean' if why is None else 'damaged'}")
+    if why:
+        print(f"  DAMAGED {path}: {why}; rerun the sample stage (dvc repro): it moves the file "
+              f"aside and draws the samples again")
+    return int(why is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sra2.verify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,16 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="move what is damaged aside, so that the stage that wrote it "
                              "computes it again")
     args = parser.parse_args(argv)
-    stores, runs = [], []
+    stores, runs, npzs = [], [], []
     for path in args.paths:  # every path understood before any is read
         if not path.exists():
             parser.error(f"{path}: no such file or folder")
         more = found(path)
         if not any(more):
-            parser.error(f"{path}: no store, pointer file or run folder here")
-        stores, runs = stores + more[0], runs + more[1]
+            parser.error(f"{path}: no store, pointer file, run folder or .npz here")
+        for kind, paths in zip((stores, runs, npzs), more):
+            kind.extend(paths)
     left = sum(scrub_store(s, args.repair) for s in stores)
     left += sum(scrub_run(r, args.repair) for r in runs)
+    left += sum(map(scrub_npz, npzs))
     if left:
         print(f"{left} damaged file(s) left in place: rerun with --repair, then dvc repro")
     return 1 if left else 0

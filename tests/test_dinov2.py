@@ -122,3 +122,27 @@ def test_forward_flops_are_the_vits_multiply_adds(grid):
 def test_unknown_weights_are_named():
     with pytest.raises(FileNotFoundError, match="repa.encoder"):
         dinov2.load_encoder(Repa(encoder="/nowhere/dinov2.pth"))
+
+
+def test_under_autocast_the_blocks_run_in_bf16_and_the_tokens_stay_float32(photos):
+    """The path a GPU takes (sra2.dist.autocast is bf16 there), taken on the CPU as the smoke run
+    of bench/gpu.py does: the blocks' matmuls in bf16, the normalisation before them and the
+    tokens after in float32."""
+    from unittest import mock
+
+    from sra2 import dist
+
+    encoder = dinov2.load_encoder(Repa(encoder="random", encoder_seed=SEED), grid=2)
+    seen = {}
+    encoder.patch_embed.register_forward_pre_hook(lambda m, args: seen.update(input=args[0].dtype))
+    encoder.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: seen.update(block=out.dtype))
+    exact = dinov2.features(encoder, photos)
+    assert seen == {"input": torch.float32, "block": torch.float32}
+    cpu_bf16 = lambda device, precision: torch.autocast(device.type, torch.bfloat16)  # noqa: E731
+    with mock.patch.object(dist, "autocast", cpu_bf16):
+        tokens = dinov2.features(encoder, photos)
+    assert seen == {"input": torch.float32, "block": torch.bfloat16}
+    assert tokens.dtype == torch.float32 and tokens.shape == exact.shape
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per operation): through 12 blocks the
+    # unit-scale tokens move by a few percent, their direction by far less
+    assert F.cosine_similarity(tokens, exact, dim=-1).min() > 0.99

@@ -1,10 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from sra2.generate import generate, sample_labels
-from sra2.images import read_npz_images, write_grid, write_npz
+from sra2.generate import generate, sample_labels, sample_stage
+from sra2.images import npz_damage, read_npz_images, write_grid, write_npz
 from sra2.models import build
 from sra2.store import ShardedStore
 
@@ -71,3 +73,37 @@ def test_balanced_labels_hold_n_over_classes_of_each_in_a_seeded_order():
 def test_unknown_label_kind_is_refused():
     with pytest.raises(ValueError, match="sample.labels"):
         sample_labels(0, 10, 10, "sorted")
+
+
+def test_the_sample_stage_stores_its_images_once_and_links_them_again_on_a_rerun(tmp_path, tiny):
+    """The shards are assembled into one .npz in their folder and removed; the stage's
+    samples.npz is that file. A rerun finds it intact and draws nothing; a damaged one is moved
+    aside and the samples drawn again, to the same bytes."""
+    ema = export_random_sit(tmp_path / "ema.pt", tiny)
+    cfg = with_overrides(tiny, sample={"num_samples": 5, "shard_size": 2, "steps": 4, "grid": 4})
+    out = tmp_path / "samples"
+    first = sample_stage(cfg, ema, out)
+    kept, npz = Path(first["kept"]), out / "samples.npz"
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["samples.npz"]
+    assert npz.stat().st_ino == kept.stat().st_ino and npz.stat().st_nlink == 2
+    images = np.array(read_npz_images(npz))
+    assert images.shape == (5, 32, 32, 3) and npz_damage(npz) is None
+
+    npz.unlink()  # as DVC does before it reruns the stage
+    (out / "grid.png").unlink()
+    calls = []
+    sample_stage(cfg, ema, out, lambda done, todo: calls.append((done, todo)))
+    assert calls == [(0, 0)] and npz.stat().st_ino == kept.stat().st_ino
+    assert (out / "grid.png").is_file()
+
+    data = bytearray(kept.read_bytes())
+    data[-200] ^= 0xFF  # a pixel of the last image: the zip still opens
+    kept.chmod(0o644)
+    kept.write_bytes(bytes(data))
+    assert "CRC32" in npz_damage(npz)
+    calls.clear()
+    sample_stage(cfg, ema, out, lambda done, todo: calls.append((done, todo)))
+    assert calls[-1] == (5, 5)
+    np.testing.assert_array_equal(read_npz_images(npz), images)
+    [moved] = (out / "shards" / ".quarantine").rglob("samples.npz")
+    assert npz_damage(moved) is not None

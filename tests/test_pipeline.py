@@ -200,10 +200,13 @@ def test_the_plan_foresees_the_bytes_the_repro_left_in_each_folder(pipeline):
             str(Path(os.environ["SRA2_COPY_DIR"])): file_bytes(*copy.glob("*.npy")),
             "data/train": file_bytes(*(work / "data/train/checkpoints").glob("*/step-*.pt"),
                                      work / "data/train/ema.pt"),
-            "data/samples/shards": file_bytes(work / "data/samples/shards"),
-            "data/samples": file_bytes(work / "data/samples/samples.npz")}
+            "data/samples/shards": file_bytes(work / "data/samples/shards")}
     for folder, nbytes in left.items():
         assert abs(planned[folder] - nbytes) <= 0.05 * nbytes, (folder, planned[folder], nbytes)
+    # the samples once: the stage's .npz is the one assembled where the shards were, and DVC's
+    [kept] = (work / "data/samples/shards").glob("*/samples.npz")
+    assert (work / "data/samples/samples.npz").stat().st_ino == kept.stat().st_ino
+    assert kept.stat().st_nlink == 3 and sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
     # no second copy: DVC's cache is the outputs' own files (hard links), bar its listings
     cached = [p for p in (work / ".dvc/cache/files").rglob("*") if p.is_file()]
     own = sum(p.stat().st_size for p in cached if p.stat().st_nlink == 1)
@@ -228,8 +231,9 @@ def damaged_cache_entries(work: Path) -> list[str]:
 
 
 def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline):
-    """With the repository's cache.type (hard links), bytes changed in a cached store are
-    changed in DVC's cache too: the rerun repairs both, and leaves every other entry alone."""
+    """With the repository's cache.type (hard links), bytes changed in a cached store or in the
+    samples are changed in DVC's cache too: the rerun repairs both, and leaves every other entry
+    alone."""
     work, env, _, _ = pipeline
     outs = recorded_outs(work, skip="data/encode.json")
     latents = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
@@ -240,13 +244,16 @@ def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline
     data[10:14] = bytes(b ^ 0xFF for b in data[10:14])
     changed.write_bytes(bytes(data))
     assert len(damaged_cache_entries(work)) == 1
-    [samples] = (work / "data/samples/shards").glob("*/zarr.json")
-    deleted = samples.parent / "images/c/1/0/0/0"
-    deleted.unlink()  # a missing file, which zarr would read as black images
+    samples = work / "data/samples/samples.npz"  # a pixel changed: the zip still opens
+    data = bytearray(samples.read_bytes())
+    data[-1000] ^= 0xFF
+    samples.write_bytes(bytes(data))
+    assert len(damaged_cache_entries(work)) == 2
 
     log = run(["dvc", "repro"], work, env)
     assert ran_stages(log) == ["encode", "sample"]  # the rest see the bytes they saw before
-    assert "moved 1 damaged shard(s) [0]" in log and "CRC32C differs" in log and "missing" in log
+    assert "moved 1 damaged shard(s) [0]" in log and "CRC32C differs" in log
+    assert "arr_0.npy's bytes fail its CRC32" in log and "the samples are drawn again" in log
     # the bytes of the undisturbed run (encode.json, its summary, counts this run's work)
     assert recorded_outs(work, skip="data/encode.json") == outs
     checked = run([sys.executable, "-m", "sra2.verify", "data/latents", "data/samples/shards"],
@@ -257,8 +264,8 @@ def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline
     assert damaged_cache_entries(work) == [] and changed.stat().st_nlink == 2
     # the damaged entry was moved aside and cached anew; every other entry is the file it was
     now = {p: p.stat().st_ino for p in (work / ".dvc/cache/files/md5").rglob("*")}
-    [renewed] = [p for p in entries if now.get(p) != entries[p]]
-    assert f"DVC cache entry {renewed} of " in log
+    renewed = [p for p in entries if now.get(p) != entries[p]]
+    assert len(renewed) == 2 and all(f"DVC cache entry {p} of " in log for p in renewed)
 
 
 def flow_runs_since(start) -> list[str]:

@@ -22,8 +22,13 @@ def test_a_paper_plan_is_its_flops_at_the_mfu_and_its_arrays_bytes(tmp_path, cap
     # float32 mean and std of 4 x 32 x 32: 16 KiB each an image, at their assumed ratios
     store = figures["folders"]["data/latents"]["end"]
     assert store == pytest.approx(plan.IMAGENET_TRAIN * 16384 * (0.92 + 0.80), rel=0.01)
-    npz = figures["folders"]["data/samples"]["end"]
-    assert npz == pytest.approx(50_000 * 256 * 256 * 3, rel=1e-5)
+    # the samples once at the end (the .npz), beside their shards while it is written
+    samples = figures["folders"]["data/samples/shards"]
+    assert samples["end"] == pytest.approx(50_000 * 256 * 256 * 3, rel=1e-5)
+    assert samples["peak"] == pytest.approx(2 * samples["end"], rel=0.01)
+    # JPEG decoding: 8 ranks of 64 / 8 - 1 = 7 workers at DECODE_PER_CORE each, the GPUs faster
+    assert figures["stages"]["encode"]["seconds"] == pytest.approx(
+        plan.IMAGENET_TRAIN / (8 * 7 * plan.DECODE_PER_CORE))
     assert "| train | 400,000 steps x 256 images" in capsys.readouterr().out
 
 
