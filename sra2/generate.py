@@ -56,13 +56,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def signature(cfg: Config, ema_path: str | Path) -> dict:
+def signature(cfg: Config, ema_sha256: str) -> dict:
     """What the images depend on: the weights (by digest), the VAE and the sample settings."""
     sc = cfg.sample
     # ralu's settings change the images only when ralu samples
     sample = result_settings(sc, exclude=() if sc.sampler == "ralu" else {"ralu"})
-    return {"ema_sha256": _file_sha256(Path(ema_path)), "vae": result_settings(cfg.vae),
-            "sample": sample}
+    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
 
 
 def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
@@ -94,7 +93,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     vae = vae_lib.load_vae(cfg.vae, device)
     side, channels = cfg.data.image_size, model.in_channels
     latent = (channels, model.input_size, model.input_size)
-    sign = sign or signature(cfg, ema_path)
+    sign = sign or signature(cfg, _file_sha256(Path(ema_path)))
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(sign)
     if rank == 0:
@@ -142,7 +141,7 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
     ``samples.npz`` (the shards then removed), linked to ``out/samples.npz``; (rank 0)
     ``grid.png``."""
     out = Path(out)
-    sign = signature(cfg, ema_path)
+    sign = signature(cfg, _file_sha256(Path(ema_path)))
     folder = out / "shards" / digest(sign)
     kept, npz = folder / NPZ, out / NPZ
     rank = dist.init()[0]

@@ -444,7 +444,7 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
 
     def digests(cfg):
         return (digest(train.signature(cfg, {})), digest(encode._signature(cfg, images)),
-                digest(generate._signature(cfg, "weights")))
+                digest(generate.signature(cfg, "weights")))
 
     assert digests(tiny) == ("43353c290216", "d4dfad670561", "66718e979007")  # as before the marks
     free = with_overrides(
