@@ -8,7 +8,7 @@ ones (grayscale, CMYK, 20x15 px, a 1200x90 strip) and the photographs themselves
 the ways taking turns file by file, timed in CPU seconds of this process (a busy machine's waits
 left out), by:
 
-- (a) today's path: ``sra2.data.load_rgb`` + ``center_crop_arr`` (PIL);
+- (a) today's path: ``sra2.data.images.load_rgb`` + ``center_crop_arr`` (PIL);
 - (b) ``torchvision.io.decode_jpeg`` on the CPU from the file's bytes, then the same crop, in PIL:
   the ADM crop is PIL's BOX and BICUBIC filters, and torch's bicubic is another kernel;
 - (c) PIL's ``Image.draft`` (libjpeg's DCT scaling by 1/2, 1/4 or 1/8 while decoding) for JPEGs
@@ -45,12 +45,12 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from bench.encode import SD_VAE_SHAPE
-from sra2 import flops, vae as vae_lib
-from sra2.config import VAE, resolve
-from sra2.data import center_crop_arr, load_rgb
+from sra2.model import flops, vae as vae_lib
+from sra2.config.params import VAE, resolve
+from sra2.data.images import center_crop_arr, load_rgb
 
 SIZE = 256
-# an H100's dense peaks, TFLOP/s: bf16 (sra2.flops) and TF32, which is half of it
+# an H100's dense peaks, TFLOP/s: bf16 (sra2.model.flops) and TF32, which is half of it
 PEAK = {"TF32": flops.PEAK_TFLOPS["H100"] / 2, "bf16": flops.PEAK_TFLOPS["H100"]}
 MFU = 0.4
 GPUS = 8

@@ -1,7 +1,7 @@
 """Throughput of the whole encode stage next to the bare VAE encoder, in one run on one machine.
 
-The stage (``sra2.encode.encode_dataset``) decodes and crops real JPEG files in worker processes,
-runs the VAE and writes a compressed zarr store; the bare encoder (``sra2.encode.measure_encoder``)
+The stage (``sra2.data.encode.encode_dataset``) decodes and crops real JPEG files in worker processes,
+runs the VAE and writes a compressed zarr store; the bare encoder (``sra2.data.encode.measure_encoder``)
 only runs the VAE on a batch already on the device. Their ratio says how much of the VAE's speed
 the stage keeps (goal: >= 0.9). Both use the same VAE, batch size, resolution and precision.
 
@@ -24,10 +24,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from sra2 import dist, vae as vae_lib
-from sra2.config import Config, resolve
-from sra2.data import list_images, write_demo_dataset
-from sra2.encode import encode_dataset, measure_encoder
+from sra2.runtime import dist
+from sra2.model import vae as vae_lib
+from sra2.config.params import Config, resolve
+from sra2.data.images import list_images, write_demo_dataset
+from sra2.data.encode import encode_dataset, measure_encoder
 
 SD_VAE_SHAPE = vae_lib.SD_VAE_SHAPE  # its weights cannot be downloaded here: seeded ones
 CLASSES = 10

@@ -52,13 +52,15 @@ import torch
 
 from bench import read as read_bench, sample as sample_bench, train as train_bench
 from bench.encode import SD_VAE_SHAPE
-from sra2 import atomic, dist, flops, latent_copy, vae as vae_lib
-from sra2.config import VAE, Config
-from sra2.encode import measure_encoder
-from sra2.generate import sample_stage
-from sra2.latents import write_synthetic_store
-from sra2.metrics import ArrayImages, inception_features, write_random_inception
-from sra2.train import build_model, train
+from sra2.runtime import atomic, dist
+from sra2.model import flops, vae as vae_lib
+from sra2.data import latent_copy
+from sra2.config.params import VAE, Config
+from sra2.data.encode import measure_encoder
+from sra2.sample.generate import sample_stage
+from sra2.data.latents import write_synthetic_store
+from sra2.evaluate.metrics import ArrayImages, inception_features, write_random_inception
+from sra2.train.loop import build_model, train
 
 # what each run measures: the GPU's, and the smoke test's (the same code, tiny sizes); models:
 # their micro-batch (SiT-XL/2's accumulates gradients); repa: the model, batch, store size (latents
@@ -114,7 +116,7 @@ def peak_memory(device: torch.device) -> float:
 
 
 def autocast(device: torch.device, precision: str):
-    """``sra2.dist.autocast`` on any device: the pipeline's CPU runs stay fp32, the smoke's run
+    """``sra2.runtime.dist.autocast`` on any device: the pipeline's CPU runs stay fp32, the smoke's run
     the GPU's bf16 paths."""
     if precision in dist.AUTOCAST:
         return torch.autocast(device.type, dist.AUTOCAST[precision])
@@ -161,7 +163,7 @@ def measure_train(t: Table, size: dict, device: torch.device, case: str, configs
     t.add("train", case, f"training loop, {name} (images/s)", loop)
     t.add("train", case, f"{name} / vanilla step time", rates["vanilla"] / rates[method])
     t.add("train", case, "loop / bare step", loop / rates[method])
-    if peak and method == "sra2":  # sra2/plan.py takes the mean of these for SRA 2 runs
+    if peak and method == "sra2":  # sra2/tools/plan.py takes the mean of these for SRA 2 runs
         t.add("train", case, "MFU of the loop (%)",
               100 * loop * flops.train_flops(cfg) / peak / 1e12)
     t.add("train", case, "peak GPU memory, bare / loop (GiB)",
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     t = Table(args.out, {"device": name, "torch": torch.__version__, "smoke": args.smoke,
                          "when": time.strftime("%Y-%m-%d %H:%M"), "peak_tflops": peak})
     wanted = set(args.only or ["train", "sample", "encode", "read", "determinism"])
-    # sra2.dist.autocast is a no-op on the CPU: here it autocasts there too, as on a GPU
+    # sra2.runtime.dist.autocast is a no-op on the CPU: here it autocasts there too, as on a GPU
     cpu_autocast = (mock.patch.object(dist, "autocast", autocast) if device.type == "cpu"
                     else nullcontext())
     failed = 0

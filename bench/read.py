@@ -1,7 +1,7 @@
 """The training read path against a bare memory-mapped gather, with one GPU's need beside them.
 
 It writes a synthetic latent store laid out as encode lays it out (``--chunk-size`` latents a
-chunk, float32, the preset's latent shape), builds its node-local copy (``sra2.latent_copy``,
+chunk, float32, the preset's latent shape), builds its node-local copy (``sra2.data.latent_copy``,
 timed, and verified once more on demand, timed), then, in one process with a warm page cache,
 reads the batches of ``--steps`` training steps (the random rows ``batch_indices`` picks for the
 preset's global batch) in rounds that alternate between:
@@ -10,12 +10,12 @@ preset's global batch) in rounds that alternate between:
 - the bare gather: ``np.load(..., mmap_mode="r")[sorted rows]`` of the same files and rows, the
   physical reference;
 - the zarr store itself (``train.read_from: store``), for comparison;
-- one reader process through the DataLoader (``sra2.latents.stream``, what the loop consumes:
+- one reader process through the DataLoader (``sra2.data.latents.stream``, what the loop consumes:
   inter-process transfer included).
 
 It prints latents/s of each (the median over rounds), the read path's ratio to the bare gather,
 the reading process's memory (RSS, PSS, private and anonymous, from /proc/self/smaps_rollup), and
-the latents/s one GPU trains at 40% and 50% MFU (``sra2.flops``: 3 forward passes per image, with
+the latents/s one GPU trains at 40% and 50% MFU (``sra2.model.flops``: 3 forward passes per image, with
 the projector). Its last line reads ``read path / bare gather: <ratio> (<n> latents/s per reader;
 one GPU needs <m> at 50% MFU)``.
 
@@ -43,9 +43,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import torch
 
-from sra2 import flops, latent_copy, procs
-from sra2.config import resolve
-from sra2.latents import StepBatches, batch_indices, stream, write_synthetic_store
+from sra2.model import flops
+from sra2.data import latent_copy
+from sra2.runtime import procs
+from sra2.config.params import resolve
+from sra2.data.latents import StepBatches, batch_indices, stream, write_synthetic_store
 
 
 READ_PATH, BARE = "read path (StepBatches on the copy)", "bare memmap gather"
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def memory() -> dict[str, float]:
-    """This process's memory in MB: RSS, PSS, private and anonymous (sra2.procs.memory)."""
+    """This process's memory in MB: RSS, PSS, private and anonymous (sra2.runtime.procs.memory)."""
     found = procs.memory()
     return {"RSS": found["rss"] / 2**20, "PSS": found["pss"] / 2**20,
             "private": found["private"] / 2**20, "anonymous": found["anonymous"] / 2**20}

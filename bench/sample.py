@@ -1,7 +1,7 @@
 """Sampling throughput in one run on one machine: the sample stage against bare model forwards.
 
 The bare rate is ``sample.steps`` forwards of the SiT on a batch already on the device (the
-network evaluations a sampler cannot avoid); the stage is ``sra2.generate.sample_stage``: noise
+network evaluations a sampler cannot avoid); the stage is ``sra2.sample.generate.sample_stage``: noise
 from per-sample generators, the sampler's arithmetic, VAE decode, shards written, the ADM .npz
 and the grid. Goal: stage/bare >= 0.95. The SiT has its initial weights (the speed does not
 depend on them); the VAE is the preset's.
@@ -25,10 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from bench.encode import SD_VAE_SHAPE
-from sra2 import atomic, dist
-from sra2.config import Config, resolve
-from sra2.generate import sample_stage
-from sra2.train import build_model
+from sra2.runtime import atomic, dist
+from sra2.config.params import Config, resolve
+from sra2.sample.generate import sample_stage
+from sra2.train.loop import build_model
 
 
 

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 
-from sra2 import procs
+from sra2.runtime import procs
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENET, PAPER_SAMPLES = 1_281_167, 50_000
@@ -107,7 +107,7 @@ def imagefolder(root: Path, n: int, classes: int, pool: list[bytes]) -> Path:
 # --- the stages, as the flows run them, with stand-in networks
 
 def config(images: Path, n: int, smoke: bool):
-    from sra2.config import resolve
+    from sra2.config.params import resolve
 
     samples = max(16, round(n * SAMPLES_PER_IMAGE))
     return resolve({"preset": "tiny", "data": {"root": str(images), "image_size": 64 if smoke
@@ -196,7 +196,11 @@ def standin_features(cfg, device, scratch, seen=None, heads=FEATURES):
 
 def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
     """One stage in this process, as its flow runs it; returns its measurements."""
-    from sra2 import encode, generate, metrics, store, train, vae
+    from sra2.data import encode, store
+    from sra2.sample import generate
+    from sra2.evaluate import metrics
+    from sra2.train import loop as train
+    from sra2.model import vae
 
     cfg, network = config(images, n, smoke), [0.0]
     watch = Workers()
@@ -328,11 +332,11 @@ def disk(work: Path) -> dict[str, dict[str, int]]:
 
 
 def planned(cfg, n: int) -> dict[str, int]:
-    """What ``sra2 plan`` foresees for these folders (sra2.space, as the preflights count)."""
-    from sra2 import space
-    from sra2.encode import latent_arrays
-    from sra2.latent_copy import ARRAYS
-    from sra2.train import checkpoint_bytes
+    """What ``sra2 plan`` foresees for these folders (sra2.data.space, as the preflights count)."""
+    from sra2.data import space
+    from sra2.data.encode import latent_arrays
+    from sra2.data.latent_copy import ARRAYS
+    from sra2.train.loop import checkpoint_bytes
 
     arrays = latent_arrays(cfg, space.latent_shape(cfg))
     step, ema = checkpoint_bytes(cfg)

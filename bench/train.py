@@ -2,9 +2,9 @@
 step, a method's step (``--method``: sra2, sra, repa, sra2+repa) against vanilla SiT's, model FLOP
 utilisation, peak host and GPU memory.
 
-The bare step is ``sra2.train.train_step`` on a batch and noise already on the device (forward,
-backward, clipping, optimizer and EMA): what the hardware can do. The loop is ``sra2.train.train``
-on a synthetic latent store of ``--items`` latents (``sra2.latents.write_synthetic_store``): reader
+The bare step is ``sra2.train.loop.train_step`` on a batch and noise already on the device (forward,
+backward, clipping, optimizer and EMA): what the hardware can do. The loop is ``sra2.train.loop.train``
+on a synthetic latent store of ``--items`` latents (``sra2.data.latents.write_synthetic_store``): reader
 processes, host-to-device copies, noise, logging and checkpoints included. Goals: loop/bare >= 0.95,
 SRA 2/vanilla step time <= 1.05 on SiT-XL/2.
 
@@ -30,12 +30,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from sra2 import dist, flops
-from sra2.config import Config, resolve
-from sra2.latents import write_synthetic_store
-from sra2.train import build_trainer, draws, step_inputs, train, train_step
+from sra2.runtime import dist
 
-# each method's alignment terms (sra2.objective), as configuration sections
+from sra2.model import flops
+from sra2.config.params import Config, resolve
+from sra2.data.latents import write_synthetic_store
+from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
+
+# each method's alignment terms (sra2.methods.objective), as configuration sections
 METHODS = {"vanilla": {"align": {"enabled": False}},
            "sra2": {"align": {"enabled": True}},
            "sra": {"align": {"enabled": False}, "sra": {"enabled": True}},

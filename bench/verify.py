@@ -6,7 +6,7 @@ page cache warm:
 
 - the deep check (``ShardedStore.check(deep=True)``): every done shard's files against the sizes
   and CRC32Cs of their done marks, what a writer stage does when it reopens its store and what
-  ``python -m sra2.verify`` does;
+  ``python -m sra2.tools.verify`` does;
 - the bare read: the same files read in 16 MiB blocks and thrown away, the physical reference;
 - a decode of every chunk through zarr (what a training read does, CRC32C of each chunk checked),
   for comparison.
@@ -30,9 +30,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sra2.config import resolve
-from sra2.latents import write_synthetic_store
-from sra2.store import ShardedStore
+from sra2.config.params import resolve
+from sra2.data.latents import write_synthetic_store
+from sra2.data.store import ShardedStore
 
 IMAGENET = 1_281_167
 

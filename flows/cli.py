@@ -6,12 +6,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"demo-data": "flows.demo_data:main", "encode": "flows.encode:main",
-            "train": "flows.train:main", "sample": "flows.sample:main",
-            "evaluate": "flows.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
-            "serve": "flows.pipeline:serve_main", "feature-pca": "flows.feature_pca:main",
-            "convergence": "sra2.convergence:main", "flops": "sra2.flops:main",
-            "verify": "sra2.verify:main", "plan": "sra2.plan:main"}
+COMMANDS = {"demo-data": "flows.stages.demo_data:main", "encode": "flows.stages.encode:main",
+            "train": "flows.stages.train:main", "sample": "flows.stages.sample:main",
+            "evaluate": "flows.stages.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
+            "serve": "flows.pipeline:serve_main", "feature-pca": "flows.stages.feature_pca:main",
+            "convergence": "sra2.evaluate.convergence:main", "flops": "sra2.model.flops:main",
+            "verify": "sra2.tools.verify:main", "plan": "sra2.tools.plan:main"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
               "plan: what a run will cost (time, GPU-hours, disk per folder) before it runs.\n"
               "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    from flows.common import entry
+    from flows.harness.common import entry
 
     module, function = COMMANDS[argv[0]].split(":")
     command = getattr(importlib.import_module(module), function)

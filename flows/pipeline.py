@@ -5,11 +5,11 @@
 
 The flows: ``sra2-pipeline`` (`dvc repro`), ``sra2-experiment`` (`dvc exp run -S ...`) and
 ``sra2-table`` (a paper table's rows as queued experiments, run and then shown). Each stage DVC
-runs becomes a subflow run of the flow's run (flows.runner.call_flow reads SRA2_PARENT_FLOW_RUN),
+runs becomes a subflow run of the flow's run (flows.harness.runner.call_flow reads SRA2_PARENT_FLOW_RUN),
 so the run graph shows the stages in order and a stage's page links back to its pipeline.
 
 Stopping: a Cancel of the flow run cancels its running stage runs, which save and stop as a
-Cancel of the stage does, and no further stage starts under it (flows.runner); SIGTERM or Ctrl-C
+Cancel of the stage does, and no further stage starts under it (flows.harness.runner); SIGTERM or Ctrl-C
 reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish, and
 the next run (a Retry from the UI for a served run) resumes there.
 
@@ -37,9 +37,9 @@ from typing import Literal
 from prefect import flow
 from prefect.context import FlowRunContext
 
-from flows.monitor import close_current, current
-from flows.runner import PARENT_RUN, cancelled, cancelled_run, children
-from sra2 import procs
+from flows.harness.monitor import close_current, current
+from flows.harness.runner import PARENT_RUN, cancelled, cancelled_run, children
+from sra2.runtime import procs
 
 STOP_WAIT = 25.0  # seconds the stages get to save after SIGTERM (the runner kills at 30 s)
 
@@ -238,7 +238,7 @@ def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: tuple[str
     """
     from prefect.artifacts import create_markdown_artifact
 
-    table1 = [sys.executable, "-m", "flows.table1", "--table", str(table)]
+    table1 = [sys.executable, "-m", "flows.tables", "--table", str(table)]
     picked = ["--rows", *rows] if rows else []
     queued = [*table1, "queue", "--preset", preset, *picked, "--start", "-j", str(jobs),
               *[a for o in overrides for a in ("-S", o)]]
@@ -280,8 +280,8 @@ def check_overrides(overrides: list[str]) -> None:
     named, before DVC starts anything."""
     import yaml
 
-    from sra2 import checks
-    from sra2.config import ConfigError, apply_overrides, resolve
+    from sra2.methods import checks
+    from sra2.config.params import ConfigError, apply_overrides, resolve
 
     try:
         params = apply_overrides(yaml.safe_load(Path("params.yaml").read_text()) or {}, overrides)
@@ -306,7 +306,7 @@ def pipeline_main(argv: list[str] | None = None) -> None:
     `prefect server start`)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    from flows import server
+    from flows.harness import server
 
     parser = argparse.ArgumentParser(prog="sra2 pipeline", description=pipeline_flow.__doc__)
     parser.add_argument("targets", nargs="*", help="stages to bring up to date (default: all)")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import flows  # noqa: F401  (its environment defaults apply to the test server too)
-from sra2.config import Config, resolve
+from sra2.config.params import Config, resolve
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -93,8 +93,8 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
 def encoded_tiny(root: Path, **sections) -> tuple[Config, Path]:
     """The tiny preset's demo JPEGs drawn under ``root`` and encoded; returns the config (with
     ``sections`` overridden, data.root pointing at the images) and the latent store."""
-    from sra2.data import write_demo_dataset
-    from sra2.encode import encode_dataset
+    from sra2.data.images import write_demo_dataset
+    from sra2.data.encode import encode_dataset
 
     cfg = resolve({"preset": "tiny"})
     d = cfg.data.demo

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sra2.checkpoints import Checkpoints
-from sra2.models import CheckpointError
-from sra2.train import train
+from sra2.train.checkpoints import Checkpoints
+from sra2.model.sit import CheckpointError
+from sra2.train.loop import train
 
 from conftest import encoded_tiny, with_overrides
 
@@ -166,7 +166,7 @@ def test_a_truncated_newest_checkpoint_costs_the_steps_since_the_one_before(tmp_
 
 
 def test_verify_scrubs_a_run_folder(ckpts, capsys):
-    from sra2 import verify
+    from sra2.tools import verify
 
     assert verify.main([str(ckpts.folder.parent)]) == 0
     assert f"{ckpts.folder}: 3 checkpoint(s): clean" in capsys.readouterr().out

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sra2 import dist
-from sra2.config import resolve
-from sra2.train import build_trainer, draws, step_inputs, train_step
+from sra2.runtime import dist
+from sra2.config.params import resolve
+from sra2.train.loop import build_trainer, draws, step_inputs, train_step
 
 SHAPE = (4, 8, 8)  # the demo's 64 px latents: 16 tokens of SiT-Micro/2 (3 blocks, width 32)
 BATCH = 4
@@ -46,7 +46,7 @@ def step(precision: str, compiled: bool) -> dict:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_compiled_sra2_step_matches_the_eager_one(precision, monkeypatch):
-    if precision == "bf16":  # as on a GPU: sra2.dist.autocast is a no-op on the CPU
+    if precision == "bf16":  # as on a GPU: sra2.runtime.dist.autocast is a no-op on the CPU
         monkeypatch.setattr(dist, "autocast",
                             lambda device, _: torch.autocast(device.type, torch.bfloat16))
     torch._dynamo.reset()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import with_overrides
-from sra2.config import ConfigError, available_presets, load, resolve
+from sra2.config.params import ConfigError, available_presets, load, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_a_typo_fails_the_stage_at_once(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump({"preset": "demo", "train": {"lr": "1e-4x"}}))
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "flows.train", "--params", str(bad)],
+    run = subprocess.run([sys.executable, "-m", "flows.stages.train", "--params", str(bad)],
                          cwd=REPO, capture_output=True, text=True)
     assert run.returncode != 0
     assert "train.lr" in run.stderr and "1e-4x" in run.stderr
@@ -152,7 +152,7 @@ def params_file(tmp_path: Path, overrides: dict) -> Path:
 @pytest.mark.parametrize("stage, overrides, key, value", BAD_VALUES,
                          ids=[f"{c[0]}-{c[2]}={c[3]}" for c in BAD_VALUES])
 def test_bad_values_stop_the_stage_naming_key_and_value(tmp_path, stage, overrides, key, value):
-    from flows.common import parse
+    from flows.harness.common import parse
 
     with pytest.raises(SystemExit) as stop:
         parse(stage, "", {}, ["--params", str(params_file(tmp_path, overrides))])
@@ -163,7 +163,7 @@ def test_bad_values_stop_the_stage_naming_key_and_value(tmp_path, stage, overrid
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "sit-b2", "sit-l2", "sit-xl2"])
 def test_every_preset_passes_the_stage_checks(name):
-    from sra2 import checks
+    from sra2.methods import checks
 
     cfg = resolve({"preset": name})
     for stage in ("demo_data", "train", "sample"):
@@ -196,7 +196,7 @@ COMMANDS = [
 def test_the_stage_command_fails_before_prefect_starts(tmp_path, stage, overrides, key):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", f"flows.{stage}", "--params",
+    run = subprocess.run([sys.executable, "-m", f"flows.stages.{stage}", "--params",
                           str(params_file(tmp_path, overrides))], cwd=REPO, capture_output=True,
                          text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=60)
     took = time.monotonic() - start
@@ -214,9 +214,9 @@ def _overlay(base: dict, over: dict) -> dict:
                        for k, v in over.items()}}
 
 
-# sra2/presets/sit-b2.yaml as it was written out in full before the paper presets shared a base
+# sra2/config/presets/sit-b2.yaml as it was written out in full before the paper presets shared a base
 # (chunk_size then 32: one latent a chunk since streaming training reads random rows; workers
-# then 16: derived from the node's cores since, sra2.encode.decode_workers)
+# then 16: derived from the node's cores since, sra2.data.encode.decode_workers)
 PAPER = {
     "data": {"root": "data/imagenet/train", "image_size": 256},
     "vae": {"source": "stabilityai/sd-vae-ft-ema", "scale": 0.18215},
@@ -277,7 +277,7 @@ COMPLETE = {
 
 @pytest.mark.parametrize("name", ["demo", "tiny", "sit-b2", "sit-l2", "sit-xl2"])
 def test_presets_resolve_to_their_complete_settings(name):
-    from sra2.config import PRESETS_DIR, Config
+    from sra2.config.params import PRESETS_DIR, Config
 
     complete = COMPLETE.get(name) or yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text())
     assert resolve({"preset": name}).model_dump() == Config.model_validate(
@@ -285,7 +285,7 @@ def test_presets_resolve_to_their_complete_settings(name):
 
 
 def test_paper_presets_list_only_what_differs_from_their_base():
-    from sra2.config import PRESETS_DIR, preset_chain
+    from sra2.config.params import PRESETS_DIR, preset_chain
 
     def keys(tree, prefix=""):
         return {k for key, v in tree.items() if key != "base"
@@ -311,47 +311,47 @@ def test_bases_are_not_presets():
     ({"a": "base: _b\n", "_b": "base: a\n"}, r"_b\.yaml: base 'a' makes a cycle: a -> _b -> a"),
 ])
 def test_a_bad_base_is_named(tmp_path, monkeypatch, files, message):
-    import sra2.config
+    import sra2.config.params
 
     for stem, text in files.items():
         (tmp_path / f"{stem}.yaml").write_text(text)
-    monkeypatch.setattr(sra2.config, "PRESETS_DIR", tmp_path)
+    monkeypatch.setattr(sra2.config.params, "PRESETS_DIR", tmp_path)
     with pytest.raises(ConfigError, match=message):
         resolve({"preset": "a"})
 
 
 def test_a_preset_overrides_its_base_key_by_key(tmp_path, monkeypatch):
-    import sra2.config
-    from sra2.config import read_preset
+    import sra2.config.params
+    from sra2.config.params import read_preset
 
     (tmp_path / "_base.yaml").write_text("train: {lr: 1.0, seed: 3}\nsample: {grid: 4}\n")
     (tmp_path / "mid.yaml").write_text("base: _base\ntrain: {lr: 2.0}\n")
     (tmp_path / "top.yaml").write_text("base: mid\ntrain: {seed: 5}\nevaluate: {seed: 1}\n")
-    monkeypatch.setattr(sra2.config, "PRESETS_DIR", tmp_path)
+    monkeypatch.setattr(sra2.config.params, "PRESETS_DIR", tmp_path)
     assert read_preset("top") == {"train": {"lr": 2.0, "seed": 5}, "sample": {"grid": 4},
                                   "evaluate": {"seed": 1}}
 
 
 def test_dvc_tracks_every_file_a_preset_is_made_of():
     """A stage that tracks sections of ${preset}.yaml tracks the same sections of its bases."""
-    from sra2.config import preset_chain
+    from sra2.config.params import preset_chain
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     bases = {b for p in available_presets() for b in preset_chain(p)[:-1]}
     assert bases == {"_imagenet"}
     for name, stage in stages.items():
         files = {k: v for p in stage["params"] if isinstance(p, dict) for k, v in p.items()}
-        sections = files["sra2/presets/${preset}.yaml"]
+        sections = files["sra2/config/presets/${preset}.yaml"]
         for base in bases:
-            assert files.get(f"sra2/presets/{base}.yaml") == sections, name
+            assert files.get(f"sra2/config/presets/{base}.yaml") == sections, name
 
 
 # --- Table 1 as experiments ------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["sit-b2", "sit-l2", "sit-xl2"])
 def test_every_table1_row_is_a_valid_run_of_the_paper_presets(preset):
-    from flows.table1 import check_row, queue_command
-    from sra2.paper import TABLE1
+    from flows.tables import check_row, queue_command
+    from sra2.evaluate.paper import TABLE1
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     names = set()
@@ -366,10 +366,10 @@ def test_every_table1_row_is_a_valid_run_of_the_paper_presets(preset):
 
 @pytest.mark.parametrize("preset", ["sit-b2", "sit-xl2"])
 def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
-    from flows.table1 import check_row, row_overrides
-    from sra2.config import apply_overrides
-    from sra2.objective import terms
-    from sra2.paper import TABLE3
+    from flows.tables import check_row, row_overrides
+    from sra2.config.params import apply_overrides
+    from sra2.methods.objective import terms
+    from sra2.evaluate.paper import TABLE3
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     expected = {"vanilla": [], "sra": ["sra"], "repa": ["repa"], "sra2": ["align"],
@@ -382,9 +382,9 @@ def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
 
 
 def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
-    from flows.table1 import collect, render
-    from sra2 import flops
-    from sra2.paper import TABLES
+    from flows.tables import collect, render
+    from sra2.model import flops
+    from sra2.evaluate.paper import TABLES
 
     def experiment(name, fid, changes):
         params = {"preset": "sit-b2", **changes}
@@ -409,17 +409,17 @@ def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
 
 
 def test_table1_refuses_a_row_the_model_cannot_run():
-    from flows.table1 import check_row
-    from sra2.paper import row
+    from flows.tables import check_row
+    from sra2.evaluate.paper import row
 
     with pytest.raises(ConfigError, match=r"row layer6:\n  align\.layer: must be in \[1, 3\]"):
         check_row({"preset": "demo"}, row("layer6"), "tiny", [])
 
 
 def test_table1_rows_change_one_thing_each():
-    from flows.table1 import row_overrides
-    from sra2.config import apply_overrides
-    from sra2.paper import TABLE1
+    from flows.tables import row_overrides
+    from sra2.config.params import apply_overrides
+    from sra2.evaluate.paper import TABLE1
 
     base = resolve({"preset": "sit-b2"}).model_dump()
     for r in TABLE1:
@@ -437,8 +437,10 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
     (a new one would start every existing run afresh)."""
     from types import SimpleNamespace
 
-    from sra2 import encode, generate, train
-    from sra2.store import digest
+    from sra2.data import encode
+    from sra2.sample import generate
+    from sra2.train import loop as train
+    from sra2.data.store import digest
 
     images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
 

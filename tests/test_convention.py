@@ -2,7 +2,7 @@
 
 SiT time: t = 0 noise, t = 1 data, the network predicts x1 - x0. REPA time (REPA and the SRA code
 built on it): s = 1 - t, s = 1 noise, the network predicts eps - x. The layouts below copy what the
-public train.py scripts save (see the comment above ``sra2.models.Convention``)."""
+public train.py scripts save (see the comment above ``sra2.model.sit.Convention``)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sra2.generate import generate
-from sra2.models import (CheckpointError, ReversedTime, SiT, build, detect_convention,
+from sra2.sample.generate import generate
+from sra2.model.sit import (CheckpointError, ReversedTime, SiT, build, detect_convention,
                          load_checkpoint, read_checkpoint)
-from sra2.sampling import guided_velocity, randn, sample
-from sra2.store import ShardedStore
+from sra2.sample.samplers import guided_velocity, randn, sample
+from sra2.data.store import ShardedStore
 
 from conftest import randomize, with_overrides
 
@@ -100,7 +100,7 @@ def generators(seeds):
 
 
 def sample_stage(model, y, seeds, kind, steps, last_step, scale, interval):
-    """The sample stage's calls (sra2.generate): per-row noise, guided_velocity, sample."""
+    """The sample stage's calls (sra2.sample.generate): per-row noise, guided_velocity, sample."""
     gens = generators(seeds)
     x = randn((len(seeds), 4, SIDE, SIDE), gens).double()
     velocity = guided_velocity(model, y, scale, None, interval)

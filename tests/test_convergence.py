@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sra2 import convergence
-from sra2.checkpoints import TimeLog
-from sra2.convergence import ConvergenceError, Curve, make_curve, speedup
-from sra2.plots import PALETTE
+from sra2.evaluate import convergence
+from sra2.train.checkpoints import TimeLog
+from sra2.evaluate.convergence import ConvergenceError, Curve, make_curve, speedup
+from sra2.evaluate.plots import PALETTE
 
 HEADER = "step,fid,sfid,inception_score\n"
 

@@ -1,4 +1,4 @@
-"""CPU thread defaults (sra2.launch.cpu_threads) and a --help that imports no heavy package."""
+"""CPU thread defaults (sra2.runtime.launch.cpu_threads) and a --help that imports no heavy package."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sra2 import launch
+from sra2.runtime import launch
 
 REPO = Path(__file__).resolve().parents[1]
 OMP = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
@@ -46,7 +46,7 @@ def test_gpu_workers_keep_torchrun_s_defaults(eight_cores, monkeypatch):
 def test_the_flow_process_imports_torch_with_its_share_and_leaves_the_environment():
     code = ("import os\n"
             "os.sched_getaffinity = lambda pid: {0}  # one core: 1 thread, whatever torch's default\n"
-            "from sra2 import launch\n"
+            "from sra2.runtime import launch\n"
             "launch.import_torch()\n"
             "import torch\n"
             f"print(torch.get_num_threads(), [k for k in {OMP} if k in os.environ])")
@@ -56,8 +56,8 @@ def test_the_flow_process_imports_torch_with_its_share_and_leaves_the_environmen
 
 
 def stage_help(stage: str) -> str:
-    return (f"sys.argv = ['flows.{stage}', '--help']\n"
-            f"runpy.run_module('flows.{stage}', run_name='__main__', alter_sys=True)")
+    return (f"sys.argv = ['flows.stages.{stage}', '--help']\n"
+            f"runpy.run_module('flows.stages.{stage}', run_name='__main__', alter_sys=True)")
 
 
 @pytest.mark.parametrize("run", [*map(stage_help, ("demo_data", "encode", "train", "sample",

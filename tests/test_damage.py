@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from sra2 import latent_copy
-from sra2.encode import encode_dataset
-from sra2.generate import generate
-from sra2.images import write_npz
-from sra2.store import DamagedStore, ShardedStore
+from sra2.data import latent_copy
+from sra2.data.encode import encode_dataset
+from sra2.sample.generate import generate
+from sra2.sample.outputs import write_npz
+from sra2.data.store import DamagedStore, ShardedStore
 
 from conftest import encoded_tiny, with_overrides
 from test_generate import export_random_sit

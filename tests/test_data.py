@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sra2.data import (BadImage, DataError, center_crop_arr, list_images, load_cropped, load_crops,
+from sra2.data.images import (BadImage, DataError, center_crop_arr, list_images, load_cropped, load_crops,
                        load_rgb, write_demo_dataset)
 
 from conftest import jpeg_bytes, write_folder

@@ -1,4 +1,4 @@
-"""bench/decode.py's smoke run, and encode.workers: auto (sra2.encode.decode_workers)."""
+"""bench/decode.py's smoke run, and encode.workers: auto (sra2.data.encode.decode_workers)."""
 
 import os
 import re
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sra2 import encode
-from sra2.config import ConfigError, resolve
-from sra2.encode import MAX_WORKERS, decode_workers
+from sra2.data import encode
+from sra2.config.params import ConfigError, resolve
+from sra2.data.encode import MAX_WORKERS, decode_workers
 
 REPO = Path(__file__).resolve().parents[1]
 

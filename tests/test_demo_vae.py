@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sra2 import vae as vae_lib
-from sra2.config import DemoVAE
-from sra2.data import load_crops, write_demo_dataset
+from sra2.model import vae as vae_lib
+from sra2.config.params import DemoVAE
+from sra2.data.images import load_crops, write_demo_dataset
 
 from conftest import with_overrides
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sra2 import dinov2
-from sra2.config import Repa
-from sra2.data import center_crop_arr
+from sra2.model import dinov2
+from sra2.config.params import Repa
+from sra2.data.images import center_crop_arr
 
 SEED = 3
 
@@ -125,12 +125,12 @@ def test_unknown_weights_are_named():
 
 
 def test_under_autocast_the_blocks_run_in_bf16_and_the_tokens_stay_float32(photos):
-    """The path a GPU takes (sra2.dist.autocast is bf16 there), taken on the CPU as the smoke run
+    """The path a GPU takes (sra2.runtime.dist.autocast is bf16 there), taken on the CPU as the smoke run
     of bench/gpu.py does: the blocks' matmuls in bf16, the normalisation before them and the
     tokens after in float32."""
     from unittest import mock
 
-    from sra2 import dist
+    from sra2.runtime import dist
 
     encoder = dinov2.load_encoder(Repa(encoder="random", encoder_seed=SEED), grid=2)
     seen = {}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2 import vae as vae_lib
-from sra2.data import BadImage, list_images, load_cropped, write_demo_dataset
-from sra2.encode import encode_dataset, settings_store
-from sra2.store import ShardedStore
+from sra2.model import vae as vae_lib
+from sra2.data.images import BadImage, list_images, load_cropped, write_demo_dataset
+from sra2.data.encode import encode_dataset, settings_store
+from sra2.data.store import ShardedStore
 
 from conftest import jpeg_bytes, with_overrides, write_folder
 
@@ -98,7 +98,7 @@ def test_each_setting_gets_its_own_store_and_going_back_reuses_it(tmp_path, tiny
 def test_other_drawn_images_or_vae_weights_name_another_store(tmp_path, tiny):
     """Same file names, other pixels (another demo seed) or a retrained VAE at the same path:
     another store, never the old latents."""
-    from sra2.encode import _signature
+    from sra2.data.encode import _signature
 
     d = tiny.data.demo
     write_demo_dataset(tmp_path / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
@@ -117,7 +117,7 @@ def test_other_drawn_images_or_vae_weights_name_another_store(tmp_path, tiny):
 def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
     """encode.pixels: the ADM crops of the demo JPEGs, bit for bit, in the store beside the
     latents (sharded and chunked as they are), and in REPA's batches through the node-local copy."""
-    from sra2.latents import batch_indices, open_batches
+    from sra2.data.latents import batch_indices, open_batches
 
     from conftest import encoded_tiny
 
@@ -145,7 +145,7 @@ def test_pixels_name_a_store_only_when_on(tiny):
     """Stores encoded before encode.pixels existed keep their folder names."""
     from types import SimpleNamespace
 
-    from sra2.encode import _signature
+    from sra2.data.encode import _signature
 
     images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
     off = _signature(tiny, images)

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sra2.data import write_demo_dataset
-from sra2.store import ShardedStore
+from sra2.data.images import write_demo_dataset
+from sra2.data.store import ShardedStore
 
 REPO = Path(__file__).resolve().parents[1]
-ENCODE = "import sys; from sra2.config import load; from sra2.encode import encode_dataset; " \
+ENCODE = "import sys; from sra2.config.params import load; from sra2.data.encode import encode_dataset; " \
          "encode_dataset(load(sys.argv[1]), sys.argv[2])"
 
 

@@ -19,18 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from sra2 import atomic, launch, procs
-from sra2.checkpoints import step_file
-from sra2.stopping import Stopped
-from sra2.train import NonFiniteError, build_trainer, check_weights, train
+from sra2.runtime import atomic, launch, procs
+from sra2.train.checkpoints import step_file
+from sra2.runtime.stopping import Stopped
+from sra2.train.loop import NonFiniteError, build_trainer, check_weights, train
 
 from conftest import encoded_tiny, with_overrides
 
 PARENT = '''
 import json, sys
-from sra2 import launch
-from sra2.config import Config
-from sra2.train import train
+from sra2.runtime import launch
+from sra2.config.params import Config
+from sra2.train.loop import train
 
 if __name__ == "__main__":
     config, latents, out, events = sys.argv[1:]
@@ -78,7 +78,7 @@ def wait_for(path: Path, kind: str, proc: subprocess.Popen, timeout: float = 120
 
 
 def start_launch(tmp_path: Path, cfg, latents: Path, out: Path) -> tuple[subprocess.Popen, Path]:
-    """A process that runs sra2.launch.run(train, ...) as a flow does, writing the records it gets
+    """A process that runs sra2.runtime.launch.run(train, ...) as a flow does, writing the records it gets
     to a file; its output goes to tmp_path/launch.log."""
     (tmp_path / "parent.py").write_text(PARENT)
     (tmp_path / "config.json").write_text(cfg.model_dump_json())
@@ -125,7 +125,7 @@ def torch_one_thread():
 
 
 def interrupt_a_launch(tmp_path: Path, cfg, latents: Path, nproc: int) -> int:
-    """SIGTERM to a process running sra2.launch.run(train, ...) once training has started: the
+    """SIGTERM to a process running sra2.runtime.launch.run(train, ...) once training has started: the
     launch waits for its workers to save one step, all of them the same, and exits 143.
     Returns that step."""
     proc, events = start_launch(tmp_path, cfg, latents, tmp_path / "resumed")

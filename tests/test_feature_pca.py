@@ -1,4 +1,4 @@
-"""The feature PCA picture (sra2.feature_pca): PCA colours and the held-out R^2 on synthetic
+"""The feature PCA picture (sra2.evaluate.feature_pca): PCA colours and the held-out R^2 on synthetic
 features whose answer is known, then the command on a tiny store and tiny SiT checkpoints."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2 import feature_pca as fp
+from sra2.evaluate import feature_pca as fp
 
 from conftest import encoded_tiny
 from test_generate import export_random_sit

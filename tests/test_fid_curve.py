@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sra2.fid_curve import evaluate_step
-from sra2.generate import sample_stage
-from sra2.plots import PALETTE
-from sra2.train import build_model
+from sra2.train.fid_curve import evaluate_step
+from sra2.sample.generate import sample_stage
+from sra2.evaluate.plots import PALETTE
+from sra2.train.loop import build_model
 
 from conftest import encoded_tiny, with_overrides
 
@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
 
 
 def test_training_writes_the_fid_curve_once_per_step_and_its_snapshots_sample(tmp_path, setup):
-    from sra2.train import train
+    from sra2.train.loop import train
 
     cfg, latents = setup
     rows = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sra2.flops import main, report
+from sra2.model.flops import main, report
 
 
 def test_sit_b2_forward_flops_match_the_paper():
@@ -45,8 +45,8 @@ def test_a_token_set_costs_what_the_forward_pass_costs_at_the_same_count():
     """The RALU sampler's cost is counted per token set (SiT.tokens); at the full grid that is the
     forward pass's count. A quarter of the tokens costs less than a quarter (attention is
     quadratic in tokens) and more than a sixteenth (the per-token layers are linear)."""
-    from sra2.flops import token_flops
-    from sra2.models import build
+    from sra2.model.flops import token_flops
+    from sra2.model.sit import build
 
     with torch.device("meta"):
         model = build("SiT-B/2", input_size=32, num_classes=1000, learn_sigma=False)

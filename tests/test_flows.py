@@ -1,4 +1,4 @@
-"""What the stage flows show and keep (flows.monitor, progress, runner), without a Prefect server:
+"""What the stage flows show and keep (flows.harness.monitor, progress, runner), without a Prefect server:
 progress texts, the table, pictures, the local log, warning once when the API fails, tags, and
 evaluate's progress through Inception."""
 
@@ -12,11 +12,11 @@ import httpx
 import numpy as np
 import pytest
 
-from flows.monitor import Monitor, _WhenOffline
-from flows.progress import Eta, Watch, counted, duration, headline, row_line, table_rows
-from flows.runner import run_stage, stage_flow
-from flows.tags import pipeline_id, run_tags
-from sra2.plots import loss_plot
+from flows.harness.monitor import Monitor, _WhenOffline
+from flows.harness.progress import Eta, Watch, counted, duration, headline, row_line, table_rows
+from flows.harness.runner import run_stage, stage_flow
+from flows.harness.tags import pipeline_id, run_tags
+from sra2.evaluate.plots import loss_plot
 
 from conftest import with_overrides
 
@@ -170,7 +170,7 @@ def test_logging_restores_itself_after_the_monitor_closes(tmp_path):
                 if isinstance(f, _WhenOffline)]
 
 
-PRINT_ID = "from flows.tags import pipeline_id; print(pipeline_id())"
+PRINT_ID = "from flows.harness.tags import pipeline_id; print(pipeline_id())"
 
 
 def fake_dvc(folder: Path, runs: int) -> Path:
@@ -236,7 +236,7 @@ def test_the_body_s_own_error_fails_the_stage(unreachable_api):
 
 
 def test_evaluate_reports_the_images_through_inception(tmp_path, tiny, monkeypatch):
-    from sra2 import metrics
+    from sra2.evaluate import metrics
 
     # the formulas are tested in test_metrics; their matrix square roots take long on a CPU
     monkeypatch.setattr(metrics, "adm_metrics", lambda fake, reference, device: {})
@@ -254,10 +254,10 @@ def test_evaluate_reports_the_images_through_inception(tmp_path, tiny, monkeypat
 def test_a_cancelled_evaluate_stops_between_batches_and_writes_nothing(tmp_path, tiny,
                                                                       unreachable_api):
     """evaluate computes in the flow's own process: once its run is cancelled (the monitor's
-    cancel set, as flows.monitor.Monitor.watch_cancel sets it) it stops at the next batch and
+    cancel set, as flows.harness.monitor.Monitor.watch_cancel sets it) it stops at the next batch and
     ends Cancelled saying how far it got; no metrics file is written."""
-    from flows.evaluate import evaluate_flow
-    from flows.monitor import close_current, current
+    from flows.stages.evaluate import evaluate_flow
+    from flows.harness.monitor import close_current, current
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))

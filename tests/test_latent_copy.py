@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from sra2 import latent_copy
-from sra2.latent_copy import CopyDamaged, LatentCopy, copy_root, ensure, verify
-from sra2.latents import StepBatches, open_batches, write_synthetic_store
-from sra2.store import ShardedStore
+from sra2.data import latent_copy
+from sra2.data.latent_copy import CopyDamaged, LatentCopy, copy_root, ensure, verify
+from sra2.data.latents import StepBatches, open_batches, write_synthetic_store
+from sra2.data.store import ShardedStore
 
 from conftest import with_overrides
 

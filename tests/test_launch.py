@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sra2 import launch
-from sra2.config import ConfigError, Launch
-from sra2.train import train
+from sra2.runtime import launch
+from sra2.config.params import ConfigError, Launch
+from sra2.train.loop import train
 
 from conftest import encoded_tiny, with_overrides
 

@@ -12,20 +12,20 @@ import pytest
 import yaml
 
 from conftest import stop, with_overrides
-from flows.common import output_locks
-from sra2.data import write_demo_dataset
-from sra2.lock import OutputBusy, hold, lock_path
-from sra2.store import ShardedStore
+from flows.harness.common import output_locks
+from sra2.data.images import write_demo_dataset
+from sra2.runtime.lock import OutputBusy, hold, lock_path
+from sra2.data.store import ShardedStore
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = """import sys, time
-from sra2.lock import hold
+from sra2.runtime.lock import hold
 with hold(sys.argv[1:]):
     print("locked", flush=True)
     time.sleep(600)
 """
 TAKE = """import sys
-from sra2.lock import hold
+from sra2.runtime.lock import hold
 with hold(sys.argv[1:]):
     print("took it")
 """
@@ -98,7 +98,7 @@ def test_two_encode_stages_on_one_store_one_writes(tmp_path, prefect_api):
     runs = []
     try:
         for i in range(2):  # started together, on one --out, each with its own summary
-            command = [sys.executable, "-m", "flows.encode", "--params", str(params), "--out",
+            command = [sys.executable, "-m", "flows.stages.encode", "--params", str(params), "--out",
                        str(tmp_path / "latents"), "--summary", str(tmp_path / f"encode-{i}.json")]
             with open(tmp_path / f"encode-{i}.log", "w") as log:  # a file: no pipe to fill up
                 runs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
@@ -116,5 +116,5 @@ def test_two_encode_stages_on_one_store_one_writes(tmp_path, prefect_api):
         assert not (tmp_path / f"encode-{loser}.json").exists()
     finally:
         for proc in runs:
-            # SIGINT lets the flow stop its torchrun launcher and workers (sra2.launch._stop)
+            # SIGINT lets the flow stop its torchrun launcher and workers (sra2.runtime.launch._stop)
             stop(proc, signal.SIGINT, grace=60)

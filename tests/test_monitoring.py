@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.server import free_port, healthy
-from sra2.latents import write_synthetic_store
-from sra2.procs import started_at
+from flows.harness.server import free_port, healthy
+from sra2.data.latents import write_synthetic_store
+from sra2.runtime.procs import started_at
 
 from conftest import stop
 
@@ -78,7 +78,7 @@ def test_training_finishes_when_the_prefect_server_dies_mid_run(tmp_path, prefec
     start = time.monotonic()
     with open(tmp_path / "stage.out", "w") as out:
         stage = subprocess.Popen(
-            [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+            [sys.executable, "-m", "flows.stages.train", "--params", str(params), "--latents",
              str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
              str(tmp_path / "train.json")], cwd=tmp_path, env=env, stdout=out,
             stderr=subprocess.STDOUT)
@@ -113,7 +113,7 @@ def test_training_finishes_when_the_prefect_server_dies_mid_run(tmp_path, prefec
 
 
 def descendants(pid: int) -> dict[int, str | None]:
-    """The processes below ``pid``, each with its start token (sra2.procs.started_at)."""
+    """The processes below ``pid``, each with its start token (sra2.runtime.procs.started_at)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -133,7 +133,7 @@ def stage_command(tmp_path: Path, steps: int) -> list[str]:
     params = tmp_path / f"params-{steps}.yaml"
     params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
         "steps": steps, "log_every": 5, "ckpt_every": 200, "workers": 0}}))
-    return [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+    return [sys.executable, "-m", "flows.stages.train", "--params", str(params), "--latents",
             str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
             str(tmp_path / "train.json")]
 
@@ -206,7 +206,7 @@ def start_training(tmp_path: Path, api: str, steps: int = 100_000):
     params.write_text(yaml.safe_dump({"preset": "tiny", "train": {
         "steps": steps, "log_every": 5, "ckpt_every": 100_000, "workers": 0}}))
     env = {**os.environ, "PREFECT_API_URL": api, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "flows.train", "--params", str(params), "--latents",
+    command = [sys.executable, "-m", "flows.stages.train", "--params", str(params), "--latents",
                str(tmp_path / "latents"), "--out", str(tmp_path / "train"), "--summary",
                str(tmp_path / "train.json")]
     log = tmp_path / "data/logs/train.log"
@@ -284,12 +284,12 @@ def test_sigterm_that_saved_is_recorded_as_preempted_not_crashed(tmp_path, prefe
 
 def test_no_stage_starts_under_a_cancelled_pipeline_run(prefect_api, tmp_path, monkeypatch):
     """A Cancel of the pipeline run that lands while DVC moves on to the next stage: that stage
-    ends at once, naming the run, and its body never runs (flows.runner.call_flow)."""
+    ends at once, naming the run, and its body never runs (flows.harness.runner.call_flow)."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
-    from flows.runner import PARENT_RUN, run_stage, stage_flow
+    from flows.harness.runner import PARENT_RUN, run_stage, stage_flow
 
     ran = []
 

@@ -8,11 +8,11 @@ from torch import nn
 
 from types import SimpleNamespace
 
-from sra2.align import alignment_loss, projector_for, sra2_loss
-from sra2.config import Align, resolve
-from sra2.models import build, patchify, unpatchify
-from sra2.objective import Objective
-from sra2.transport import from_repa_time, interpolate
+from sra2.methods.align import alignment_loss, projector_for, sra2_loss
+from sra2.config.params import Align, resolve
+from sra2.model.sit import build, patchify, unpatchify
+from sra2.methods.objective import Objective
+from sra2.model.transport import from_repa_time, interpolate
 
 from conftest import randomize, with_overrides
 

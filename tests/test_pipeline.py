@@ -16,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sra2.plots import PALETTE
+from sra2.evaluate.plots import PALETTE
 
 from conftest import stop
 
@@ -191,7 +191,7 @@ def test_the_plan_foresees_the_bytes_the_repro_left_in_each_folder(pipeline):
     """`sra2 plan`'s figures, computed before anything runs, against what the tiny pipeline left
     (the pictures and logs it does not count, < 100 KB whatever the scale, aside)."""
     work, env, _, _ = pipeline
-    run([sys.executable, "-m", "sra2.plan", "--json", "plan.json"], work, env)
+    run([sys.executable, "-m", "sra2.tools.plan", "--json", "plan.json"], work, env)
     planned = {k: v["end"] for k, v in json.loads((work / "plan.json").read_text())["folders"].items()}
     store = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
     [copy] = [m.parent for m in Path(os.environ["SRA2_COPY_DIR"]).glob("*/manifest.json")
@@ -256,7 +256,7 @@ def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline
     assert "arr_0.npy's bytes fail its CRC32" in log and "the samples are drawn again" in log
     # the bytes of the undisturbed run (encode.json, its summary, counts this run's work)
     assert recorded_outs(work, skip="data/encode.json") == outs
-    checked = run([sys.executable, "-m", "sra2.verify", "data/latents", "data/samples/shards"],
+    checked = run([sys.executable, "-m", "sra2.tools.verify", "data/latents", "data/samples/shards"],
                   work, env)
     assert checked.count(": clean") == 2
     assert len(list((work / "data/latents/.quarantine").rglob("mean/c/0/0/0/0"))) == 1
@@ -315,7 +315,7 @@ def test_queued_experiments_keep_their_results(pipeline):
     rows = ["vanilla", "layer2"]
     names = [f"table1-{r}" for r in rows]
     # two at once (-j 2): the stages spend much of their time starting processes, not computing
-    run([sys.executable, "-m", "flows.table1", "queue", "--preset", "tiny", "--rows", *rows,
+    run([sys.executable, "-m", "flows.tables", "queue", "--preset", "tiny", "--rows", *rows,
          "-S", "train.steps=20", "-S", "train.eval_every=20", "-S", "train.eval_samples=6",
          "--start", "-j", "2"], work, env)
     status = wait_for_queue(work, env)
@@ -356,7 +356,7 @@ def test_queued_experiments_keep_their_results(pipeline):
         assert shown == {"HEAD", *names} and {e["type"] for e in plots["data"][image]} == {"image"}
 
     # FID against step, images and process-hours, from the experiments' commits; the speed-up
-    printed = run([sys.executable, "-m", "sra2.convergence", *names, "--out", "convergence.png"],
+    printed = run([sys.executable, "-m", "sra2.evaluate.convergence", *names, "--out", "convergence.png"],
                   work, env)
     for name in names:  # the times each experiment committed give the hours
         assert re.search(rf"{name}: 1 evaluation\(s\) up to step 20, final FID [0-9.]+, [0-9.e-]+ "
@@ -369,7 +369,7 @@ def test_queued_experiments_keep_their_results(pipeline):
         for colour in PALETTE[:2]:
             assert (panel == colour).all(axis=1).sum() > 10, (i, colour)
 
-    table = run([sys.executable, "-m", "flows.table1", "show", "--rows", *rows], work, env)
+    table = run([sys.executable, "-m", "flows.tables", "show", "--rows", *rows], work, env)
     for row, name in zip(rows, names):
         fid = results[name]["data/metrics.json"]["fid"]
         # and the cost of its settings beside vanilla's
@@ -429,7 +429,7 @@ def stage_runs(parent) -> dict[str, list]:
     """The subflow runs of ``parent`` by stage, oldest first."""
     from prefect.client.orchestration import get_client
 
-    from flows.runner import children
+    from flows.harness.runner import children
 
     with get_client(sync_client=True) as client:
         found: dict[str, list] = {}

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from sra2 import flops, plan
-from sra2.config import resolve
+from sra2.model import flops
+from sra2.tools import plan
+from sra2.config.params import resolve
 
 
 def test_a_paper_plan_is_its_flops_at_the_mfu_and_its_arrays_bytes(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""RALU (sra2.ralu, arXiv 2507.08422): the noise-timestep matching keeps x_t on its path, the
+"""RALU (sra2.sample.ralu, arXiv 2507.08422): the noise-timestep matching keeps x_t on its path, the
 sampler without its tricks is the plain Euler sampler, every token gets the sin-cos embedding of
 where it sits, and the edge mask picks the edged tokens."""
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sra2 import ralu
-from sra2.config import Ralu
-from sra2.models import build, patchify
-from sra2.sampling import guided_velocity, ode_euler
+from sra2.sample import ralu
+from sra2.config.params import Ralu
+from sra2.model.sit import build, patchify
+from sra2.sample.samplers import guided_velocity, ode_euler
 
 from conftest import randomize
 
@@ -183,8 +183,8 @@ def test_the_edge_mask_takes_the_tokens_with_most_edges():
 def test_ralu_samples_through_the_sample_stage(tmp_path, tiny):
     """The tiny preset switches to RALU with one parameter (at 64 px: a 4x4 token grid); its images
     differ from the default sampler's and, as every sampler's, do not depend on the batch size."""
-    from sra2.generate import generate
-    from sra2.store import ShardedStore
+    from sra2.sample.generate import generate
+    from sra2.data.store import ShardedStore
 
     from conftest import with_overrides
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sra2.models import build
-from sra2.sampling import guided_velocity, randn, sample, sde_drift, sde_euler_maruyama
+from sra2.model.sit import build
+from sra2.sample.samplers import guided_velocity, randn, sample, sde_drift, sde_euler_maruyama
 
 from conftest import randomize
 

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from sra2 import space
-from sra2.encode import encode_dataset, latent_arrays
-from sra2.store import ShardedStore
+from sra2.data import space
+from sra2.data.encode import encode_dataset, latent_arrays
+from sra2.data.store import ShardedStore
 
 from conftest import encoded_tiny
 from test_store import snapshot

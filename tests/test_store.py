@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sra2.store import QUARANTINE, DamagedStore, ShardedStore, StoreMismatch
+from sra2.data.store import QUARANTINE, DamagedStore, ShardedStore, StoreMismatch
 
 
 def make(path, signature=None):
@@ -38,7 +38,7 @@ def test_reopening_with_other_settings_fails(tmp_path):
 
 
 def test_pointer_names_the_store_relative_to_itself(tmp_path):
-    from sra2.store import digest, pointed_store, write_pointer
+    from sra2.data.store import digest, pointed_store, write_pointer
 
     store = make(tmp_path / "data/latents/abc")
     record = write_pointer(tmp_path / "data/latents.json", store.path)
@@ -54,7 +54,7 @@ def test_pointer_names_the_store_relative_to_itself(tmp_path):
 
 
 def test_a_missing_pointer_or_store_is_named(tmp_path):
-    from sra2.store import pointed_store
+    from sra2.data.store import pointed_store
 
     with pytest.raises(FileNotFoundError, match="latents.json.*encode stage"):
         pointed_store(tmp_path / "latents.json")
@@ -143,7 +143,7 @@ def test_a_shard_of_zeros_has_a_file_too(tmp_path):
 
 
 def test_verify_reports_clean_and_damaged_and_repairs(tmp_path, capsys):
-    from sra2 import verify
+    from sra2.tools import verify
 
     written(tmp_path / "stores" / "a")
     store, _ = written(tmp_path / "stores" / "b")

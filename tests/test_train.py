@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
-from sra2.plots import PALETTE
-from sra2.train import build_trainer, draws, step_inputs, train, train_step
+from sra2.data.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
+from sra2.evaluate.plots import PALETTE
+from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
 from conftest import encoded_tiny, with_overrides
 
@@ -153,7 +153,7 @@ def test_host_memory_does_not_grow_with_the_dataset(tmp_path):
     for items in (10_000, 40_000):
         write_synthetic_store(tmp_path / f"s{items}", items, (4, 16, 16), 3, chunk_size=16,
                               shard_size=4096, dtype="float16")
-        code = ("import resource, sys\nfrom sra2.config import resolve\nfrom sra2.train import train\n"
+        code = ("import resource, sys\nfrom sra2.config.params import resolve\nfrom sra2.train.loop import train\n"
                 "sys.path.insert(0, sys.argv[3])\nfrom conftest import with_overrides\n"
                 "cfg = with_overrides(resolve({'preset': 'tiny'}), train={'steps': 6, 'workers': 1})\n"
                 "train(cfg, sys.argv[1], sys.argv[2])\n"

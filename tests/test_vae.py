@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from sra2 import vae as vae_lib
+from sra2.model import vae as vae_lib
 
 from conftest import with_overrides
 

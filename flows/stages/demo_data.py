@@ -1,0 +1,112 @@
+"""demo-data stage: draw the demo preset's ImageFolder of JPEG files (shapes and textures), and
+with data.demo.vae set, train the demo's VAE on them and save it where vae.source points.
+
+Presets that read a real dataset (data.demo unset) write only a note saying so.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from flows.harness.common import entry, parse, table
+from flows.harness.progress import Progress
+from flows.harness.runner import run_stage, stage_flow
+from sra2.runtime import atomic
+from sra2.config.params import Config
+
+GRID_IMAGES = 32  # real images in the reconstruction check, spread over the classes
+
+
+def _png(picture) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(picture).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def train_vae(cfg: Config) -> None:
+    """Train the demo's VAE on the drawn images, save it at vae.source with training.json (how it
+    was made) and reconstructions.png (real images above what it gives back for them)."""
+    from sra2.model import vae as vae_lib
+    from sra2.data.images import load_crops
+
+    knobs, folder = cfg.data.demo.vae, Path(cfg.vae.source)
+    images = load_crops(cfg.data.root, cfg.data.image_size)
+    print(f"training the demo VAE on {len(images)} images: {knobs.steps} steps, of "
+          f"{knobs.batch_size} crops of {knobs.crop} px, the last {knobs.whole_steps} of whole "
+          "images")
+    progress = Progress("demo-vae-progress", f"training the demo VAE on {len(images)} images")
+    start = time.monotonic()
+    vae = vae_lib.train_demo_vae(images, cfg.vae, knobs, progress)
+    seconds = time.monotonic() - start
+    stats = vae_lib.latent_statistics(vae, images)
+    # no timings in the files: the stage's outputs are the same bytes on every run
+    info = {"description": f"VAE trained {knobs.steps} steps on the {len(images)} demo images "
+                           "(not SD-VAE)", "steps": knobs.steps, "images": len(images),
+            "architecture": cfg.vae.random.model_dump(), "training": knobs.model_dump(), **stats}
+    vae_lib.save_trained_vae(vae, folder, round(stats["suggested_scale"], 4), info)
+    grid = vae_lib.reconstruction_grid(vae, load_crops(cfg.data.root, cfg.data.image_size,
+                                                       GRID_IMAGES))
+    atomic.write_bytes(folder / "reconstructions.png", _png(grid))
+    print(f"trained in {seconds:.0f} s: reconstruction error {stats['l1_grey_levels']:.1f} grey "
+          f"levels (PSNR {stats['psnr_db']:.1f} dB), latent std {stats['latent_std']:.3f}; "
+          f"saved to {folder} (reconstructions.png shows real images above their decodings)")
+    scaled = cfg.vae.scale * stats["latent_std"]
+    if not 0.5 <= scaled <= 2.0:
+        print(f"WARNING: vae.scale ({cfg.vae.scale}) gives latents of std {scaled:.2f}; the SiT "
+              f"expects about 1: set vae.scale to {stats['suggested_scale']:.4f}")
+    table("demo-vae", {"seconds": round(seconds, 1), **stats}, info["description"])
+
+
+@stage_flow("demo-data")
+def demo_data_flow(cfg: Config, out: str) -> None:
+    from sra2.data.images import write_demo_dataset
+
+    demo = cfg.data.demo
+    shutil.rmtree(out, ignore_errors=True)
+    if demo is None:
+        atomic.write_text(Path(out) / "README.txt",
+                          f"preset {cfg.preset} reads data.root={cfg.data.root}; no demo data\n")
+        print(f"preset {cfg.preset} has no demo dataset; encode reads {cfg.data.root}")
+        return
+    n = write_demo_dataset(cfg.data.root, demo.classes, demo.per_class, demo.min_side,
+                           demo.max_side, demo.seed)
+    print(f"wrote {n} JPEG files in {demo.classes} classes under {cfg.data.root}")
+    if demo.vae is not None:
+        train_vae(cfg)
+
+
+def _check_vae_target(cfg: Config, out: str) -> None:
+    """The demo's VAE starts from vae.random and is saved at vae.source, which encode and sample
+    load: both must be set, and the folder must lie inside ``out`` for DVC to track it."""
+    if cfg.vae.random is None:
+        raise SystemExit("error: data.demo.vae is set but vae.random (the architecture and seed "
+                         "the demo's VAE starts from) is not")
+    folder, images = Path(cfg.vae.source).resolve(), Path(cfg.data.root).resolve()
+    if not folder.is_relative_to(Path(out).resolve()) or folder == Path(out).resolve():
+        raise SystemExit(f"error: vae.source ({cfg.vae.source}) must be a folder inside {out} "
+                         "when data.demo.vae is set: the demo's VAE is trained and saved there "
+                         "(data.demo.vae: null keeps vae.source and trains nothing)")
+    if folder.is_relative_to(images) or images.is_relative_to(folder):
+        raise SystemExit(f"error: vae.source ({cfg.vae.source}) and data.root ({cfg.data.root}) "
+                         "must not overlap: saving the VAE replaces its folder")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse("demo_data", __doc__, {
+        "out": ("data/demo", "folder the demo images are drawn into")}, argv)
+    inside = Path(cfg.data.root).resolve().is_relative_to(Path(args["out"]).resolve())
+    if cfg.data.demo is not None and not inside:
+        raise SystemExit(f"error: data.root ({cfg.data.root}) must lie inside {args['out']} "
+                         "when data.demo is set, so that DVC tracks the images it draws")
+    if cfg.data.demo is not None and cfg.data.demo.vae is not None:
+        _check_vae_target(cfg, args["out"])
+    run_stage(demo_data_flow, cfg.preset, cfg=cfg, out=args["out"])
+
+
+if __name__ == "__main__":
+    entry(main)

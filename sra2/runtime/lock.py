@@ -1,0 +1,116 @@
+"""One writer per output: an exclusive lock on a file beside each output, ``<out>.lock``.
+
+The lock is ``fcntl.flock``: the kernel drops it when its holder exits, however it exits (kill -9
+included), so a lock never outlives its process; a lock file left behind by a crash is free and
+the next run simply takes it. The holder writes who it is into the file (pid, host, command,
+since when), so that a refused run can say which process to wait for or stop.
+
+Only the process that takes the lock holds it: workers it starts do not inherit it, so a holder
+killed with -9 frees the output even if its workers still run for a while.
+
+    with hold(["data/latents"]):
+        ...  # write data/latents
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from sra2.runtime.atomic import make_folder
+
+
+class OutputBusy(RuntimeError):
+    """Another process holds the lock of an output this run would write."""
+
+
+def lock_path(out: str | Path) -> Path:
+    out = Path(out).absolute()  # "." has no name to add .lock to; its absolute path has
+    return out.with_name(out.name + ".lock")
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.orig_argv),
+            "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def holder(path: Path, wait: float = 1.0) -> dict | None:
+    """What the holder of the lock file ``path`` wrote about itself; None if it has not written
+    within ``wait`` seconds (it writes right after it takes the lock)."""
+    deadline = time.monotonic() + wait
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(path.read_text())
+            if isinstance(info, dict) and "pid" in info:
+                return info
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _describe(info: dict | None) -> str:
+    if info is None:
+        return "another process (it has not recorded itself yet)"
+    return (f"pid {info.get('pid')} on host {info.get('host')} since {info.get('since')} "
+            f"(command: {info.get('command')})")
+
+
+def _take(path: Path) -> int | None:
+    """A descriptor of ``path`` that holds its lock, or None while another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        # a holder removes its file before it lets go; if it did so between our open and our
+        # flock, we hold a lock on a removed file that guards nothing: open the path again
+        try:
+            now = os.stat(path)
+            mine = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    path = lock_path(out)
+    make_folder(path.parent)
+    fd = _take(path)
+    if fd is None:
+        raise OutputBusy(f"{out} is being written by {_describe(holder(path))}; a second "
+                         f"writer would corrupt it: wait for that run to end or stop it "
+                         f"(lock file {path})")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(_me()) + "\n").encode(), 0)
+        yield
+    finally:
+        # removed while still held, so that no run can lock this file after us (see _take)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(outputs: Iterable[str | Path]) -> Iterator[None]:
+    """Hold the locks of ``outputs`` for the body of the with-statement; raises OutputBusy at
+    once, holding none of them, if another process holds any."""
+    with contextlib.ExitStack() as stack:
+        # one order for every run, and one lock per output however it is spelled
+        for out in sorted({Path(o).absolute() for o in outputs}):
+            stack.enter_context(_locked(out))
+        yield

@@ -1,0 +1,192 @@
+"""Sample images from the EMA weights into a sharded store, then assemble the ADM ``.npz``.
+
+The shards are scratch: once the ``.npz`` is written beside them (``shards/<signature>/
+samples.npz``) they are removed, and the stage's ``samples.npz`` is a hard link to that file, so
+the 50K images are stored once (DVC's cache links the same file). A rerun with the same weights
+and settings checks that file's CRC32 and links it again instead of sampling.
+
+Sample i's label and every noise draw (initial latent, SDE steps) come from seeds derived from
+(seed, i) alone, so the images do not depend on the batch size, the number of GPUs or restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sra2.runtime import atomic, dist, dvc_cache
+from sra2.sample import ralu
+from sra2.data import space
+from sra2.model import vae as vae_lib
+from sra2.config.params import Config, result_settings
+from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
+from sra2.model.sit import load_checkpoint, read_checkpoint
+from sra2.sample.samplers import Generators, derived_seed, guided_velocity, randn, sample
+from sra2.data.store import QUARANTINE, ShardedStore, digest
+from sra2.runtime.worker import Progress
+
+NPZ = "samples.npz"
+
+
+def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform") -> np.ndarray:
+    """Labels of samples 0..n-1 (sample.labels). ``uniform``: independent uniform draws, as SiT and
+    REPA sample. ``balanced``: n // num_classes of every class and one more for n % num_classes
+    distinct seeded classes, in a seeded random order (ADM's contiguous Inception Score splits of
+    5000 then see all classes, not a sorted tenth of them)."""
+    rng = np.random.default_rng([seed, n])
+    if kind == "uniform":
+        return rng.integers(0, num_classes, n, dtype=np.int64)
+    if kind == "balanced":
+        extra = rng.choice(num_classes, n % num_classes, replace=False)
+        labels = np.concatenate([np.repeat(np.arange(num_classes), n // num_classes), extra])
+        return rng.permutation(labels).astype(np.int64)
+    raise ValueError(f"sample.labels: {kind!r} is neither 'uniform' nor 'balanced'")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def signature(cfg: Config, ema_sha256: str) -> dict:
+    """What the images depend on: the weights (by digest), the VAE and the sample settings."""
+    sc = cfg.sample
+    # ralu's settings change the images only when ralu samples
+    sample = result_settings(sc, exclude=() if sc.sampler == "ralu" else {"ralu"})
+    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
+
+
+def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
+            noise: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """The configured sampler (with guidance) from ``noise`` to latents at t = 1."""
+    sc = cfg.sample
+    guide = (y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
+    if sc.sampler == "ralu":
+        return ralu.sample(guided_velocity(model, *guide, tokens=True), noise, generator,
+                           sc.ralu, model.patch_size, model.hidden_size,
+                           decode=lambda z: vae_lib.decode(vae, z, cfg.vae.scale))
+    return sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
+                  sc.last_step)
+
+
+def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None,
+             npz: Path | None = None, sign: dict | None = None) -> Path:
+    """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's
+    path. ``npz``: where the caller then writes them as one file (the preflight counts it);
+    ``sign``: :func:`signature`, where the caller has it already."""
+    sc = cfg.sample
+    rank, world = dist.init()
+    device = dist.device(sc.device, rank)
+    ckpt = read_checkpoint(ema_path)  # weights_only: the file may come from elsewhere
+    # our export names its architecture; an official SiT or REPA file takes model.name. REPA-time
+    # weights come back wrapped as a SiT-time velocity network, so samplers and CFG run unchanged
+    model = load_checkpoint(ckpt.get("name", cfg.model.name), ckpt, convention=sc.convention,
+                            source=str(ema_path)).to(device).eval()
+    vae = vae_lib.load_vae(cfg.vae, device)
+    side, channels = cfg.data.image_size, model.in_channels
+    latent = (channels, model.input_size, model.input_size)
+    sign = sign or signature(cfg, _file_sha256(Path(ema_path)))
+    # one folder per signature: new weights or settings start afresh, old samples stay put
+    path = Path(out) / digest(sign)
+    if rank == 0:
+        made = ShardedStore.open_or_create(
+            path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
+            {"images": ((side, side, 3), "uint8")},
+            fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes, sc.labels)},
+            signature=sign)
+        needs = space.sample_needs(cfg, path, made.pending_shards(), npz)
+        space.ensure("sample", needs + space.dvc_share({npz.parent: needs[0].end} if npz else {}))
+    dist.barrier()
+    store = ShardedStore(path)
+    labels = store.array("labels")[:]
+    shards = store.pending_shards(rank, world)
+    todo = sum(stop - start for start, stop in map(store.shard_range, shards))
+    bar = tqdm(total=todo, unit="img", desc="sample", disable=rank != 0 or not todo)
+    done = 0
+    for shard in shards:
+        start, stop = store.shard_range(shard)
+        images = []
+        for b in range(start, stop, sc.batch_size):
+            index = range(b, min(b + sc.batch_size, stop))
+            gens = [torch.Generator().manual_seed(derived_seed(sc.seed, i)) for i in index]
+            y = torch.from_numpy(labels[index.start:index.stop]).to(device)
+            with dist.autocast(device, sc.precision):
+                z = latents(cfg, model, vae, y, randn((len(index), *latent), gens, device), gens)
+            images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
+            done += len(index)
+            bar.update(len(index))
+            if progress:
+                progress(done, todo)
+        store.write_shard(shard, {"images": np.concatenate(images)}, {})
+    bar.close()
+    if progress and not todo:  # nothing left to sample: say it is complete
+        progress(0, 0)
+    dist.barrier()
+    if rank == 0:  # every rank's shards written: never report a store with a file gone
+        store.raise_for(store.check())
+    return path
+
+
+def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
+                 progress: Progress | None = None) -> dict | None:
+    """The sample stage: shards under ``out/shards/<signature>``, assembled there into
+    ``samples.npz`` (the shards then removed), linked to ``out/samples.npz``; (rank 0)
+    ``grid.png``."""
+    out = Path(out)
+    sign = signature(cfg, _file_sha256(Path(ema_path)))
+    folder = out / "shards" / digest(sign)
+    kept, npz = folder / NPZ, out / NPZ
+    rank = dist.init()[0]
+    if rank == 0 and kept.exists():
+        _drop_if_damaged(kept, npz)
+    dist.barrier()  # every rank sees whether the samples are kept
+    if kept.exists():
+        if progress:
+            progress(0, 0)
+    else:
+        generate(cfg, ema_path, folder.parent, progress, kept, sign)
+        if rank == 0:  # generate has just checked every done shard's files
+            write_npz(ShardedStore(folder, check=False), kept)
+    if rank != 0:
+        return None
+    _remove_shards(folder)  # also what a stage killed right after the npz left behind
+    atomic.link(kept, npz)
+    images = read_npz_images(npz)
+    # demo weights say what they are on the picture itself
+    caption = f"DEMO: {vae_lib.describe(cfg.vae)}" if cfg.data.demo is not None else ""
+    write_grid(images[: cfg.sample.grid], out / "grid.png", caption)
+    return {"samples": len(images), "npz": str(npz), "grid": str(out / "grid.png"),
+            "kept": str(kept)}
+
+
+def _drop_if_damaged(kept: Path, npz: Path) -> None:
+    """Move ``kept`` aside, with the DVC cache entry of ``npz`` linked to it, when its bytes fail
+    the zip's CRC32: the samples are then drawn again."""
+    why = npz_damage(kept)
+    if why is None:
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = kept.parent.parent / QUARANTINE / kept.parent.name / f"{stamp}-{os.getpid()}"
+    folder.mkdir(parents=True)
+    print(f"{kept}: {why}; moved to {folder}: the samples are drawn again", file=sys.stderr)
+    dvc_cache.evict_damaged([npz], folder, lambda line: print(line, file=sys.stderr))
+    os.replace(kept, folder / kept.name)
+    shutil.rmtree(kept.parent)  # a store starts afresh in its place
+
+
+def _remove_shards(folder: Path) -> None:
+    """Everything in the sample store's folder but its ``samples.npz``."""
+    for path in folder.iterdir():
+        if path.name != NPZ:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()

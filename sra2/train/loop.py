@@ -1,0 +1,445 @@
+"""Training: SiT + the alignment terms switched on (SRA 2, SRA, REPA: :mod:`sra2.methods.objective`) on
+cached latents, with EMA, checkpoints and resume.
+
+Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
+dropout, SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch, so a run resumed
+from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run would take.
+Each process splits its part of the batch into micro-batches of ``train.batch_per_gpu`` whose
+gradients add up to the step's; per-step work stays on the device (one host sync per log row).
+
+Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
+:mod:`sra2.runtime.worker`) ends the step in progress, saves it and raises :class:`sra2.runtime.stopping.Stopped`;
+all ranks stop at the same step (:class:`sra2.runtime.stopping.Consensus`). A checkpoint also holds the
+metrics of the steps since the last row, so a run resumed from any step writes the bytes of an
+unbroken one. Checkpoints (:mod:`sra2.train.checkpoints`) are also written every ``train.ckpt_minutes``
+(:class:`sra2.runtime.stopping.SaveClock`), the ``train.keep_checkpoints`` newest are kept, and a
+non-finite loss, gradient or weight stops the run before it is saved.
+
+Nothing saved at a step depends on ``train.steps`` (the last row of a run off the
+``train.log_every`` cadence is written after its checkpoint, which keeps the sums since the row
+before), so runs of any length, in any order, share one run folder: a run of N steps resumes from
+the newest checkpoint at or below N, or exports the one at N, and ends with the bytes of an
+unbroken run of N steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+from tqdm import tqdm
+
+from sra2.runtime import atomic, dist
+from sra2.train import fid_curve
+from sra2.data import latent_copy, space
+from sra2.train.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
+from sra2.config.params import Config, result_settings
+from sra2.data.latents import open_batches, stream
+from sra2.model.sit import SiT, build
+from sra2.methods.objective import Objective, build_heads, teacher_time, terms
+from sra2.evaluate.plots import write_fid_plot, write_loss_plot
+from sra2.sample.samplers import derived_seed
+from sra2.runtime.stopping import Consensus, SaveClock, StopSignals, stopped
+from sra2.data.store import ShardedStore, pointed_store
+from sra2.runtime.worker import Progress
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient: the run stops before it is saved."""
+
+
+# --- the run's identity
+
+def signature(cfg: Config, data_signature: dict) -> dict:
+    """What a run's numbers depend on (not its length, logging, speed knobs or process count):
+    its checkpoint folder."""
+    # the other terms enter only when on, so runs without them keep their folders
+    extra = {name: result_settings(getattr(cfg, name)) for name in ("sra", "repa")
+             if getattr(cfg, name).enabled}
+    return {"model": result_settings(cfg.model), "align": result_settings(cfg.align),
+            "train": result_settings(cfg.train), "latents": data_signature, **extra}
+
+
+# --- randomness of a step
+
+def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: torch.device):
+    """Every random tensor of one step, drawn on the device for the whole global batch from a
+    generator seeded by (seed, step), then sliced to this rank: the run does not depend on the
+    number of processes."""
+    g = torch.Generator(device).manual_seed(derived_seed(cfg.train.seed, step))
+    n = cfg.train.global_batch
+    eps = torch.randn((n, *shape), generator=g, device=device)
+    x0 = torch.randn((n, *shape), generator=g, device=device)
+    t = torch.rand(n, generator=g, device=device)
+    drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout
+    # drawn last: the draws above stay those of runs without SRA
+    shift = torch.rand(n, generator=g, device=device) if cfg.sra.enabled else None
+    part = slice(rank * n // world, (rank + 1) * n // world)
+    return eps[part], x0[part], t[part], drop[part], shift[part] if shift is not None else None
+
+
+# --- the model and one step
+
+@dataclass
+class Trainer:
+    """Everything a run is made of; built once, then stepped."""
+
+    cfg: Config
+    model: SiT
+    ema: SiT
+    heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.methods.objective)
+    repa_features: Callable | None  # images -> REPA's DINOv2 tokens (repa on only)
+    names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
+    runner: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
+    opt: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    micro: int  # micro-batches per step on this process
+    device: torch.device
+
+    def state(self, step: int, meter: dict) -> dict:
+        return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict()}
+
+    def load(self, state: dict) -> None:
+        for name in ("model", "ema", "opt", "heads"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+def build_model(cfg: Config, latent_side: int) -> SiT:
+    return build(cfg.model.name, input_size=latent_side, num_classes=cfg.model.num_classes,
+                 learn_sigma=cfg.model.learn_sigma)
+
+
+def micro_batches(cfg: Config, world: int) -> int:
+    per_rank = cfg.train.global_batch // world
+    size = cfg.train.batch_per_gpu or per_rank
+    if cfg.train.global_batch % world or per_rank % size:
+        raise ValueError(f"train.global_batch ({cfg.train.global_batch}) must split into "
+                         f"{world} process(es) x micro-batches of train.batch_per_gpu ({size})")
+    return per_rank // size
+
+
+def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world: int) -> Trainer:
+    tc = cfg.train
+    torch.manual_seed(tc.seed)  # weight init only; every later draw uses its own generator
+    model = build_model(cfg, latent_shape[-1]).to(device)
+    heads = build_heads(model, cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    objective = Objective(model, heads, cfg, teacher=ema)
+    runner: nn.Module = objective
+    params = [p for p in runner.parameters() if p.requires_grad]
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                            fused=cuda or None, foreach=None if cuda else True)
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
+    if tc.compile:
+        runner = torch.compile(runner)
+    return Trainer(cfg, model, ema, heads, repa_features(cfg, model, device), objective.names,
+                   runner, opt, params, micro_batches(cfg, world), device)
+
+
+def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | None:
+    """REPA's target function (its DINOv2 encoder loaded), or None without REPA."""
+    if not cfg.repa.enabled:
+        return None
+    from sra2.model import dinov2  # timm takes seconds to import: only REPA runs pay for it
+
+    encoder = dinov2.load_encoder(cfg.repa, device, model.input_size // model.patch_size)
+    return functools.partial(dinov2.features, encoder)
+
+
+def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
+    """The objective's inputs of each micro-batch (:meth:`sra2.methods.objective.Objective.forward`)."""
+    cfg, micro = tr.cfg, tr.micro
+    eps, x0, t, drop, shift = noise
+    mean, std = batch["mean"], batch["std"]
+    x1 = (mean + std * eps) * cfg.vae.scale
+    y = torch.where(drop, torch.full_like(batch["labels"], cfg.model.num_classes), batch["labels"])
+    inputs = {"x1": x1, "y": y, "t": t, "x0": x0,
+              "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
+    if shift is not None:
+        inputs["teacher_t"] = teacher_time(t, shift, cfg.sra.t_max)
+    if tr.repa_features is not None:
+        inputs["repa_target"] = tr.repa_features(batch["images"])
+    parts = {k: v.chunk(micro) for k, v in inputs.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
+
+
+def train_step(tr: Trainer, inputs) -> torch.Tensor:
+    """One optimizer step over the micro-batches; returns the losses named ``tr.names`` and the
+    grad norm, on the device. Gradients of all but the last micro-batch stay local (DDP no_sync)."""
+    tr.opt.zero_grad(set_to_none=True)
+    losses = torch.zeros(len(tr.names), device=tr.device)
+    for i, args in enumerate(inputs):
+        local = i < tr.micro - 1 and hasattr(tr.runner, "no_sync")
+        with tr.runner.no_sync() if local else nullcontext():
+            with dist.autocast(tr.device, tr.cfg.train.precision):
+                parts = tr.runner(**args)
+            (parts[0] / tr.micro).backward()
+        losses += parts.detach() / tr.micro
+    grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
+    tr.opt.step()
+    with torch.no_grad():
+        ema, live = list(tr.ema.parameters()), list(tr.model.parameters())
+        torch._foreach_lerp_(ema, live, 1.0 - tr.cfg.train.ema_decay)
+    return torch.cat([losses, grad_norm.reshape(1).float()])
+
+
+# --- values of the steps, and saving only finite ones
+
+class Meter:
+    """Sums of step values on the device, and the first non-finite step, read once per row."""
+
+    def __init__(self, device: torch.device, start: int, columns: list[str]):
+        self.device, self.columns = device, columns  # step, the losses, grad_norm
+        self.step = torch.full((1,), float(start), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((len(columns),), -1.0, dtype=torch.float64, device=device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(len(self.columns) - 1, dtype=torch.float64, device=self.device)
+        self.count, self.timed, self.tick = 0, 0, time.perf_counter()
+
+    def add(self, values: torch.Tensor) -> None:
+        values = values.double()
+        self.sums += values
+        self.count += 1
+        self.timed += 1
+        self.step += 1  # counted on the device: no host-to-device copy per step
+        new = ~torch.isfinite(values).all() & (self.first_bad[0] < 0)
+        self.first_bad = torch.where(new, torch.cat([self.step, values]), self.first_bad)
+
+    def check(self) -> None:
+        """Raise if any step since the start was non-finite (a host sync)."""
+        bad = self.first_bad.tolist()
+        if bad[0] >= 0:
+            names = ", ".join(f"{k}={v}" for k, v in zip(self.columns[1:], bad[1:]))
+            raise NonFiniteError(f"training step {int(bad[0])} is not finite ({names}): stopped "
+                                 "before saving it; lower train.lr or raise train.grad_clip")
+
+    def row(self, done: int, global_batch: int) -> tuple[dict, float]:
+        """The mean of the values since the last row over all processes, and images/s."""
+        self.check()
+        means = dist.mean_across_ranks(self.sums / self.count)
+        rate = self.timed * global_batch / (time.perf_counter() - self.tick)
+        self._reset()
+        return dict(zip(self.columns, [done, *np.round(means, 6).tolist()])), rate
+
+    def partial(self, world: int) -> dict:
+        """The sums of every rank since the last row (a collective), for a checkpoint."""
+        parts = [self.sums]
+        if world > 1:
+            parts = [torch.empty_like(self.sums) for _ in range(world)]
+            tdist.all_gather(parts, self.sums)
+        return {"sums": torch.stack(parts).cpu(), "count": self.count}
+
+    def restore(self, partial: dict | None, rank: int, world: int) -> None:
+        """Continue a row a checkpoint broke off: with the process count it was saved with, from
+        this rank's own sums (the bytes of an unbroken run), else from their mean (its values)."""
+        if partial is None or partial["count"] == 0:
+            return
+        sums = partial["sums"]
+        own = sums[rank] if len(sums) == world else sums.mean(0)
+        self.sums, self.count = own.to(self.device, torch.float64), partial["count"]
+
+
+def check_weights(tr: Trainer, step: int) -> None:
+    """Raise unless every weight and optimizer moment is finite (a host sync, at saves only)."""
+    moments = (t for s in tr.opt.state.values() for t in s.values() if torch.is_tensor(t))
+    tensors = [*tr.params, *tr.ema.parameters(), *moments]
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise NonFiniteError(f"the weights after training step {step} are not finite: stopped "
+                             "before saving them; lower train.lr or raise train.grad_clip")
+
+
+def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, world: int) -> str:
+    """Checkpoint ``step`` (every rank calls this at the same step, rank 0 writes): never a
+    non-finite state, and no rank runs ahead of a checkpoint being written."""
+    meter.check()
+    check_weights(tr, step)
+    partial = meter.partial(world)
+    if rank == 0:
+        ckpts.save(tr.state(step, partial))
+    dist.barrier()
+    return str(ckpts.path(step))
+
+
+# --- the run
+
+def loss_title(cfg: Config) -> str:
+    """The loss plot's title: the model and the alignment terms it trains with."""
+    methods = {"align": "SRA 2", "sra": "SRA", "repa": "REPA"}
+    on = " + ".join(methods[term.name] for term in terms(cfg)) or "no alignment"
+    return f"{cfg.model.name} + {on}: training loss"
+
+
+def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times: TimeLog) -> None:
+    """``ema.pt`` (a plain SiT, no projector), this run's loss and FID curves and its times (up to
+    ``steps``, whatever longer runs left in ``run``), the loss and FID plots."""
+    cfg = tr.cfg
+    atomic.save_torch(ema_export(cfg, tr.ema, steps), out / "ema.pt")
+    log.write()
+    fid_curve.mirror(run, out / "fid.csv", steps)
+    times.mirror(out / "times.csv", steps)
+    if rows := log.shown():
+        write_loss_plot(rows, out / "loss.png", loss_title(cfg))
+    write_fid_plot(fid_curve.read_rows(out / "fid.csv"), out / "fid.png",
+                   f"{cfg.model.name}: FID during training ({cfg.train.eval_samples} samples)")
+
+
+def checkpoint_bytes(cfg: Config) -> tuple[int, int]:
+    """Bytes of (a step checkpoint, an EMA export: ema.pt or a snapshot): the tensors of the model
+    and heads, built on the meta device (no memory, no time), and what torch.save adds to each."""
+    with torch.device("meta"):
+        model = build_model(cfg, space.latent_shape(cfg)[-1])
+        heads = build_heads(model, cfg)
+
+    def weight(tensors) -> tuple[int, int]:
+        tensors = list(tensors)
+        return sum(t.numel() * t.element_size() for t in tensors), len(tensors)
+
+    sit, sit_n = weight(model.state_dict().values())
+    head, head_n = weight(heads.state_dict().values())
+    trained, trained_n = weight(p for p in [*model.parameters(), *heads.parameters()]
+                                if p.requires_grad)
+    ema = sit + sit_n * space.TENSOR_OVERHEAD + 2048  # and the export's few small entries
+    # a step checkpoint: model, EMA, heads, and per trained tensor AdamW's moments and step count
+    extra, extra_n = head + 2 * trained + 4 * trained_n, head_n + 3 * trained_n
+    return 2 * ema + extra + extra_n * space.TENSOR_OVERHEAD, ema
+
+
+def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
+    """What this run will write: the checkpoints it does not have yet, the EMA export (and DVC's
+    copy of it, where DVC copies), and the node-local copy of the store unless one is ready."""
+    tc, store = cfg.train, ShardedStore(pointed_store(latents))
+    run = Checkpoints(out / "checkpoints", signature(cfg, store.attrs["signature"]))
+    have = sum(run.path(step).stat().st_size for step in run.steps())
+    step, ema = checkpoint_bytes(cfg)
+    needs = space.train_needs(cfg, out, step, ema, have) + space.dvc_share({out: ema})
+    if tc.read_from == "copy":
+        root = latent_copy.copy_root(tc.copy_dir)
+        with contextlib.suppress(OSError):  # an unwritable folder: training reads the store
+            ready = latent_copy.LatentCopy(store, root, cfg.repa.enabled)
+            if ready.check() is not None:
+                needs.append(space.copy_need(latent_copy.nbytes(ready.arrays), root))
+            ready.lock.close()
+    return needs
+
+
+def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
+    """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``, or taking the checkpoint
+    at that step); returns a summary.
+
+    Raises :class:`Stopped` on SIGTERM or SIGINT once the step in progress is saved, and
+    :class:`NonFiniteError` at a non-finite step, which is never saved."""
+    rank, world = dist.init()
+    tc, out = cfg.train, Path(out)
+    device = dist.device(tc.device, rank)
+    dist.deterministic(tc.deterministic)
+
+    if rank == 0:
+        space.ensure("train", preflight(cfg, latents, out))
+
+    # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
+    data = open_batches(cfg, latents, rank, world)
+    if int(data.labels.max()) >= cfg.model.num_classes:
+        raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
+                         f"model.num_classes is {cfg.model.num_classes}")
+
+    # --- model, optimizer and resume
+    tr = build_trainer(cfg, data.shape, device, world)
+    ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
+    # rank 0 quarantines and repoints; all pick one file, at or below tc.steps
+    state = ckpts.load(tc.steps, repair=rank == 0)
+    start = state["step"] if state else 0
+    if state:
+        tr.load(state)
+    resumed_meter = state.get("meter") if state else None
+    del state
+    columns = ["step", *tr.names, "grad_norm"]
+    log = None
+    saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
+    if rank == 0:
+        log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
+                         saved)
+    # not in the run folder: wall times differ between runs of the same bytes (sra2.train.checkpoints)
+    times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
+                    world, device.type, write=rank == 0)
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    n_proj = sum(p.numel() for p in tr.heads.parameters())
+    if rank == 0:
+        print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, heads "
+              f"{n_proj / 1e6:.2f}M ({', '.join(tr.heads) or 'none'}), {len(data)} latents "
+              f"{data.shape}, steps {start} -> {tc.steps}, {world} process(es) x {tr.micro} "
+              f"micro-batch(es)")
+
+    # --- the loop: a step; then, where due, a metrics row, a checkpoint, a stop
+    meter, fid = Meter(device, start, columns), {}
+    last_ckpt = str(ckpts.path(start)) if start else ""
+    meter.restore(resumed_meter, rank, world)
+    clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
+    loader = stream(data, start, tc.steps, tc.workers, device)
+    bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
+    with StopSignals() as signals, bar:
+        for step, batch in zip(range(start, tc.steps), loader):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            noise = draws(cfg, step, data.shape, rank, world, device)
+            meter.add(train_step(tr, step_inputs(tr, batch, noise)))
+            done = step + 1
+            bar.update(1)
+            stop, timed = consensus(signals.received > 0, rank == 0 and clock.due())
+            row = None
+            if done % tc.log_every == 0:
+                row, rate = meter.row(done, tc.global_batch)
+                if log is not None:  # before the checkpoint: rows after it are dropped on resume
+                    log.append(row)
+            saving = done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
+            evaluating = tc.eval_every and done % tc.eval_every == 0
+            if saving:
+                last_ckpt = save(tr, ckpts, meter, done, rank, world)
+                clock.reset()
+            if saving or evaluating:
+                times.record(done)
+            if evaluating:  # after the save: a crash here costs nothing
+                with times.paused():
+                    scored = fid_curve.evaluate_step(cfg, tr.ema, done, ckpts.folder, latents,
+                                                     out / "fid.csv")
+                if scored:
+                    fid = {"fid": scored["fid"], "fid_step": done, "preview": scored["grid"]}
+            if row is not None and log is not None:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+                if progress:
+                    progress(done, tc.steps, {**row, "images_per_s": round(rate, 1),
+                                              "checkpoint": last_ckpt, **fid})
+            if stop and done < tc.steps:
+                consensus.close()
+                raise stopped(signals, done, last_ckpt)
+    consensus.close()
+
+    # --- the last row off the cadence, from the sums the final checkpoint keeps (a checkpoint
+    # written before it kept them has none: its row is in the log), then the export
+    meter.check()
+    tail, rate = {}, 0.0
+    if tc.steps % tc.log_every and meter.count:
+        tail, rate = meter.row(tc.steps, tc.global_batch)
+    if rank == 0:
+        log.tail = tail or None
+        export(tr, out, tc.steps, log, ckpts.folder, times)
+        if progress and (tail or start == tc.steps):  # the last row, or nothing left to do
+            speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
+            progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
+    final = (log.shown() or [{}])[-1] if log is not None else {}
+    return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
+            "processes": world, "micro_batches": tr.micro,
+            **{k: float(v) for k, v in final.items() if k != "step"}}
