@@ -95,7 +95,8 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     views = 2 if cfg.encode.flip else 1
     gpu_s, gpus_s = gpu_time(n * views * encoder, hw)
     # each GPU's rank decodes with its own workers, a core of the node's share left to the rank
-    decoders = hw.gpus * decode_workers(cfg.encode.workers, hw.cores, hw.gpus)
+    # (with encode.workers: 0, the rank decodes itself)
+    decoders = hw.gpus * max(1, decode_workers(cfg.encode.workers, hw.cores, hw.gpus))
     decode_s = n / (decoders * DECODE_PER_CORE)
     arrays = latent_arrays(cfg, space.latent_shape(cfg))
     store = space.encode_needs(cfg, arrays, data / "latents" / "store", n)
