@@ -54,6 +54,7 @@ from bench import read as read_bench, sample as sample_bench, train as train_ben
 from bench.encode import SD_VAE_SHAPE
 from sra2.runtime import atomic, dist
 from sra2.model import flops, vae as vae_lib
+from sra2.train import cost
 from sra2.data import latent_copy
 from sra2.config.params import VAE, Config
 from sra2.data.encode import measure_encoder
@@ -165,7 +166,7 @@ def measure_train(t: Table, size: dict, device: torch.device, case: str, configs
     t.add("train", case, "loop / bare step", loop / rates[method])
     if peak and method == "sra2":  # sra2/tools/plan.py takes the mean of these for SRA 2 runs
         t.add("train", case, "MFU of the loop (%)",
-              100 * loop * flops.train_flops(cfg) / peak / 1e12)
+              100 * loop * cost.train_flops(cfg) / peak / 1e12)
     t.add("train", case, "peak GPU memory, bare / loop (GiB)",
           f"{bare_memory:.1f} / {loop_memory:.1f}")
 
@@ -239,17 +240,17 @@ def section_encode_inception(t: Table, size: dict, device: torch.device, scratch
           size["inception"] / (time.perf_counter() - start))
 
 
-def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy, cost: dict) -> None:
+def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy, built: dict) -> None:
     rates, _, after = read_bench.read_rates(store, copy, size["batch"], size["steps"], 3)
     for name, rate in rates.items():
         t.add("read", name, "latents/s", rate)
     t.add("read", read_bench.READ_PATH, "/ bare gather", rates[read_bench.READ_PATH] / rates[read_bench.BARE])
-    t.add("read", "copy", "build / verify (GB/s)", f"{cost['build GB/s']:.2f} / {cost['verify GB/s']:.2f}")
+    t.add("read", "copy", "build / verify (GB/s)", f"{built['build GB/s']:.2f} / {built['verify GB/s']:.2f}")
     t.add("read", "this process", "anonymous memory (MB)", after["anonymous"])
     for model in size["models"]:
         sra2 = train_configs(size, model, size["batch"], False, "cpu")["sra2"]
         t.add("read", f"one GPU, {model} + SRA 2", "need at 50% MFU of 989 TFLOP/s (latents/s)",
-              flops.gpu_need(sra2))
+              cost.gpu_need(sra2))
 
 
 def section_determinism(t: Table, size: dict, device: torch.device, store: Path) -> None:
@@ -303,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         side = size["image"] // 8
         first = train_configs(size, next(iter(size["models"])), size["batch"], False, "cpu")
         classes = first["sra2"].model.num_classes
-        store, copy, cost = read_bench.build_copy(scratch, size["items"], (4, side, side), 1, classes)
+        store, copy, built = read_bench.build_copy(scratch, size["items"], (4, side, side), 1, classes)
         sections = {"train": lambda: section_train(t, size, device, store, scratch, peak),
                     "sample": lambda: section_sample(t, size, device),
                     "encode": lambda: section_encode_inception(t, size, device, scratch),
-                    "read": lambda: section_read(t, size, store, copy, cost),
+                    "read": lambda: section_read(t, size, store, copy, built),
                     "determinism": lambda: section_determinism(t, size, device, store)}
         for section, run in sections.items():
             if section not in wanted:

@@ -15,7 +15,7 @@ preset's global batch) in rounds that alternate between:
 
 It prints latents/s of each (the median over rounds), the read path's ratio to the bare gather,
 the reading process's memory (RSS, PSS, private and anonymous, from /proc/self/smaps_rollup), and
-the latents/s one GPU trains at 40% and 50% MFU (``sra2.model.flops``: 3 forward passes per image, with
+the latents/s one GPU trains at 40% and 50% MFU (``sra2.train.cost``: 3 forward passes per image, with
 the projector). Its last line reads ``read path / bare gather: <ratio> (<n> latents/s per reader;
 one GPU needs <m> at 50% MFU)``.
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from sra2.model import flops
+from sra2.train import cost
 from sra2.data import latent_copy
 from sra2.runtime import procs
 from sra2.config.params import resolve
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.chunk_size}), batches of {batch} random rows ({args.preset}), {args.steps} "
           f"batches a round, {args.rounds} rounds")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        store, copy, cost = build_copy(Path(tmp), args.items, shape, args.chunk_size,
-                                       image_size=image_size)
-        imagenet = cost["GB"] / args.items * 1_281_167
-        print(f"copy: {cost['GB']:.2f} GB, built from the store at {cost['build GB/s']:.2f} GB/s, "
-              f"verified at {cost['verify GB/s']:.2f} GB/s: a full check of ImageNet's "
-              f"~{imagenet:.0f} GB copy takes ~{imagenet / cost['verify GB/s']:.0f} s at that rate")
+        store, copy, built = build_copy(Path(tmp), args.items, shape, args.chunk_size,
+                                        image_size=image_size)
+        imagenet = built["GB"] / args.items * 1_281_167
+        print(f"copy: {built['GB']:.2f} GB, built from the store at {built['build GB/s']:.2f} GB/s, "
+              f"verified at {built['verify GB/s']:.2f} GB/s: a full check of ImageNet's "
+              f"~{imagenet:.0f} GB copy takes ~{imagenet / built['verify GB/s']:.0f} s at that rate")
         median, before, after = read_rates(store, copy, batch, args.steps, args.rounds)
     reference = median[BARE]
     print(f"\n{'':40}{'latents/s':>12}{'/ bare':>8}")
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:40}{rate:12.0f}{rate / reference:8.3f}")
     print(f"\nmemory of this process, MB, before / after {args.rounds} rounds of reading: "
           + ", ".join(f"{k} {before[k]:.0f} / {after[k]:.0f}" for k in before))
-    need = {mfu: flops.gpu_need(cfg, args.gpu_tflops, mfu) for mfu in (0.4, 0.5)}
+    need = {mfu: cost.gpu_need(cfg, args.gpu_tflops, mfu) for mfu in (0.4, 0.5)}
     print(f"one GPU of {args.gpu_tflops:.0f} TFLOP/s training {cfg.model.name}"
-          f"{' + SRA 2' if cfg.align.enabled else ''} ({flops.train_flops(cfg) / 1e9:.1f} GFLOP "
+          f"{' + SRA 2' if cfg.align.enabled else ''} ({cost.train_flops(cfg) / 1e9:.1f} GFLOP "
           f"an image) needs {need[0.4]:.0f} latents/s at 40% MFU, {need[0.5]:.0f} at 50%")
     ours = median[READ_PATH]
     print(f"read path / bare gather: {ours / reference:.2f} ({ours:.0f} latents/s per reader; "

@@ -33,6 +33,7 @@ import torch
 from sra2.runtime import dist
 
 from sra2.model import flops
+from sra2.train import cost
 from sra2.config.params import Config, resolve
 from sra2.data.latents import write_synthetic_store
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, rate in rates.items():
         print(f"{label:40}{rate:10.1f}{rate / bare:8.3f}")
 
-    train_flops, vanilla_flops = flops.train_flops(method), flops.train_flops(vanilla)
+    train_flops, vanilla_flops = cost.train_flops(method), cost.train_flops(vanilla)
     peak = peak_tflops(args, device)
     achieved = rates[f"training loop, {name}"] * train_flops / 1e12
     mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "n/a (no known peak)"

@@ -10,7 +10,7 @@ COMMANDS = {"demo-data": "flows.stages.demo_data:main", "encode": "flows.stages.
             "train": "flows.stages.train:main", "sample": "flows.stages.sample:main",
             "evaluate": "flows.stages.evaluate:main", "pipeline": "flows.pipeline:pipeline_main",
             "serve": "flows.pipeline:serve_main", "feature-pca": "flows.stages.feature_pca:main",
-            "convergence": "sra2.evaluate.convergence:main", "flops": "sra2.model.flops:main",
+            "convergence": "sra2.evaluate.convergence:main", "flops": "sra2.train.cost:main",
             "verify": "sra2.tools.verify:main", "plan": "sra2.tools.plan:main"}
 
 

@@ -130,8 +130,8 @@ def _setting(cfg) -> str:
 
 
 def _gflops(cfg) -> float | None:
-    """Training GFLOPs per image of an experiment's settings (sra2.model.flops.train_flops)."""
-    from sra2.model.flops import train_flops
+    """Training GFLOPs per image of an experiment's settings (sra2.train.cost.train_flops)."""
+    from sra2.train.cost import train_flops
 
     return train_flops(cfg) / 1e9 if cfg else None
 
@@ -139,7 +139,7 @@ def _gflops(cfg) -> float | None:
 def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = None) -> str:
     """The table in Markdown: each row's change, the published FID, ours, and the cost of its
     settings: training FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder:
-    sra2.model.flops) and their ratio to the vanilla row's."""
+    sra2.train.cost) and their ratio to the vanilla row's."""
     lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (published numbers: "
              "sra2/evaluate/paper.py).", "",
              "| row | change | paper FID | our FID | our IS | train GFLOPs/image | x vanilla | "

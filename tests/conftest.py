@@ -93,7 +93,7 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
 def encoded_tiny(root: Path, **sections) -> tuple[Config, Path]:
     """The tiny preset's demo JPEGs drawn under ``root`` and encoded; returns the config (with
     ``sections`` overridden, data.root pointing at the images) and the latent store."""
-    from sra2.data.images import write_demo_dataset
+    from sra2.data.demo import write_demo_dataset
     from sra2.data.encode import encode_dataset
 
     cfg = resolve({"preset": "tiny"})

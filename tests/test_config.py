@@ -383,7 +383,7 @@ def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
 
 def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
     from flows.tables import collect, render
-    from sra2.model import flops
+    from sra2.train import cost
     from sra2.evaluate.paper import TABLES
 
     def experiment(name, fid, changes):
@@ -398,8 +398,8 @@ def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
         experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}),
         experiment("table3-repa", 35.5, {"align": {"enabled": False}, "repa": {"enabled": True}})]}]
     table = render(collect(shown, "table3"), TABLES["3"])
-    vanilla = flops.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False}})) / 1e9
-    repa = flops.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False},
+    vanilla = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False}})) / 1e9
+    repa = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False},
                                       "repa": {"enabled": True}})) / 1e9
     assert (f"| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 | 1.50 | "
             f"{vanilla:.4g} | 1.00 |") in table

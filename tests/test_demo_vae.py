@@ -8,7 +8,8 @@ import torch
 
 from sra2.model import vae as vae_lib
 from sra2.config.params import DemoVAE
-from sra2.data.images import load_crops, write_demo_dataset
+from sra2.data import demo
+from sra2.data.images import load_crops
 
 from conftest import with_overrides
 
@@ -24,31 +25,31 @@ def knobs(**changes) -> DemoVAE:
 def images(tmp_path_factory):
     """12 demo images (3 classes), 32 px: the tiny preset's VAE makes 4x4 latents of them."""
     root = tmp_path_factory.mktemp("demo") / "train"
-    write_demo_dataset(root, classes=3, per_class=4, min_side=40, max_side=100, seed=0)
+    demo.write_demo_dataset(root, classes=3, per_class=4, min_side=40, max_side=100, seed=0)
     return load_crops(root, 32)
 
 
 def test_training_lowers_the_reconstruction_error(images, tiny):
-    before = vae_lib.latent_statistics(vae_lib.load_vae(tiny.vae), images)
-    after = vae_lib.latent_statistics(vae_lib.train_demo_vae(images, tiny.vae, KNOBS), images)
+    before = demo.latent_statistics(vae_lib.load_vae(tiny.vae), images)
+    after = demo.latent_statistics(demo.train_demo_vae(images, tiny.vae, KNOBS), images)
     assert after["l1_grey_levels"] < 0.9 * before["l1_grey_levels"], (before, after)
     assert after["latent_std"] > 0 and after["posterior_std"] > 0
     assert after["suggested_scale"] == pytest.approx(1 / after["latent_std"])
 
 
 def test_training_is_deterministic(images, tiny):
-    a, b = (vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
+    a, b = (demo.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
             for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     other_seed = with_overrides(tiny, vae={"random": {**tiny.vae.random.model_dump(), "seed": 1}})
-    c = vae_lib.train_demo_vae(images, other_seed.vae, knobs(steps=3, whole_steps=1))
+    c = demo.train_demo_vae(images, other_seed.vae, knobs(steps=3, whole_steps=1))
     assert not torch.equal(a.decoder.conv_out.weight, c.decoder.conv_out.weight)
 
 
 def test_saved_vae_loads_back_through_load_vae_with_identical_outputs(images, tiny, tmp_path):
-    trained = vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
+    trained = demo.train_demo_vae(images, tiny.vae, knobs(steps=3, whole_steps=1))
     folder = tmp_path / "demo" / "vae"
-    vae_lib.save_trained_vae(trained, folder, 0.25, {"description": "VAE trained 3 steps"})
+    demo.save_trained_vae(trained, folder, 0.25, {"description": "VAE trained 3 steps"})
     cfg = with_overrides(tiny, vae={"source": str(folder), "random": None}).vae
     loaded = vae_lib.load_vae(cfg)
     x = torch.from_numpy(images[:4].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
@@ -65,14 +66,14 @@ def test_saved_vae_loads_back_through_load_vae_with_identical_outputs(images, ti
 
 def test_a_crop_off_the_latent_grid_and_too_many_whole_steps_are_refused(images, tiny):
     with pytest.raises(ValueError, match="data.demo.vae.crop"):
-        vae_lib.train_demo_vae(images, tiny.vae, knobs(crop=12))
+        demo.train_demo_vae(images, tiny.vae, knobs(crop=12))
     with pytest.raises(ValueError, match="at most data.demo.vae.steps"):
         knobs(whole_steps=26)
 
 
 def test_reconstruction_grid_puts_each_real_image_above_its_decoding(images, tiny):
     vae = vae_lib.load_vae(tiny.vae)
-    grid = vae_lib.reconstruction_grid(vae, images[:5], columns=4)
+    grid = demo.reconstruction_grid(vae, images[:5], columns=4)
     assert grid.shape == (4 * 32, 4 * 32, 3) and grid.dtype == np.uint8
     np.testing.assert_array_equal(grid[:32, 32:64], images[1])
     np.testing.assert_array_equal(grid[64:96, :32], images[4])
@@ -87,8 +88,8 @@ def test_weights_digest_tells_a_retrained_vae_at_the_same_path(images, tiny, tmp
     cfg = with_overrides(tiny, vae={"source": str(folder), "random": None}).vae
     digests = []
     for steps in (1, 1, 2):
-        trained = vae_lib.train_demo_vae(images, tiny.vae, knobs(steps=steps, whole_steps=1))
-        vae_lib.save_trained_vae(trained, folder, 0.25, {"description": f"{steps} steps"})
+        trained = demo.train_demo_vae(images, tiny.vae, knobs(steps=steps, whole_steps=1))
+        demo.save_trained_vae(trained, folder, 0.25, {"description": f"{steps} steps"})
         digests.append(vae_lib.weights_digest(cfg))
     assert digests[0] == digests[1] != digests[2]
     assert vae_lib.weights_digest(tiny.vae) is None

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from sra2.model import vae as vae_lib
-from sra2.data.images import BadImage, list_images, load_cropped, write_demo_dataset
+from sra2.data.demo import write_demo_dataset
+from sra2.data.images import BadImage, list_images, load_cropped
 from sra2.data.encode import encode_dataset, settings_store
 from sra2.data.store import ShardedStore
 

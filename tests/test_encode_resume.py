@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sra2.data.images import write_demo_dataset
+from sra2.data.demo import write_demo_dataset
 from sra2.data.store import ShardedStore
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sra2.model.flops import main, report
+from sra2.train.cost import main, report
 
 
 def test_sit_b2_forward_flops_match_the_paper():

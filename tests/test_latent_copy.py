@@ -12,6 +12,7 @@ import torch
 from sra2.data import latent_copy
 from sra2.data.latent_copy import CopyDamaged, LatentCopy, copy_root, ensure, verify
 from sra2.data.latents import StepBatches, open_batches, write_synthetic_store
+from sra2.train.loop import warn_reading_the_store
 from sra2.data.store import ShardedStore
 
 from conftest import with_overrides
@@ -161,7 +162,8 @@ def test_no_room_falls_back_to_the_store_and_says_how_many_readers(tmp_path, tin
     logged = []
     cfg = with_overrides(tiny, train={"global_batch": 32, "copy_dir": str(tmp_path / "copies")})
     batches = open_batches(cfg, store.path, log=logged.append)
-    assert batches.files is None  # reads the zarr store
+    assert batches.files is None and batches.copy is None  # reads the zarr store
+    warn_reading_the_store(cfg, batches, logged.append)  # as training then does
     assert "free" in logged[0] and "set train.workers to at least" in logged[-1]
     assert not any(p.suffix == ".npy" for p in (tmp_path / "copies").rglob("*"))
 

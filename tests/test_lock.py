@@ -13,7 +13,7 @@ import yaml
 
 from conftest import stop, with_overrides
 from flows.harness.common import output_locks
-from sra2.data.images import write_demo_dataset
+from sra2.data.demo import write_demo_dataset
 from sra2.runtime.lock import OutputBusy, hold, lock_path
 from sra2.data.store import ShardedStore
 

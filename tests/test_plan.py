@@ -5,6 +5,7 @@ import json
 import pytest
 
 from sra2.model import flops
+from sra2.train import cost
 from sra2.tools import plan
 from sra2.config.params import resolve
 
@@ -17,7 +18,7 @@ def test_a_paper_plan_is_its_flops_at_the_mfu_and_its_arrays_bytes(tmp_path, cap
     cfg = resolve({"preset": "sit-b2"})
     assert figures["images"] == plan.IMAGENET_TRAIN  # no data.root here: ImageNet's count
     per_gpu = flops.PEAK_TFLOPS["H100"] * 1e12 * 0.5
-    trained = 400_000 * 256 * flops.train_flops(cfg)
+    trained = 400_000 * 256 * cost.train_flops(cfg)
     assert figures["stages"]["train"]["gpu_seconds"] == pytest.approx(trained / per_gpu)
     assert figures["stages"]["train"]["seconds"] == pytest.approx(trained / per_gpu / 8)
     # float32 mean and std of 4 x 32 x 32: 16 KiB each an image, at their assumed ratios

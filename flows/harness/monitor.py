@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import os
 import sys
 import threading
@@ -39,6 +40,18 @@ def api_failure(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def duration(seconds: float | None) -> str:
+    """``seconds`` as a person reads them: 42s, 3m07s, 2h05m."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 # --- the stage's account: local log file and Prefect run logs -----------------------------------
@@ -194,8 +207,6 @@ class Monitor:
                             "kept: it starts over when run again")
 
     def elapsed(self) -> str:
-        from flows.harness.progress import duration  # which imports this module
-
         return duration(time.monotonic() - self.began)
 
 

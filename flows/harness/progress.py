@@ -11,22 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flows.harness.monitor import Monitor, current
+from flows.harness.monitor import Monitor, current, duration
 from flows.harness.pictures import Picture, show_pictures
 from sra2.runtime.once import WarnOnce, harmless
 
 TABLE_ROWS = 20  # newest rows the table artifact shows (rows with an FID are all kept)
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _value(key: str, value) -> str:

@@ -31,7 +31,7 @@ def _png(picture) -> bytes:
 def train_vae(cfg: Config) -> None:
     """Train the demo's VAE on the drawn images, save it at vae.source with training.json (how it
     was made) and reconstructions.png (real images above what it gives back for them)."""
-    from sra2.model import vae as vae_lib
+    from sra2.data import demo
     from sra2.data.images import load_crops
 
     knobs, folder = cfg.data.demo.vae, Path(cfg.vae.source)
@@ -41,15 +41,15 @@ def train_vae(cfg: Config) -> None:
           "images")
     progress = Progress("demo-vae-progress", f"training the demo VAE on {len(images)} images")
     start = time.monotonic()
-    vae = vae_lib.train_demo_vae(images, cfg.vae, knobs, progress)
+    vae = demo.train_demo_vae(images, cfg.vae, knobs, progress)
     seconds = time.monotonic() - start
-    stats = vae_lib.latent_statistics(vae, images)
+    stats = demo.latent_statistics(vae, images)
     # no timings in the files: the stage's outputs are the same bytes on every run
     info = {"description": f"VAE trained {knobs.steps} steps on the {len(images)} demo images "
                            "(not SD-VAE)", "steps": knobs.steps, "images": len(images),
             "architecture": cfg.vae.random.model_dump(), "training": knobs.model_dump(), **stats}
-    vae_lib.save_trained_vae(vae, folder, round(stats["suggested_scale"], 4), info)
-    grid = vae_lib.reconstruction_grid(vae, load_crops(cfg.data.root, cfg.data.image_size,
+    demo.save_trained_vae(vae, folder, round(stats["suggested_scale"], 4), info)
+    grid = demo.reconstruction_grid(vae, load_crops(cfg.data.root, cfg.data.image_size,
                                                        GRID_IMAGES))
     atomic.write_bytes(folder / "reconstructions.png", _png(grid))
     print(f"trained in {seconds:.0f} s: reconstruction error {stats['l1_grey_levels']:.1f} grey "
@@ -64,7 +64,7 @@ def train_vae(cfg: Config) -> None:
 
 @stage_flow("demo-data")
 def demo_data_flow(cfg: Config, out: str) -> None:
-    from sra2.data.images import write_demo_dataset
+    from sra2.data.demo import write_demo_dataset
 
     demo = cfg.data.demo
     shutil.rmtree(out, ignore_errors=True)

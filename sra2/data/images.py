@@ -1,14 +1,13 @@
-"""Images in: ImageFolder listing, the ADM centre crop, robust decoding, the demo dataset."""
+"""Images in: ImageFolder listing, the ADM centre crop, robust decoding."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
@@ -114,65 +113,3 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
 
 
 # --- the demo dataset: real JPEG files of drawn shapes and textures --------------------------
-
-_SHAPES = ("disc", "square", "triangle", "hstripes", "vstripes", "checker", "ring", "cross",
-           "gradient", "dots")
-
-
-def _draw(kind: str, w: int, h: int, rng: np.random.Generator) -> Image.Image:
-    colour = lambda: tuple(int(c) for c in rng.integers(0, 256, 3))  # noqa: E731
-    img = Image.new("RGB", (w, h), colour())
-    d = ImageDraw.Draw(img)
-    s = min(w, h)
-    cx, cy = w / 2 + rng.uniform(-0.15, 0.15) * w, h / 2 + rng.uniform(-0.15, 0.15) * h
-    r = s * rng.uniform(0.2, 0.4)
-    fg = colour()
-    period = max(2, int(s * rng.uniform(0.05, 0.15)))
-    if kind == "disc":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif kind == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif kind == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-    elif kind == "hstripes":
-        for y in range(0, h, 2 * period):
-            d.rectangle([0, y, w, y + period - 1], fill=fg)
-    elif kind == "vstripes":
-        for x in range(0, w, 2 * period):
-            d.rectangle([x, 0, x + period - 1, h], fill=fg)
-    elif kind == "checker":
-        for y in range(0, h, period):
-            for x in range((y // period) % 2 * period, w, 2 * period):
-                d.rectangle([x, y, x + period - 1, y + period - 1], fill=fg)
-    elif kind == "ring":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(2, int(r / 3)))
-    elif kind == "cross":
-        t = max(2, int(r / 3))
-        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fg)
-        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fg)
-    elif kind == "gradient":
-        ramp = np.linspace(0.0, 1.0, w)[None, :, None]
-        a, b = np.array(colour(), float), np.array(fg, float)
-        img = Image.fromarray((a + (b - a) * ramp).repeat(h, 0).astype(np.uint8))
-    elif kind == "dots":
-        for _ in range(int(rng.integers(5, 15))):
-            x, y, q = rng.uniform(0, w), rng.uniform(0, h), s * rng.uniform(0.04, 0.1)
-            d.ellipse([x - q, y - q, x + q, y + q], fill=fg)
-    return img
-
-
-def write_demo_dataset(root: str | Path, classes: int, per_class: int, min_side: int,
-                       max_side: int, seed: int) -> int:
-    """Write a class-labelled ImageFolder of JPEGs, the same bytes for the same arguments."""
-    if not 1 <= classes <= len(_SHAPES):
-        raise DataError(f"data.demo.classes must be between 1 and {len(_SHAPES)}, got {classes}")
-    root = Path(root)
-    width = int(math.log10(per_class)) + 1
-    for c in range(classes):
-        folder = root / f"c{c:02d}_{_SHAPES[c]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            rng = np.random.default_rng([seed, c, i])
-            w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-            _draw(_SHAPES[c], w, h, rng).save(folder / f"img{i:0{width}d}.JPEG", quality=90)
-    return classes * per_class

@@ -13,7 +13,6 @@ the page cache, shared by every process of the node.
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing.forkserver
 import os
 import signal
@@ -26,7 +25,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sra2.model import flops
 from sra2.data import latent_copy
 from sra2.config.params import Config
 from sra2.data.encode import rejects
@@ -141,19 +139,12 @@ def open_batches(cfg: Config, latents: str | Path, rank: int = 0, world: int = 1
     """This rank's batches, read as ``train.read_from`` says: from the node-local copy (built
     first if this node has none), or from the store; with the images where ``repa.enabled`` (a
     store without them fails here, before any copying). Where the copy cannot be made, the store
-    is read, with a warning that says how many readers that takes to feed one GPU."""
+    is read (``.copy`` is None)."""
     tc, store, images = cfg.train, pointed_store(latents), cfg.repa.enabled
     if images:
         require_images(ShardedStore(store))
     copy = latent_copy.ensure(store, tc.copy_dir, log, images) if tc.read_from == "copy" else None
-    batches = StepBatches(store, tc.global_batch, tc.seed, rank, world, copy, images)
-    if tc.read_from == "copy" and copy is None and rank == 0:
-        rate, need = read_rate(batches), flops.gpu_need(cfg)
-        log(f"WARNING: training reads the zarr store itself: {rate:.0f} latents/s per reader "
-            f"here, and one {flops.PEAK_TFLOPS['H100']:.0f}-TFLOP/s GPU at 50% MFU needs "
-            f"{need:.0f}/s for {cfg.model.name}: set train.workers to at least "
-            f"{math.ceil(need / rate)} per GPU, or train.copy_dir to a disk with room")
-    return batches
+    return StepBatches(store, tc.global_batch, tc.seed, rank, world, copy, images)
 
 
 def step_loader(batches: StepBatches, start: int, stop: int, workers: int, pin: bool) -> DataLoader:

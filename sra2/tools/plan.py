@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from sra2.model import flops
+from sra2.train import cost
 from sra2.data import space
 from sra2.config.params import Config, apply_overrides, resolve
 from sra2.data.encode import decode_workers, latent_arrays
@@ -103,7 +104,7 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     encode = Stage("encode", f"{n:,} images, VAE encoder {encoder / 1e9:.0f} GFLOPs x {views}",
                    max(gpu_s, decode_s), gpus_s, PROCESS_RAM, store)
 
-    per_image = flops.train_flops(cfg)
+    per_image = cost.train_flops(cfg)
     train_s, train_gpu = gpu_time(tc.steps * tc.global_batch * per_image, hw)
     copied = [*latent_copy.ARRAYS, *([latent_copy.IMAGES] if cfg.repa.enabled else [])]
     raw = space.item_bytes(arrays)
@@ -111,7 +112,7 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
                             latent_copy.copy_root(tc.copy_dir)) if tc.read_from == "copy" else None)
     step, ema = checkpoint_bytes(cfg)
     evals = tc.steps // tc.eval_every if tc.eval_every else 0
-    forward = flops.report(cfg.model.name, space.latent_shape(cfg)[-1]).flops
+    forward = cost.report(cfg.model.name, space.latent_shape(cfg)[-1]).flops
     per_sample = sample_flops(cfg, forward, decoder)
     eval_s, eval_gpu = gpu_time(evals * tc.eval_samples * (per_sample + INCEPTION_FLOPS), hw)
     train = Stage("train", f"{tc.steps:,} steps x {tc.global_batch} images, "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,11 +41,12 @@ from torch import nn
 from tqdm import tqdm
 
 from sra2.runtime import atomic, dist
-from sra2.train import fid_curve
+from sra2.train import cost, fid_curve
 from sra2.data import latent_copy, space
 from sra2.train.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
 from sra2.config.params import Config, result_settings
-from sra2.data.latents import open_batches, stream
+from sra2.data.latents import StepBatches, open_batches, read_rate, stream
+from sra2.model.flops import PEAK_TFLOPS
 from sra2.model.sit import SiT, build
 from sra2.methods.objective import Objective, build_heads, teacher_time, terms
 from sra2.evaluate.plots import write_fid_plot, write_loss_plot
@@ -337,6 +339,15 @@ def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
     return needs
 
 
+def warn_reading_the_store(cfg: Config, data: StepBatches, log: Callable[[str], None] = print) -> None:
+    """Where the node-local copy could not be made: how many readers the store needs per GPU."""
+    rate, need = read_rate(data), cost.gpu_need(cfg)
+    log(f"WARNING: training reads the zarr store itself: {rate:.0f} latents/s per reader "
+        f"here, and one {PEAK_TFLOPS['H100']:.0f}-TFLOP/s GPU at 50% MFU needs "
+        f"{need:.0f}/s for {cfg.model.name}: set train.workers to at least "
+        f"{math.ceil(need / rate)} per GPU, or train.copy_dir to a disk with room")
+
+
 def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
     """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``, or taking the checkpoint
     at that step); returns a summary.
@@ -353,6 +364,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
 
     # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
     data = open_batches(cfg, latents, rank, world)
+    if tc.read_from == "copy" and data.copy is None and rank == 0:
+        warn_reading_the_store(cfg, data)
     if int(data.labels.max()) >= cfg.model.num_classes:
         raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
                          f"model.num_classes is {cfg.model.num_classes}")

@@ -1,0 +1,114 @@
+"""The code's layers are its folders: every import of sra2/ and flows/, also those inside
+functions, runs from a folder to one below it or within one folder, never in a circle. The order
+is derived from the imports themselves, so a new folder finds its place without this file."""
+
+from __future__ import annotations
+
+import ast
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
+    """Dotted name -> file of every module of ``packages`` under ``root`` (packages by their
+    ``__init__.py``, which this project keeps empty)."""
+    found = {}
+    for package in packages:
+        for path in (root / package).rglob("*.py"):
+            if path.name != "__init__.py":
+                found[".".join(path.relative_to(root).with_suffix("").parts)] = path
+    return found
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of ``known`` that ``path`` imports anywhere in its body (``from a import b``
+    names module ``a.b`` where that is one)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names & set(known)
+
+
+def folder(module: str) -> str:
+    return module.rsplit(".", 1)[0]
+
+
+def graphs(root: Path, packages: tuple[str, ...]) -> tuple[dict, dict]:
+    """(module -> modules it imports, folder -> folders it imports), self-loops left out."""
+    known = modules(root, packages)
+    by_module = {m: imports(path, known) - {m} for m, path in known.items()}
+    by_folder: dict[str, set[str]] = {}
+    for m, targets in by_module.items():
+        by_folder.setdefault(folder(m), set()).update(folder(t) for t in targets)
+    return by_module, {f: targets - {f} for f, targets in by_folder.items()}
+
+
+def layers(root: Path, packages: tuple[str, ...]) -> list[str]:
+    """The folders from the bottom up; an AssertionError naming the imports that run in a
+    circle, between modules or between folders (one of them then runs upward)."""
+    by_module, by_folder = graphs(root, packages)
+    for graph, what in ((by_module, "modules"), (by_folder, "folders")):
+        try:
+            order = list(TopologicalSorter(graph).static_order())
+        except CycleError as e:
+            circle = e.args[1][::-1]  # graphlib lists it against the arrows
+            steps = [f"{a} -> {b}" + (f" ({behind(by_module, a, b)})" if what == "folders" else "")
+                     for a, b in zip(circle, circle[1:])]
+            raise AssertionError(f"{what} import each other in a circle: " + "; ".join(steps))
+    return order
+
+
+def behind(by_module: dict[str, set[str]], a: str, b: str) -> str:
+    """The modules of folder ``a`` that import from folder ``b``."""
+    return ", ".join(sorted(m for m, targets in by_module.items()
+                            if folder(m) == a and any(folder(t) == b for t in targets)))
+
+
+def test_the_folders_of_sra2_and_flows_stack_in_layers():
+    layers(REPO, ("sra2", "flows"))
+    by_folder = graphs(REPO, ("sra2", "flows"))[1]
+
+    def reaches(high: str, low: str) -> bool:
+        seen, todo = set(), [high]
+        while todo:
+            here = todo.pop()
+            seen.add(here)
+            todo += [f for f in by_folder.get(here, ()) if f not in seen]
+        return low in seen
+
+    # the layers as README's "Layout" section lists them: each above the one after it
+    for high, low in [("sra2.tools", "sra2.train"), ("sra2.train", "sra2.evaluate"),
+                      ("sra2.train", "sra2.methods"), ("sra2.evaluate", "sra2.sample"),
+                      ("sra2.sample", "sra2.data"), ("sra2.data", "sra2.model"),
+                      ("sra2.methods", "sra2.model"), ("sra2.model", "sra2.runtime"),
+                      ("sra2.runtime", "sra2.config"), ("flows.stages", "flows.harness")]:
+        assert reaches(high, low), (high, low)
+    library = [f for f in by_folder if f.startswith("sra2")]
+    assert not [f for f in library if any(reaches(f, g) for g in by_folder if g.startswith("flows"))]
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_an_import_that_runs_upward_inside_a_function_is_named(tmp_path):
+    write(tmp_path, {"pkg/low/a.py": "X = 1\n", "pkg/high/b.py": "from pkg.low import a\n"})
+    assert layers(tmp_path, ("pkg",)) == ["pkg.low", "pkg.high"]
+    write(tmp_path, {"pkg/low/c.py": "def f():\n    from pkg.high.b import Y\n"})
+    with pytest.raises(AssertionError, match=r"folders .* circle: .*pkg.low -> pkg.high \(pkg.low.c\)"):
+        layers(tmp_path, ("pkg",))
+
+
+def test_modules_importing_each_other_within_a_folder_are_named(tmp_path):
+    write(tmp_path, {"pkg/a.py": "import pkg.b\n", "pkg/b.py": "def f():\n    from pkg import a\n"})
+    with pytest.raises(AssertionError, match=r"modules import each other in a circle: pkg\.\w -> pkg\.\w"):
+        layers(tmp_path, ("pkg",))
