@@ -348,6 +348,15 @@ def planned(cfg, n: int) -> dict[str, int]:
             "copy": n * sum(raw[a] for a in ARRAYS)}
 
 
+def planned_decoding(cfg, n: int) -> float:
+    """Seconds ``sra2 plan`` foresees for encode's JPEG decoding of ``n`` images on this machine
+    (one process: its workers at DECODE_PER_CORE each): what bounds the stage here."""
+    from sra2.data.encode import decode_workers
+    from sra2.tools.plan import DECODE_PER_CORE
+
+    return n / (max(1, decode_workers(cfg.encode.workers, processes=1)) * DECODE_PER_CORE)
+
+
 def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:
     images = imagefolder(args.out / f"images-{n}", n, args.classes, pool)
     work = workspace(args.out / f"work-{n}", images, n, args.smoke, args.cache_type)
@@ -366,6 +375,7 @@ def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:
            "repro": total, "stages": stages, "disk": used,
            "disk_ratio": sum(v["bytes"] for v in used.values()) / unavoidable,
            "planned": planned(config(images, n, args.smoke), n),
+           "planned_decoding": planned_decoding(config(images, n, args.smoke), n),
            "dvc_status": seconds(["dvc", "status"], work),
            "dvc_noop_repro": seconds(["dvc", "repro"], work)}
     if not args.keep:
@@ -435,9 +445,14 @@ def table(rows: list[dict]) -> str:
     plan = "; ".join(f"N={r['n']:,}: " + ", ".join(
         f"{k} {v / r['disk'][k].get('apparent', r['disk'][k]['bytes']):.3f}"
         for k, v in r["planned"].items()) for r in rows)
+    decoding = ", ".join(f"N={r['n']:,}: "
+                         f"{r['planned_decoding'] / r['stages']['encode']['outside']:.2f}"
+                         for r in rows)
     return "\n".join(lines + ["", "per item, outside the networks: " + "; ".join(per_item),
                               f"disk used / unavoidable (store + copy + checkpoints + samples "
-                              f"once): {ratios}", f"sra2 plan / bytes written: {plan}"])
+                              f"once): {ratios}", f"sra2 plan / bytes written: {plan}",
+                              "sra2 plan's JPEG decoding / encode outside the networks: "
+                              + decoding])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         rows = json.loads((args.out / "scale.json").read_text())
         for r in rows:  # runs saved before the plan's figures were recorded
-            r.setdefault("planned", planned(config(args.out / f"images-{r['n']}", r["n"], False),
-                                            r["n"]))
+            cfg = config(args.out / f"images-{r['n']}", r["n"], False)
+            r.setdefault("planned", planned(cfg, r["n"]))
+            r.setdefault("planned_decoding", planned_decoding(cfg, r["n"]))
         print(table(rows))
         return 0
     if args.smoke:  # one small N: every stage and measurement once (no growth to fit)
