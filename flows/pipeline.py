@@ -280,17 +280,14 @@ def check_overrides(overrides: list[str]) -> None:
     named, before DVC starts anything."""
     import yaml
 
+    from sra2.config.params import ConfigError
     from sra2.methods import checks
-    from sra2.config.params import ConfigError, apply_overrides, resolve
 
     try:
-        params = apply_overrides(yaml.safe_load(Path("params.yaml").read_text()) or {}, overrides)
-        cfg = resolve(params, "the overrides")
+        checks.with_overrides(yaml.safe_load(Path("params.yaml").read_text()) or {}, overrides,
+                              "the overrides")
     except (ConfigError, ValueError) as e:
         raise ValueError(f"overrides {overrides}: {e}") from None
-    problems = checks.model_problems(cfg) + checks.data_problems(cfg)
-    if problems:
-        raise ValueError(f"overrides {overrides}: " + "; ".join(problems))
 
 
 # --- the commands --------------------------------------------------------------------------------
@@ -314,10 +311,10 @@ def pipeline_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     at_repository_root()
     with contextlib.ExitStack() as stack:
-        if server.wanted():
-            api, _ = stack.enter_context(server.temporary())
-            stack.callback(server.drain)  # the run's last lines, before the server goes
-            stack.enter_context(temporary_settings({PREFECT_API_URL: api, PREFECT_UI_URL: ""}))
+        started = stack.enter_context(server.for_this_process())
+        if started:
+            stack.enter_context(temporary_settings({PREFECT_API_URL: started[0],
+                                                    PREFECT_UI_URL: ""}))
         pipeline_flow(targets=args.targets, force=args.force)
 
 

@@ -24,7 +24,6 @@ from typing import Any, Iterable
 
 import yaml
 
-from sra2.config.params import apply_overrides
 from sra2.evaluate.experiments import exp_show, newest
 from sra2.evaluate.paper import TABLES, Row, Table
 
@@ -53,14 +52,8 @@ def check_row(params: dict, row: Row, preset: str | None, extra: Iterable[str]) 
     """Resolve and check the row's parameters here, so that a row that cannot run (e.g. a block
     the model does not have) stops the queueing with its key named, before anything is queued."""
     from sra2.methods import checks
-    from sra2.config.params import ConfigError, resolve
 
-    source = f"row {row.name}"
-    cfg = resolve(apply_overrides(params, row_overrides(row, preset, extra)), source)
-    problems = checks.model_problems(cfg) + checks.data_problems(cfg)
-    if problems:
-        raise ConfigError(f"invalid parameters in {source}:\n" +
-                          "\n".join(f"  {p}" for p in problems))
+    checks.with_overrides(params, row_overrides(row, preset, extra), f"row {row.name}")
 
 
 def select(table: Table, names: list[str] | None) -> list[Row]:

@@ -280,13 +280,13 @@ def run_stage(flow: LazyFlow, preset: str, **params):
     token = _outcome.set(done)
     try:
         with contextlib.ExitStack() as stack:
-            if server.wanted():
-                try:
-                    mon.server_api, mon.server_pid = stack.enter_context(server.temporary())
-                except RuntimeError as e:
-                    mon.lost(e, "the stage runs without Prefect")
-                    return flow.fn(**params)
-                stack.callback(server.drain)  # the run's last lines, before the server goes
+            try:
+                started = stack.enter_context(server.for_this_process())
+            except RuntimeError as e:
+                mon.lost(e, "the stage runs without Prefect")
+                return flow.fn(**params)
+            if started:
+                mon.server_api, mon.server_pid = started
             # settings of this call's own, which Monitor.lost changes: no retries once the API
             # is gone
             mon.settings = stack.enter_context(temporary_settings(

@@ -79,6 +79,20 @@ def temporary() -> Iterator[tuple[str, int]]:
             server.wait()
 
 
+@contextlib.contextmanager
+def for_this_process() -> Iterator[tuple[str, int] | None]:
+    """Where no server is named (:func:`wanted`), a :func:`temporary` one, drained of the run's
+    last lines before it stops: yields its API URL and pid, else None."""
+    if not wanted():
+        yield None
+        return
+    with temporary() as started:
+        try:
+            yield started
+        finally:
+            drain()
+
+
 def drain() -> None:
     """Send what Prefect's background workers still hold (the run's last log lines, its events)
     while the server still answers; at most a few seconds each."""

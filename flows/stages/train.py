@@ -1,4 +1,5 @@
-"""train stage: SiT + SRA 2 alignment loss on the cached latents, with EMA and checkpoints.
+"""train stage: SiT and the alignment terms on (SRA 2, SRA, REPA) on the cached latents, with EMA
+and checkpoints.
 
 Runs on every GPU of the node (params.yaml `launch`). Resumable: restarts from the latest
 checkpoint under --out and takes the same steps an unbroken run would; the EMA weights for
@@ -31,13 +32,12 @@ def loss_pictures(cfg: Config):
 
 @stage_flow("train")
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
+    from sra2.methods.objective import describe
     from sra2.train.loop import train
 
-    tc, align = cfg.train, cfg.align
-    aligned = (f"layer {align.layer} weight {align.weight} ({align.loss})" if align.enabled
-               else "off")
+    tc = cfg.train
     current().say(
-        f"train: preset {cfg.preset}, {cfg.model.name}, alignment {aligned}, "
+        f"train: preset {cfg.preset}, {cfg.model.name} + {describe(cfg)}, "
         f"{tc.steps} steps of {tc.global_batch} images, lr {tc.lr}, EMA {tc.ema_decay}, "
         f"{tc.precision}, checkpoint every {tc.ckpt_every}, log every {tc.log_every}; "
         f"latents {latents} -> {out}")

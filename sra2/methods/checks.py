@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sra2.config.params import Config, ConfigError
+from sra2.config.params import Config, ConfigError, apply_overrides, resolve
 
 SD_VAE_DOWNSAMPLING = 8  # the SD-VAE (hub and local weights of this pipeline) halves 3 times
 
@@ -99,6 +99,19 @@ def check(cfg: Config, stage: str, world: int, source: str = "params") -> None:
     problems = model_problems(cfg) + data_problems(cfg) + path_problems(cfg, stage)
     if stage == "train":
         problems += split_problems(cfg, world)
+    _raise_for(problems, source)
+
+
+def with_overrides(params: dict, overrides: list[str], source: str) -> Config:
+    """``params`` (params.yaml's content) with ``overrides`` (``key=value``, as ``dvc exp run -S``
+    takes them), resolved and checked across sections: what a queued experiment meets before its
+    first stage, known before anything is queued. ConfigError naming the keys otherwise."""
+    cfg = resolve(apply_overrides(params, overrides), source)
+    _raise_for(model_problems(cfg) + data_problems(cfg), source)
+    return cfg
+
+
+def _raise_for(problems: list[str], source: str) -> None:
     if problems:
         raise ConfigError(f"invalid parameters in {source}:\n" +
                           "\n".join(f"  {p}" for p in problems))

@@ -52,6 +52,17 @@ def terms(cfg: Config) -> list[Term]:
     return on
 
 
+def describe(cfg: Config) -> str:
+    """The methods a run trains with, in words: the terms on and their settings."""
+    a, s, r = cfg.align, cfg.sra, cfg.repa
+    words = {"align": f"SRA 2 (block {a.layer}, {a.loss}, weight {a.weight}, "
+                      f"t in [{a.t_min}, {a.t_max}])",
+             "sra": f"SRA (blocks {s.student_block} -> {s.teacher_block}, {s.loss}, "
+                    f"weight {s.weight})",
+             "repa": f"REPA (block {r.layer}, {r.encoder}, weight {r.weight})"}
+    return " + ".join(words[t.name] for t in terms(cfg)) or "no alignment (vanilla SiT)"
+
+
 def check_blocks(cfg: Config, depth: int) -> None:
     """Every block a term reads exists in a SiT of ``depth`` blocks."""
     keys = {"align": "align.layer", "sra": "sra.student_block", "repa": "repa.layer"}
