@@ -1,9 +1,10 @@
 """Throughput of the whole encode stage next to the bare VAE encoder, in one run on one machine.
 
-The stage (``sra2.data.encode.encode_dataset``) decodes and crops real JPEG files in worker processes,
-runs the VAE and writes a compressed zarr store; the bare encoder (``sra2.data.encode.measure_encoder``)
-only runs the VAE on a batch already on the device. Their ratio says how much of the VAE's speed
-the stage keeps (goal: >= 0.9). Both use the same VAE, batch size, resolution and precision.
+The stage (``sra2.data.encode.encode_dataset``) decodes and crops real JPEG files in worker
+processes, runs the VAE and writes a compressed zarr store; the bare encoder
+(``sra2.data.encode.measure_encoder``) only runs the VAE on a batch already on the device. Their
+ratio says how much of the VAE's speed the stage keeps (goal: >= 0.9). Both use the same VAE, batch
+size, resolution and precision.
 
     python bench/encode.py                                  # demo preset on the CPU
     python bench/encode.py --preset sit-b2 --vae random-sd  # SD-VAE shape at 256x256 on a GPU

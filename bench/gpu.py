@@ -98,7 +98,8 @@ class Table:
                  f"torch {self.header['torch']}, {self.header['when']}, "
                  f"{'SMOKE (tiny sizes)' if self.header['smoke'] else 'full sizes'}", "",
                  "| section | case | figure | value |", "|---|---|---|---:|"]
-        lines += [f"| {r['section']} | {r['case']} | {r['figure']} | {r['value']} |" for r in self.rows]
+        lines += [f"| {r['section']} | {r['case']} | {r['figure']} | {r['value']} |"
+                  for r in self.rows]
         atomic.write_text(self.folder / "table.md", "\n".join(lines) + "\n")
 
 
@@ -117,8 +118,8 @@ def peak_memory(device: torch.device) -> float:
 
 
 def autocast(device: torch.device, precision: str):
-    """``sra2.runtime.dist.autocast`` on any device: the pipeline's CPU runs stay fp32, the smoke's run
-    the GPU's bf16 paths."""
+    """``sra2.runtime.dist.autocast`` on any device: the pipeline's CPU runs stay fp32, the smoke's
+    run the GPU's bf16 paths."""
     if precision in dist.AUTOCAST:
         return torch.autocast(device.type, dist.AUTOCAST[precision])
     return nullcontext()
@@ -201,7 +202,8 @@ def section_sample(t: Table, size: dict, device: torch.device) -> None:
         # the bare forwards: one per step, on twice the batch with guidance (as the sampler runs)
         n = s["num"] * (2 if scale != 1 else 1)
         x = torch.randn(n, 4, size["image"] // 8, size["image"] // 8, device=device)
-        tt, y = torch.full((n,), 0.5, device=device), torch.zeros(n, dtype=torch.long, device=device)
+        tt, y = (torch.full((n,), 0.5, device=device),
+                 torch.zeros(n, dtype=torch.long, device=device))
         with torch.no_grad(), dist.autocast(device, size["precision"]):
             model(x, tt, y)
             synchronize(device)
@@ -216,7 +218,8 @@ def section_sample(t: Table, size: dict, device: torch.device) -> None:
             start = time.perf_counter()
             sample_stage(cfg, ema, Path(tmp) / "samples")
             stage = s["num"] / (time.perf_counter() - start)
-        case = f"{s['model']} SDE {s['steps']} steps, " + ("no CFG" if scale == 1 else f"CFG {scale}")
+        case = (f"{s['model']} SDE {s['steps']} steps, "
+                + ("no CFG" if scale == 1 else f"CFG {scale}"))
         t.add("sample", case, "bare forwards (images/s)", bare)
         t.add("sample", case, "sample stage (images/s)", stage)
         t.add("sample", case, "stage / bare", stage / bare)
@@ -240,12 +243,15 @@ def section_encode_inception(t: Table, size: dict, device: torch.device, scratch
           size["inception"] / (time.perf_counter() - start))
 
 
-def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy, built: dict) -> None:
+def section_read(t: Table, size: dict, store: Path, copy: latent_copy.LatentCopy,
+                 built: dict) -> None:
     rates, _, after = read_bench.read_rates(store, copy, size["batch"], size["steps"], 3)
     for name, rate in rates.items():
         t.add("read", name, "latents/s", rate)
-    t.add("read", read_bench.READ_PATH, "/ bare gather", rates[read_bench.READ_PATH] / rates[read_bench.BARE])
-    t.add("read", "copy", "build / verify (GB/s)", f"{built['build GB/s']:.2f} / {built['verify GB/s']:.2f}")
+    t.add("read", read_bench.READ_PATH, "/ bare gather",
+          rates[read_bench.READ_PATH] / rates[read_bench.BARE])
+    t.add("read", "copy", "build / verify (GB/s)",
+          f"{built['build GB/s']:.2f} / {built['verify GB/s']:.2f}")
     t.add("read", "this process", "anonymous memory (MB)", after["anonymous"])
     for model in size["models"]:
         sra2 = train_configs(size, model, size["batch"], False, "cpu")["sra2"]
@@ -280,12 +286,16 @@ def section_determinism(t: Table, size: dict, device: torch.device, store: Path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="folder for table.json and table.md")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script")
-    p.add_argument("--only", nargs="+", choices=["train", "sample", "encode", "read", "determinism"],
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes on any device: checks the script")
+    p.add_argument("--only", nargs="+",
+                   choices=["train", "sample", "encode", "read", "determinism"],
                    help="run only these sections")
-    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's dense bf16 peak (default: known GPUs)")
     args = p.parse_args(argv)
     size = SMOKE if args.smoke else FULL
     device = dist.device("auto")
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         side = size["image"] // 8
         first = train_configs(size, next(iter(size["models"])), size["batch"], False, "cpu")
         classes = first["sra2"].model.num_classes
-        store, copy, built = read_bench.build_copy(scratch, size["items"], (4, side, side), 1, classes)
+        store, copy, built = read_bench.build_copy(scratch, size["items"], (4, side, side), 1,
+                                                   classes)
         sections = {"train": lambda: section_train(t, size, device, store, scratch, peak),
                     "sample": lambda: section_sample(t, size, device),
                     "encode": lambda: section_encode_inception(t, size, device, scratch),

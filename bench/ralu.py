@@ -43,7 +43,8 @@ from sra2.data.store import pointed_store
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--ema", default="data/train/ema.pt")
     p.add_argument("--latents", default="data/latents.json", help="the encoded store (real images)")
@@ -124,14 +125,16 @@ def time_at_scale(cfg: Config, name: str, px: int, device: str) -> list[str]:
     lines = []
     for label, c in ((f"RALU {plan.steps}", with_sample(cfg, sampler="ralu")),
                      (f"Euler {evals}", with_sample(cfg, sampler="ode-euler", steps=evals)),
-                     (f"Euler {same} (same FLOPs)", with_sample(cfg, sampler="ode-euler", steps=same))):
+                     (f"Euler {same} (same FLOPs)",
+                      with_sample(cfg, sampler="ode-euler", steps=same))):
         if device == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
         latents(c, model, sd, y, noise, gens)
         if device == "cuda":
             torch.cuda.synchronize()
-        lines.append(f"{name} {px}px, one sample on {device}: {label} {time.perf_counter() - began:.2f} s")
+        lines.append(f"{name} {px}px, one sample on {device}: "
+                     f"{label} {time.perf_counter() - began:.2f} s")
     return lines
 
 
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          steps=same_flops), same_flops * full),
         f"preset's {cfg.sample.sampler} {cfg.sample.steps}": (cfg, cfg.sample.steps * full),
     }
-    print(f"{model.__class__.__name__} {cfg.model.name} from {args.ema}, VAE {vae_lib.describe(cfg.vae)}, "
+    print(f"{model.__class__.__name__} {cfg.model.name} from {args.ema}, "
+          f"VAE {vae_lib.describe(cfg.vae)}, "
           f"{args.num} samples, RALU steps {plan.steps} ends {plan.ends} c {plan.c} "
           f"top_k {plan.top_k}; CPU threads {torch.get_num_threads()}")
     rows, reference = [], None

@@ -15,9 +15,9 @@ preset's global batch) in rounds that alternate between:
 
 It prints latents/s of each (the median over rounds), the read path's ratio to the bare gather,
 the reading process's memory (RSS, PSS, private and anonymous, from /proc/self/smaps_rollup), and
-the latents/s one GPU trains at 40% and 50% MFU (``sra2.train.cost``: 3 forward passes per image, with
-the projector). Its last line reads ``read path / bare gather: <ratio> (<n> latents/s per reader;
-one GPU needs <m> at 50% MFU)``.
+the latents/s one GPU trains at 40% and 50% MFU (``sra2.train.cost``: 3 forward passes per image,
+with the projector). Its last line reads ``read path / bare gather: <ratio> (<n> latents/s per
+reader; one GPU needs <m> at 50% MFU)``.
 
 With ``--pixels`` the store holds seeded random uint8 images of the preset's size as well (as
 ``encode.pixels`` stores them; random bytes do not compress, which slows the zarr store's rows but
@@ -55,15 +55,18 @@ READ_PATH, BARE = "read path (StepBatches on the copy)", "bare memmap gather"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sit-b2", help="latent shape, global batch and model of this preset")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sit-b2",
+                   help="latent shape, global batch and model of this preset")
     p.add_argument("--items", type=int, default=20000, help="latents in the synthetic store")
     p.add_argument("--chunk-size", type=int, default=1, help="latents per chunk of the store")
     p.add_argument("--steps", type=int, default=40, help="batches read per round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians are printed)")
     p.add_argument("--gpu-tflops", type=float, default=flops.PEAK_TFLOPS["H100"],
                    help="the GPU's dense bf16 peak, TFLOP/s (default: H100/H200)")
-    p.add_argument("--dir", help="where to write the store and its copy (default: a temporary folder)")
+    p.add_argument("--dir",
+                   help="where to write the store and its copy (default: a temporary folder)")
     p.add_argument("--pixels", action="store_true",
                    help="the store and the copy hold the images too, and every way reads them")
     return p.parse_args(argv)
@@ -149,9 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         store, copy, built = build_copy(Path(tmp), args.items, shape, args.chunk_size,
                                         image_size=image_size)
         imagenet = built["GB"] / args.items * 1_281_167
-        print(f"copy: {built['GB']:.2f} GB, built from the store at {built['build GB/s']:.2f} GB/s, "
+        print(f"copy: {built['GB']:.2f} GB, built from the store at "
+              f"{built['build GB/s']:.2f} GB/s, "
               f"verified at {built['verify GB/s']:.2f} GB/s: a full check of ImageNet's "
-              f"~{imagenet:.0f} GB copy takes ~{imagenet / built['verify GB/s']:.0f} s at that rate")
+              f"~{imagenet:.0f} GB copy takes "
+              f"~{imagenet / built['verify GB/s']:.0f} s at that rate")
         median, before, after = read_rates(store, copy, batch, args.steps, args.rounds)
     reference = median[BARE]
     print(f"\n{'':40}{'latents/s':>12}{'/ bare':>8}")

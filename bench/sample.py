@@ -1,8 +1,8 @@
 """Sampling throughput in one run on one machine: the sample stage against bare model forwards.
 
 The bare rate is ``sample.steps`` forwards of the SiT on a batch already on the device (the
-network evaluations a sampler cannot avoid); the stage is ``sra2.sample.generate.sample_stage``: noise
-from per-sample generators, the sampler's arithmetic, VAE decode, shards written, the ADM .npz
+network evaluations a sampler cannot avoid); the stage is ``sra2.sample.generate.sample_stage``:
+noise from per-sample generators, the sampler's arithmetic, VAE decode, shards written, the ADM .npz
 and the grid. Goal: stage/bare >= 0.95. The SiT has its initial weights (the speed does not
 depend on them); the VAE is the preset's.
 
@@ -33,7 +33,8 @@ from sra2.train.loop import build_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo")
     p.add_argument("--model", help="override model.name, e.g. SiT-XL/2")
     p.add_argument("--num", type=int, default=256, help="images the stage samples")
@@ -41,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="sampler steps (default: the preset's, 250)")
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--vae", choices=["preset", "random", "random-sd"], default="random",
-                   help="random: the preset's demo VAE shape with seeded weights (speed does not depend "
-                        "on them); random-sd: the SD-VAE architecture with seeded weights; preset: vae.source")
+                   help="random: the preset's demo VAE shape with seeded weights (speed does not "
+                        "depend on them); random-sd: the SD-VAE architecture with seeded weights; "
+                        "preset: vae.source")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p.parse_args(argv)
 
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> Config:
     data = resolve({"preset": args.preset}).model_dump()
     sample = {"num_samples": args.num, "device": args.device, "grid": min(16, args.num)}
-    for key, value in (("batch_size", args.batch), ("steps", args.steps), ("precision", args.precision)):
+    for key, value in (("batch_size", args.batch), ("steps", args.steps),
+                       ("precision", args.precision)):
         if value is not None:
             sample[key] = value
     sample["shard_size"] = sample.get("batch_size", data["sample"]["batch_size"])
@@ -96,14 +99,16 @@ def main(argv: list[str] | None = None) -> None:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", torch {torch.__version__}")
     print(f"config:  {cfg.model.name}, {sc.sampler} {sc.steps} steps, batch {sc.batch_size}, "
-          f"{sc.precision}, {sc.num_samples} images, VAE {cfg.vae.source} {cfg.vae.random and list(cfg.vae.random.block_out_channels)}")
+          f"{sc.precision}, {sc.num_samples} images, VAE {cfg.vae.source} "
+          f"{cfg.vae.random and list(cfg.vae.random.block_out_channels)}")
     before = bare_rate(cfg, model, device)
     with tempfile.TemporaryDirectory() as tmp:
         ema = Path(tmp) / "ema.pt"
         atomic.save_torch({"name": cfg.model.name, "ema": model.state_dict()}, ema)
         stamps = []
         start = time.perf_counter()
-        sample_stage(cfg, ema, Path(tmp) / "samples", lambda done, todo: stamps.append((time.perf_counter(), done)))
+        sample_stage(cfg, ema, Path(tmp) / "samples",
+                     lambda done, todo: stamps.append((time.perf_counter(), done)))
         wall = time.perf_counter() - start
     after = bare_rate(cfg, model, device)
     bare = (before + after) / 2
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:30}{rate:10.2f}{rate / bare:8.3f}")
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    print(f"stage/bare ratio (after the first batch): {rates['stage after its first batch'] / bare:.3f}")
+    print("stage/bare ratio (after the first batch): "
+          f"{rates['stage after its first batch'] / bare:.3f}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ costs the same at any N), and measures with ``dvc repro``:
 
 Networks are stand-ins where their compute would dominate a CPU, their inputs and outputs shaped
 as the real ones: the VAE's encoder gives each 256 px crop's 8 x 8 mean colours under a fixed grain
-as a 4 x 32 x 32 posterior (mean, std), its decoder paints 8 x 8 pixel blocks under a grain; the SiT is SiT-Micro/2 (20
-training steps, 2 sampling steps); Inception is a fixed random projection of each image's 8 x 8
-mean colours to the evaluator's feature sizes (2048, 2023, 1008), fed by the same DataLoader
-torch-fidelity uses. Every byte written has the shapes of a paper run: samples are
+as a 4 x 32 x 32 posterior (mean, std), its decoder paints 8 x 8 pixel blocks under a grain; the SiT
+is SiT-Micro/2 (20 training steps, 2 sampling steps); Inception is a fixed random projection of each
+image's 8 x 8 mean colours to the evaluator's feature sizes (2048, 2023, 1008), fed by the same
+DataLoader torch-fidelity uses. Every byte written has the shapes of a paper run: samples are
 0.625 N (50,000 at N = 80,000), evaluated against as many real crops (``evaluate.reference``
 null, the presets' default). Each figure's growth exponent is fitted across N, and the figures
 are extrapolated to ImageNet (1,281,167 images; samples stay at 50,000).
@@ -169,7 +169,8 @@ def timed(module, name: str, spent: list[float], standin=None) -> None:
 
 
 FEATURES = {"pool": 2048, "spatial": 2023, "logits": 1008}  # the evaluator's
-SMOKE_FEATURES = {"pool": 64, "spatial": 64, "logits": 32}  # the smoke's: its matrix roots are cheap
+# the smoke's: its matrix roots are cheap
+SMOKE_FEATURES = {"pool": 64, "spatial": 64, "logits": 32}
 
 
 def standin_features(cfg, device, scratch, seen=None, heads=FEATURES):
@@ -326,7 +327,8 @@ def disk(work: Path) -> dict[str, dict[str, int]]:
             st = path.lstat()
             if path.is_file() and (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
-                nbytes, apparent, files = nbytes + st.st_blocks * 512, apparent + st.st_size, files + 1
+                nbytes, apparent, files = (nbytes + st.st_blocks * 512, apparent + st.st_size,
+                                           files + 1)
         out[name] = {"bytes": nbytes, "apparent": apparent, "files": files}
     return out
 
@@ -364,7 +366,8 @@ def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:
     repro = subprocess.run(["dvc", "repro"], cwd=work, capture_output=True, text=True,
                            env=quiet_env())
     if repro.returncode:
-        raise RuntimeError(f"dvc repro at N={n} failed:\n{repro.stdout[-3000:]}{repro.stderr[-3000:]}")
+        raise RuntimeError(f"dvc repro at N={n} failed:\n"
+                           f"{repro.stdout[-3000:]}{repro.stderr[-3000:]}")
     total = time.perf_counter() - start
     stages = {s: json.loads((work / f"{s}.bench.json").read_text()) for s in STAGES}
     used = disk(work)
@@ -397,7 +400,8 @@ def figures(row: dict) -> dict[str, float]:
         out[f"{s} outside networks s"] = st["outside"]
         out[f"{s} RSS MB"] = st["rss"] / 1e6
         for key in ("anon", "worker_uss", "worker_anon"):
-            label = key.replace("worker_", "worker ").replace("anon", "anonymous").replace("uss", "USS")
+            label = (key.replace("worker_", "worker ").replace("anon", "anonymous")
+                     .replace("uss", "USS"))
             out[f"{s} {label} MB"] = st.get(key, math.nan) / 1e6
     for name, d in row["disk"].items():
         out[f"{name} MB"] = d["bytes"] / 1e6

@@ -3,10 +3,11 @@ step, a method's step (``--method``: sra2, sra, repa, sra2+repa) against vanilla
 utilisation, peak host and GPU memory.
 
 The bare step is ``sra2.train.loop.train_step`` on a batch and noise already on the device (forward,
-backward, clipping, optimizer and EMA): what the hardware can do. The loop is ``sra2.train.loop.train``
-on a synthetic latent store of ``--items`` latents (``sra2.data.latents.write_synthetic_store``): reader
-processes, host-to-device copies, noise, logging and checkpoints included. Goals: loop/bare >= 0.95,
-SRA 2/vanilla step time <= 1.05 on SiT-XL/2.
+backward, clipping, optimizer and EMA): what the hardware can do. The loop is
+``sra2.train.loop.train`` on a synthetic latent store of ``--items`` latents
+(``sra2.data.latents.write_synthetic_store``): reader processes, host-to-device copies, noise,
+logging and checkpoints included. Goals: loop/bare >= 0.95, SRA 2/vanilla step time <= 1.05 on
+SiT-XL/2.
 
     python bench/train.py                                         # demo preset, CPU
     python bench/train.py --preset sit-b2 --items 100000          # on a GPU
@@ -47,8 +48,10 @@ METHODS = {"vanilla": {"align": {"enabled": False}},
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="preset whose model and train settings are used")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo",
+                   help="preset whose model and train settings are used")
     p.add_argument("--model", help="override model.name, e.g. SiT-XL/2")
     p.add_argument("--items", type=int, default=4096, help="latents in the synthetic store")
     p.add_argument("--batch", type=int, help="global batch (default: the preset's)")
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps first; also the steps of one timed window (one log row)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: the preset's")
-    p.add_argument("--workers", type=int, help="reader processes of the loop (default: the preset's)")
+    p.add_argument("--workers", type=int,
+                   help="reader processes of the loop (default: the preset's)")
     p.add_argument("--chunk-size", type=int, default=1, help="latents per chunk of the store")
     p.add_argument("--read-from", choices=["copy", "store"], default="copy",
                    help="train.read_from: the node-local copy of the store, or the store itself")
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the alignment terms measured against vanilla SiT (default: sra2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak, for MFU (default: known GPUs)")
     return p.parse_args(argv)
 
 
@@ -94,7 +99,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int, warmup: int) -> float:
+def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int,
+                   warmup: int) -> float:
     """Images/s of a step on one batch and one draw of noise already on the device: the median
     over windows of ``warmup`` steps, as the loop's rate is over its log rows."""
     tr = build_trainer(cfg, shape, device, world=1)
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
           f"compile {t.compile}, {t.workers} reader(s) of the {t.read_from}, {args.items} latents "
           f"(chunks of {args.chunk_size})")
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")  # the loop's copy goes with the store
+        # the loop's copy goes with the store
+        os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")
         store = Path(tmp) / "latents"
         write_synthetic_store(store, args.items, shape, method.model.num_classes, args.chunk_size,
                               max(args.chunk_size, 1024),
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         rates = {"bare step, vanilla SiT": statistics.median(timed["vanilla"][1:]),
                  f"bare step, {name}": statistics.median(timed["method"][1:]),
                  f"training loop, {name}": loop_rate(method, store, Path(tmp) / "run")}
-        rates[f"bare step, {name} (again)"] = bare_step_rate(method, shape, device, args.steps, args.warmup)
+        rates[f"bare step, {name} (again)"] = bare_step_rate(method, shape, device, args.steps,
+                                                             args.warmup)
     bare = (rates[f"bare step, {name}"] + rates[f"bare step, {name} (again)"]) / 2
     print(f"\n{'':40}{'images/s':>10}{'/ bare':>8}")
     for label, rate in rates.items():
@@ -181,15 +189,18 @@ def main(argv: list[str] | None = None) -> None:
     peak = peak_tflops(args, device)
     achieved = rates[f"training loop, {name}"] * train_flops / 1e12
     mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s" if peak else "n/a (no known peak)"
-    rss = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    rss = max(resource.getrusage(w).ru_maxrss
+              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"\nmodel FLOPs per training image: {train_flops / 1e9:.2f} GFLOP, "
-          f"{train_flops / vanilla_flops:.3f} x vanilla's {vanilla_flops / 1e9:.2f} (3 x the forward "
-          f"of SiT and heads, plus the teacher's and encoder's forwards)")
+          f"{train_flops / vanilla_flops:.3f} x vanilla's {vanilla_flops / 1e9:.2f} (3 x the "
+          f"forward of SiT and heads, plus the teacher's and encoder's forwards)")
     print(f"achieved: {achieved:.3f} TFLOP/s; MFU {mfu}")
     print(f"peak host RSS (largest process): {rss / 1024:.0f} MB")
     if device.type == "cuda":
-        print(f"peak GPU memory of the loop: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    print(f"{args.method} / vanilla step time: {rates['bare step, vanilla SiT'] / rates[f'bare step, {name}']:.3f}")
+        print("peak GPU memory of the loop: "
+              f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print(f"{args.method} / vanilla step time: "
+          f"{rates['bare step, vanilla SiT'] / rates[f'bare step, {name}']:.3f}")
     print(f"loop / bare ratio: {rates[f'training loop, {name}'] / bare:.3f}")
 
 

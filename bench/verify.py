@@ -51,7 +51,8 @@ def decode_all(store: ShardedStore) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sit-b2", help="the latent shape of this preset")
     p.add_argument("--items", type=int, default=20000, help="latents in the synthetic store")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians are printed)")

@@ -20,10 +20,12 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: sra2 {" + ",".join(COMMANDS) + "} [--help | options]\n\n"
               "A stage name runs that stage as a Prefect flow (`dvc repro` runs them in order);\n"
               "pipeline: `dvc repro` as one Prefect run with the stages as its subflows;\n"
-              "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, table);\n"
+              "serve: deployments for the Prefect UI's Run and Retry (pipeline, experiment, "
+              "table);\n"
               "feature-pca: the PCA picture of VAE tokens and SiT hidden states per block;\n"
               "convergence: FID curves of experiments side by side, and the speed-up;\n"
-              "flops: parameter and FLOP counts; verify: check every stored byte of stores and runs;\n"
+              "flops: parameter and FLOP counts; "
+              "verify: check every stored byte of stores and runs;\n"
               "plan: what a run will cost (time, GPU-hours, disk per folder) before it runs.\n"
               "`sra2 <command> --help` lists a command's options.", file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

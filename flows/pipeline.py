@@ -5,13 +5,14 @@
 
 The flows: ``sra2-pipeline`` (`dvc repro`), ``sra2-experiment`` (`dvc exp run -S ...`) and
 ``sra2-table`` (a paper table's rows as queued experiments, run and then shown). Each stage DVC
-runs becomes a subflow run of the flow's run (flows.harness.runner.call_flow reads SRA2_PARENT_FLOW_RUN),
-so the run graph shows the stages in order and a stage's page links back to its pipeline.
+runs becomes a subflow run of the flow's run (flows.harness.runner.call_flow reads
+SRA2_PARENT_FLOW_RUN), so the run graph shows the stages in order and a stage's page links back to
+its pipeline.
 
 Stopping: a Cancel of the flow run cancels its running stage runs, which save and stop as a
-Cancel of the stage does, and no further stage starts under it (flows.harness.runner); SIGTERM or Ctrl-C
-reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish, and
-the next run (a Retry from the UI for a served run) resumes there.
+Cancel of the stage does, and no further stage starts under it (flows.harness.runner); SIGTERM or
+Ctrl-C reaches the stages as SIGTERM, which saves too. DVC stops at the stage that did not finish,
+and the next run (a Retry from the UI for a served run) resumes there.
 
 Served with Prefect's own ``serve`` (no work pool, no worker): the runs execute on the machine that
 serves, in this repository, where the GPUs, data and DVC cache are; a process work pool would add a

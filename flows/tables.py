@@ -41,7 +41,8 @@ def row_overrides(row: Row, preset: str | None, extra: Iterable[str] = ()) -> li
     return out + ["++" + override.lstrip("+") for override in extra]
 
 
-def queue_command(row: Row, preset: str | None, prefix: str, extra: Iterable[str] = ()) -> list[str]:
+def queue_command(row: Row, preset: str | None, prefix: str,
+                  extra: Iterable[str] = ()) -> list[str]:
     command = ["dvc", "exp", "run", "--queue", "-n", f"{prefix}-{row.name}"]
     for override in row_overrides(row, preset, extra):
         command += ["-S", override]

@@ -22,7 +22,8 @@ def test_every_preset_is_valid_and_params_yaml_selects_demo():
 
 
 def test_paper_presets_follow_the_paper():
-    for name, model, layer in [("sit-b2", "SiT-B/2", 2), ("sit-l2", "SiT-L/2", 8), ("sit-xl2", "SiT-XL/2", 8)]:
+    for name, model, layer in [("sit-b2", "SiT-B/2", 2), ("sit-l2", "SiT-L/2", 8),
+                               ("sit-xl2", "SiT-XL/2", 8)]:
         cfg = resolve({"preset": name})
         assert (cfg.model.name, cfg.align.layer, cfg.align.depth) == (model, layer, 5)
         assert (cfg.align.loss, cfg.align.beta, cfg.align.weight) == ("smooth_l1", 0.05, 1.0)
@@ -214,8 +215,8 @@ def _overlay(base: dict, over: dict) -> dict:
                        for k, v in over.items()}}
 
 
-# sra2/config/presets/sit-b2.yaml as it was written out in full before the paper presets shared a base
-# (chunk_size then 32: one latent a chunk since streaming training reads random rows; workers
+# sra2/config/presets/sit-b2.yaml as it was written out in full before the paper presets shared a
+# base (chunk_size then 32: one latent a chunk since streaming training reads random rows; workers
 # then 16: derived from the node's cores since, sra2.data.encode.decode_workers)
 PAPER = {
     "data": {"root": "data/imagenet/train", "image_size": 256},
@@ -236,7 +237,8 @@ PAPER = {
     "evaluate": {"inception": "download", "inception_seed": 0, "reference": None,
                  "num_real": 50000, "batch_size": 250, "seed": 0, "device": "auto"},
 }
-# each preset's settings as its file listed them in full (demo.yaml still does: compared with itself)
+# each preset's settings as its file listed them in full (demo.yaml still does: compared with
+# itself)
 # the baselines' blocks (REPA, SRA: off) as each paper preset sets them
 BASELINES = {"sit-b2": {"repa": {"layer": 4}, "sra": {"student_block": 3, "teacher_block": 8}},
              "sit-l2": {"repa": {"layer": 8}, "sra": {"student_block": 8, "teacher_block": 20}}}
@@ -249,7 +251,8 @@ COMPLETE = {
                                 "train": {"steps": 4000000}, **BASELINES["sit-xl2"]}),
     "tiny": {
         "data": {"root": "data/demo/train", "image_size": 32,
-                 "demo": {"classes": 3, "per_class": 8, "min_side": 40, "max_side": 140, "seed": 0}},
+                 "demo": {"classes": 3, "per_class": 8, "min_side": 40, "max_side": 140,
+                          "seed": 0}},
         "vae": {"source": "random", "scale": 0.18215,
                 "random": {"block_out_channels": [16, 16, 32, 32], "layers_per_block": 1,
                            "norm_num_groups": 8, "seed": 0}},
@@ -405,7 +408,8 @@ def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
             f"{vanilla:.4g} | 1.00 |") in table
     assert f"| 24.40 | 35.50 | 1.50 | {repa:.4g} | {repa / vanilla:.2f} |" in table, table
     assert 1.3 < repa / vanilla < 1.5  # DINOv2's forward (~46 GFLOPs) on SiT-B/2's ~138
-    assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| not run \|", table), table
+    assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| not run \|",
+                     table), table
 
 
 def test_table1_refuses_a_row_the_model_cannot_run():
@@ -450,7 +454,8 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
 
     assert digests(tiny) == ("43353c290216", "d4dfad670561", "66718e979007")  # as before the marks
     free = with_overrides(
-        tiny, train={"steps": 7, "log_every": 7, "workers": 0, "read_from": "store", "copy_dir": "x"},
+        tiny, train={"steps": 7, "log_every": 7, "workers": 0, "read_from": "store",
+                     "copy_dir": "x"},
         encode={"batch_size": 3, "workers": 0, "strict": True}, sample={"batch_size": 3, "grid": 1})
     assert digests(free) == digests(tiny)
     changed = with_overrides(tiny, train={"lr": 0.5}, encode={"flip": not tiny.encode.flip},

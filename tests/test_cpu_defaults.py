@@ -1,4 +1,5 @@
-"""CPU thread defaults (sra2.runtime.launch.cpu_threads) and a --help that imports no heavy package."""
+"""CPU thread defaults (sra2.runtime.launch.cpu_threads) and a --help that imports no heavy
+package."""
 
 import os
 import subprocess
@@ -45,7 +46,8 @@ def test_gpu_workers_keep_torchrun_s_defaults(eight_cores, monkeypatch):
 
 def test_the_flow_process_imports_torch_with_its_share_and_leaves_the_environment():
     code = ("import os\n"
-            "os.sched_getaffinity = lambda pid: {0}  # one core: 1 thread, whatever torch's default\n"
+            "os.sched_getaffinity = lambda pid: {0}  # one core: 1 thread, "
+            "whatever torch's default\n"
             "from sra2.runtime import launch\n"
             "launch.import_torch()\n"
             "import torch\n"

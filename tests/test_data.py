@@ -11,8 +11,8 @@ from conftest import jpeg_bytes, write_folder
 
 def test_labels_follow_sorted_class_folders(tmp_path):
     img = jpeg_bytes(np.zeros((8, 8, 3), np.uint8))
-    write_folder(tmp_path, {"n02/b.JPEG": img, "n01/z.JPEG": img, "n01/a.jpeg": img, "n03/c.png": img,
-                            "n03/notes.txt": b"x"})
+    write_folder(tmp_path, {"n02/b.JPEG": img, "n01/z.JPEG": img, "n01/a.jpeg": img,
+                            "n03/c.png": img, "n03/notes.txt": b"x"})
     listed = list_images(tmp_path)
     assert listed.classes == ["n01", "n02", "n03"]
     assert listed.files == ["n01/a.jpeg", "n01/z.JPEG", "n02/b.JPEG", "n03/c.png"]
@@ -59,7 +59,8 @@ def test_awkward_files_become_rgb_or_clear_rejections(tmp_path, photo):
     truncated.write_bytes(jpeg_bytes(small)[:300])
     empty.write_bytes(b"")
     text.write_text("not an image")
-    for f, reason in [(truncated, "OSError|truncated"), (empty, "empty file"), (text, "cannot identify")]:
+    for f, reason in [(truncated, "OSError|truncated"), (empty, "empty file"),
+                      (text, "cannot identify")]:
         with pytest.raises(BadImage, match=reason):
             load_rgb(f)
 

@@ -105,7 +105,8 @@ def test_tokens_shape_and_no_gradient_into_the_encoder(photos, encoder):
 def test_a_smaller_grid_gives_one_token_per_sit_token(photos):
     """The tiny preset's SiT-Micro/2 on 4 x 4 latents has 2 x 2 tokens: 28 px inputs, 4 tokens."""
     encoder = dinov2.load_encoder(Repa(encoder="random", encoder_seed=SEED), grid=2)
-    assert tuple(encoder.patch_embed.img_size) == (28, 28) and encoder.pos_embed.shape == (1, 5, 768)
+    assert (tuple(encoder.patch_embed.img_size) == (28, 28)
+            and encoder.pos_embed.shape == (1, 5, 768))
     assert dinov2.features(encoder, photos).shape == (2, 4, dinov2.DIM)
 
 
@@ -125,9 +126,9 @@ def test_unknown_weights_are_named():
 
 
 def test_under_autocast_the_blocks_run_in_bf16_and_the_tokens_stay_float32(photos):
-    """The path a GPU takes (sra2.runtime.dist.autocast is bf16 there), taken on the CPU as the smoke run
-    of bench/gpu.py does: the blocks' matmuls in bf16, the normalisation before them and the
-    tokens after in float32."""
+    """The path a GPU takes (sra2.runtime.dist.autocast is bf16 there), taken on the CPU as the
+    smoke run of bench/gpu.py does: the blocks' matmuls in bf16, the normalisation before them and
+    the tokens after in float32."""
     from unittest import mock
 
     from sra2.runtime import dist

@@ -35,7 +35,8 @@ def imported(path: Path) -> set[str]:
 
 
 def closure(module: str) -> set[str]:
-    """Relative paths of the project files that importing ``module`` runs, package inits included."""
+    """Relative paths of the project files that importing ``module`` runs, package inits
+    included."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()

@@ -86,13 +86,15 @@ def test_each_setting_gets_its_own_store_and_going_back_reuses_it(tmp_path, tiny
     half = encode_dataset(with_overrides(cfg, encode={"dtype": "float16"}), tmp_path / "latents",
                           per_settings=True)
     assert Path(half["store"]).parent == store.parent and half["store"] != first["store"]
-    assert half["encoded_now"] == 10 and ShardedStore(half["store"]).array("mean").dtype == np.float16
+    assert (half["encoded_now"] == 10
+            and ShardedStore(half["store"]).array("mean").dtype == np.float16)
     # back to the first settings (and a batch size, which does not change the bytes): the first
     # store, finished, untouched
     again = encode_dataset(with_overrides(cfg, encode={"batch_size": 2}), tmp_path / "latents",
                            per_settings=True)
     assert again["store"] == first["store"] and again["encoded_now"] == 0 and again["complete"]
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()} == files
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes())
+            for p in store.rglob("*") if p.is_file()} == files
     assert {p.name for p in store.parent.iterdir()} == {store.name, Path(half["store"]).name}
 
 
@@ -129,7 +131,8 @@ def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
     images, mean = store.array("images"), store.array("mean")
     assert images.dtype == np.uint8 and images.shape == (len(files), 32, 32, 3)
     z = store.group
-    assert (z["images"].chunks[0], z["images"].shards[0]) == (z["mean"].chunks[0], z["mean"].shards[0])
+    assert ((z["images"].chunks[0], z["images"].shards[0])
+            == (z["mean"].chunks[0], z["mean"].shards[0]))
     np.testing.assert_array_equal(images[:], crops)
 
     repa = with_overrides(cfg, repa={"enabled": True}, train={"copy_dir": str(tmp_path / "copies")})
@@ -151,4 +154,5 @@ def test_pixels_name_a_store_only_when_on(tiny):
     images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
     off = _signature(tiny, images)
     assert "pixels" not in off
-    assert _signature(with_overrides(tiny, encode={"pixels": True}), images) == {**off, "pixels": True}
+    assert (_signature(with_overrides(tiny, encode={"pixels": True}), images)
+            == {**off, "pixels": True})

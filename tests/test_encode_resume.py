@@ -15,7 +15,8 @@ from sra2.data.demo import write_demo_dataset
 from sra2.data.store import ShardedStore
 
 REPO = Path(__file__).resolve().parents[1]
-ENCODE = "import sys; from sra2.config.params import load; from sra2.data.encode import encode_dataset; " \
+ENCODE = "import sys; from sra2.config.params import load; " \
+         "from sra2.data.encode import encode_dataset; " \
          "encode_dataset(load(sys.argv[1]), sys.argv[2])"
 
 
@@ -33,7 +34,8 @@ def setup(tmp_path_factory):
 
 
 def snapshot(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(store)): p.read_bytes()
+            for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 def encode(params: Path, out: Path, **popen):

@@ -78,14 +78,15 @@ def wait_for(path: Path, kind: str, proc: subprocess.Popen, timeout: float = 120
 
 
 def start_launch(tmp_path: Path, cfg, latents: Path, out: Path) -> tuple[subprocess.Popen, Path]:
-    """A process that runs sra2.runtime.launch.run(train, ...) as a flow does, writing the records it gets
-    to a file; its output goes to tmp_path/launch.log."""
+    """A process that runs sra2.runtime.launch.run(train, ...) as a flow does, writing the records
+    it gets to a file; its output goes to tmp_path/launch.log."""
     (tmp_path / "parent.py").write_text(PARENT)
     (tmp_path / "config.json").write_text(cfg.model_dump_json())
     events = tmp_path / "events.jsonl"
     with open(tmp_path / "launch.log", "w") as log:
         args = [tmp_path / "parent.py", tmp_path / "config.json", latents, out, events]
-        proc = subprocess.Popen([sys.executable, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, *map(str, args)],
+                                stdout=log, stderr=subprocess.STDOUT)
     return proc, events
 
 
@@ -125,8 +126,8 @@ def torch_one_thread():
 
 
 def interrupt_a_launch(tmp_path: Path, cfg, latents: Path, nproc: int) -> int:
-    """SIGTERM to a process running sra2.runtime.launch.run(train, ...) once training has started: the
-    launch waits for its workers to save one step, all of them the same, and exits 143.
+    """SIGTERM to a process running sra2.runtime.launch.run(train, ...) once training has started:
+    the launch waits for its workers to save one step, all of them the same, and exits 143.
     Returns that step."""
     proc, events = start_launch(tmp_path, cfg, latents, tmp_path / "resumed")
     try:
@@ -222,7 +223,8 @@ def test_retention_keeps_the_newest_step_files_and_never_snapshots(tmp_path, set
     (run / "snapshots" / "step-0000002.pt").write_bytes(b"an evaluation snapshot")
     train(with_overrides(cfg, train={"steps": 12}), latents, tmp_path)
     assert sorted(p.name for p in run.iterdir()) == [
-        "latest", "metrics.csv", "signature.json", "snapshots", "step-0000010.pt", "step-0000012.pt"]
+        "latest", "metrics.csv", "signature.json", "snapshots", "step-0000010.pt",
+        "step-0000012.pt"]
     assert (run / "latest").read_text() == "step-0000012.pt\n"
     assert (run / "snapshots" / "step-0000002.pt").exists()
 

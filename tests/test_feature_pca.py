@@ -1,5 +1,6 @@
-"""The feature PCA picture (sra2.evaluate.feature_pca): PCA colours and the held-out R^2 on synthetic
-features whose answer is known, then the command on a tiny store and tiny SiT checkpoints."""
+"""The feature PCA picture (sra2.evaluate.feature_pca): PCA colours and the held-out R^2 on
+synthetic features whose answer is known, then the command on a tiny store and tiny SiT
+checkpoints."""
 
 import json
 
@@ -20,7 +21,8 @@ def anisotropic_tokens(images=8, length=256, d=16, seed=0):
     """Tokens (images, length, d) whose first three principal directions are well apart (standard
     deviations 5, 4, 3, then 1 and below), so PCA picks them out without ambiguity."""
     g = torch.Generator().manual_seed(seed)
-    scales = torch.tensor([5.0, 4.0, 3.0] + [1.0 - 0.05 * i for i in range(d - 3)], dtype=torch.float64)
+    scales = torch.tensor([5.0, 4.0, 3.0] + [1.0 - 0.05 * i for i in range(d - 3)],
+                          dtype=torch.float64)
     return torch.randn(images, length, d, generator=g, dtype=torch.float64) * scales
 
 
@@ -130,7 +132,8 @@ def test_the_command_draws_every_panel_and_writes_the_numbers(tiny_objects, tmp_
     top = fp.LINE * (3 + 4)  # title: settings, colours, the random VAE's warning; headers
     width = fp.LEFT + groups * (columns * panel + (columns - 1) * fp.PAD) + (groups - 1) * fp.GAP
     assert png.shape == (top + images * panel + (images - 1) * fp.PAD, width, 3)
-    lefts = [fp.LEFT + g * (columns * panel + (columns - 1) * fp.PAD + fp.GAP) for g in range(groups)]
+    lefts = [fp.LEFT + g * (columns * panel + (columns - 1) * fp.PAD + fp.GAP)
+             for g in range(groups)]
     cells = {(r, g, c): panel_at(png, top, lefts[g], r, c, panel)
              for r in range(images) for g in range(groups) for c in range(columns)}
     # each group shows the same images and VAE tokens; everything else differs

@@ -1,4 +1,5 @@
-"""FID over training: snapshots, scores in fid.csv, nothing evaluated twice, snapshots sampleable."""
+"""FID over training: snapshots, scores in fid.csv, nothing evaluated twice, snapshots
+sampleable."""
 
 import csv
 
@@ -25,7 +26,8 @@ def test_training_writes_the_fid_curve_once_per_step_and_its_snapshots_sample(tm
 
     cfg, latents = setup
     rows = []
-    train(with_overrides(cfg, train={"steps": 10, "eval_every": 10, "ckpt_every": 10, "log_every": 5}),
+    train(with_overrides(cfg, train={"steps": 10, "eval_every": 10, "ckpt_every": 10,
+                                     "log_every": 5}),
           latents, tmp_path, lambda done, total, info: rows.append(info))
     with open(tmp_path / "fid.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [10]

@@ -1,4 +1,5 @@
-"""Forward FLOPs of SiT and of the SRA 2 projector, against the DiT, SiT and SRA 2 papers' figures."""
+"""Forward FLOPs of SiT and of the SRA 2 projector, against the DiT, SiT and SRA 2 papers'
+figures."""
 
 from __future__ import annotations
 

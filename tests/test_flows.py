@@ -1,6 +1,6 @@
-"""What the stage flows show and keep (flows.harness.monitor, progress, runner), without a Prefect server:
-progress texts, the table, pictures, the local log, warning once when the API fails, tags, and
-evaluate's progress through Inception."""
+"""What the stage flows show and keep (flows.harness.monitor, progress, runner), without a Prefect
+server: progress texts, the table, pictures, the local log, warning once when the API fails, tags,
+and evaluate's progress through Inception."""
 
 import logging
 import os
@@ -254,8 +254,8 @@ def test_evaluate_reports_the_images_through_inception(tmp_path, tiny, monkeypat
 def test_a_cancelled_evaluate_stops_between_batches_and_writes_nothing(tmp_path, tiny,
                                                                       unreachable_api):
     """evaluate computes in the flow's own process: once its run is cancelled (the monitor's
-    cancel set, as flows.harness.monitor.Monitor.watch_cancel sets it) it stops at the next batch and
-    ends Cancelled saying how far it got; no metrics file is written."""
+    cancel set, as flows.harness.monitor.Monitor.watch_cancel sets it) it stops at the next batch
+    and ends Cancelled saying how far it got; no metrics file is written."""
     from flows.stages.evaluate import evaluate_flow
     from flows.harness.monitor import close_current, current
 

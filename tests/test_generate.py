@@ -14,7 +14,8 @@ from conftest import randomize, with_overrides
 
 
 def export_random_sit(path, cfg, seed=0):
-    model = build(cfg.model.name, input_size=4, num_classes=cfg.model.num_classes, learn_sigma=False)
+    model = build(cfg.model.name, input_size=4, num_classes=cfg.model.num_classes,
+                  learn_sigma=False)
     randomize(model, seed, std=0.05)  # a non-trivial velocity field (a fresh SiT outputs zero)
     torch.save({"name": cfg.model.name, "ema": model.state_dict()}, path)
     return path
@@ -66,7 +67,8 @@ def test_balanced_labels_hold_n_over_classes_of_each_in_a_seeded_order():
     # 2500 over 1000 classes: 2 of each, and 3 of 500 distinct classes
     counts = np.bincount(sample_labels(0, 2500, 1000, "balanced"), minlength=1000)
     assert set(counts) == {2, 3} and (counts == 3).sum() == 500
-    counts = np.bincount(sample_labels(0, 7, 10, "balanced"), minlength=10)  # fewer than the classes
+    # fewer than the classes
+    counts = np.bincount(sample_labels(0, 7, 10, "balanced"), minlength=10)
     assert set(counts) == {0, 1} and counts.sum() == 7
 
 

@@ -216,7 +216,8 @@ def test_images_come_through_their_own_copy_row_for_row(tmp_path):
     plain = ensure(store.path, tmp_path / "copies")
     with_images = ensure(store.path, tmp_path / "copies", images=True)
     assert with_images.folder != plain.folder and plain.check() is None
-    assert "images" in with_images.manifest()["arrays"] and "images" not in plain.manifest()["arrays"]
+    assert ("images" in with_images.manifest()["arrays"]
+            and "images" not in plain.manifest()["arrays"])
     assert verify(store.path, tmp_path / "copies", images=True) == []
     from_store = StepBatches(store.path, 32, seed=1, images=True)
     from_copy = StepBatches(store.path, 32, seed=1, copy=with_images, images=True)

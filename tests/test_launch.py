@@ -43,7 +43,8 @@ def test_plan_takes_slurm_environment_where_keys_are_unset():
     plan = launch.plan(Launch(nproc_per_node=8), slurm)
     assert (plan.nnodes, plan.node_rank, plan.endpoint) == (4, 2, "gpu07:29500")
     assert "--node_rank=2" in plan.launcher_args() and "--master_addr=gpu07" in plan.launcher_args()
-    explicit = launch.plan(Launch(nproc_per_node=2, nnodes=2, node_rank=0, rdzv_endpoint="h:1"), slurm)
+    explicit = launch.plan(Launch(nproc_per_node=2, nnodes=2, node_rank=0,
+                                  rdzv_endpoint="h:1"), slurm)
     assert (explicit.nnodes, explicit.node_rank, explicit.endpoint) == (2, 0, "h:1")
     single = launch.plan(Launch(), {})
     assert single.nnodes == 1 and "--standalone" in single.launcher_args()
@@ -72,7 +73,8 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, setup):
     cfg, latents = setup
     one, _ = train_on(cfg, latents, tmp_path / "one", nproc_per_node=1)
     two, events = train_on(cfg, latents, tmp_path / "two", nproc_per_node=2)
-    assert (one["processes"], one["micro_batches"], two["processes"], two["micro_batches"]) == (1, 2, 2, 1)
+    assert ((one["processes"], one["micro_batches"], two["processes"], two["micro_batches"])
+            == (1, 2, 2, 1))
     assert (tmp_path / "one/ema.pt").read_bytes() == (tmp_path / "two/ema.pt").read_bytes()
     rows = [e for e in events if e["kind"] == "progress"]
     assert [e["done"] for e in rows] == [2, 4] and rows[-1]["info"]["loss"] == two["loss"]
@@ -99,9 +101,11 @@ def test_two_nodes_train_like_one_process(tmp_path, setup):
 
 def test_a_worker_error_comes_first(tmp_path, setup):
     cfg, latents = setup
-    with pytest.raises(launch.WorkerFailed, match=r"^rank \d: ValueError: train.global_batch \(8\) "
-                                                  r"must split into 2 process\(es\) x micro-batches"):
-        train_on(with_overrides(cfg, train={"batch_per_gpu": 3}), latents, tmp_path, nproc_per_node=2)
+    with pytest.raises(launch.WorkerFailed,
+                       match=r"^rank \d: ValueError: train.global_batch \(8\) "
+                             r"must split into 2 process\(es\) x micro-batches"):
+        train_on(with_overrides(cfg, train={"batch_per_gpu": 3}), latents, tmp_path,
+                 nproc_per_node=2)
 
 
 def test_monitoring_failures_never_stop_the_work(tmp_path, setup, capfd):

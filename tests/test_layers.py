@@ -91,7 +91,8 @@ def test_the_folders_of_sra2_and_flows_stack_in_layers():
                       ("sra2.runtime", "sra2.config"), ("flows.stages", "flows.harness")]:
         assert reaches(high, low), (high, low)
     library = [f for f in by_folder if f.startswith("sra2")]
-    assert not [f for f in library if any(reaches(f, g) for g in by_folder if g.startswith("flows"))]
+    assert not [f for f in library
+                if any(reaches(f, g) for g in by_folder if g.startswith("flows"))]
 
 
 def write(root: Path, files: dict[str, str]) -> None:
@@ -104,11 +105,13 @@ def test_an_import_that_runs_upward_inside_a_function_is_named(tmp_path):
     write(tmp_path, {"pkg/low/a.py": "X = 1\n", "pkg/high/b.py": "from pkg.low import a\n"})
     assert layers(tmp_path, ("pkg",)) == ["pkg.low", "pkg.high"]
     write(tmp_path, {"pkg/low/c.py": "def f():\n    from pkg.high.b import Y\n"})
-    with pytest.raises(AssertionError, match=r"folders .* circle: .*pkg.low -> pkg.high \(pkg.low.c\)"):
+    with pytest.raises(AssertionError,
+                       match=r"folders .* circle: .*pkg.low -> pkg.high \(pkg.low.c\)"):
         layers(tmp_path, ("pkg",))
 
 
 def test_modules_importing_each_other_within_a_folder_are_named(tmp_path):
     write(tmp_path, {"pkg/a.py": "import pkg.b\n", "pkg/b.py": "def f():\n    from pkg import a\n"})
-    with pytest.raises(AssertionError, match=r"modules import each other in a circle: pkg\.\w -> pkg\.\w"):
+    with pytest.raises(AssertionError,
+                       match=r"modules import each other in a circle: pkg\.\w -> pkg\.\w"):
         layers(tmp_path, ("pkg",))

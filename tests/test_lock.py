@@ -98,8 +98,9 @@ def test_two_encode_stages_on_one_store_one_writes(tmp_path, prefect_api):
     runs = []
     try:
         for i in range(2):  # started together, on one --out, each with its own summary
-            command = [sys.executable, "-m", "flows.stages.encode", "--params", str(params), "--out",
-                       str(tmp_path / "latents"), "--summary", str(tmp_path / f"encode-{i}.json")]
+            command = [sys.executable, "-m", "flows.stages.encode", "--params", str(params),
+                       "--out", str(tmp_path / "latents"),
+                       "--summary", str(tmp_path / f"encode-{i}.json")]
             with open(tmp_path / f"encode-{i}.log", "w") as log:  # a file: no pipe to fill up
                 runs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
                                              stderr=subprocess.STDOUT))
@@ -116,5 +117,6 @@ def test_two_encode_stages_on_one_store_one_writes(tmp_path, prefect_api):
         assert not (tmp_path / f"encode-{loser}.json").exists()
     finally:
         for proc in runs:
-            # SIGINT lets the flow stop its torchrun launcher and workers (sra2.runtime.launch._stop)
+            # SIGINT lets the flow stop its torchrun launcher and workers
+            # (sra2.runtime.launch._stop)
             stop(proc, signal.SIGINT, grace=60)

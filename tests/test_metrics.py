@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.evaluate.metrics import (ArrayImages, CroppedFiles, evaluate, frechet_distance, inception_features,
-                          inception_network, inception_score, load_reference, manifold_radii,
-                          precision_recall, statistics, write_random_inception)
+from sra2.evaluate.metrics import (ArrayImages, CroppedFiles, evaluate, frechet_distance,
+                                   inception_features, inception_network, inception_score,
+                                   load_reference, manifold_radii, precision_recall, statistics,
+                                   write_random_inception)
 from sra2.data.store import ShardedStore
 
 from conftest import with_overrides
@@ -57,7 +58,8 @@ def test_random_inception_weights_are_seeded(tmp_path, inception):
 
 def test_frechet_distance_of_known_gaussians():
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2 with standard deviations 2 and 3
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) \
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]),
+                            np.array([3.0]), np.array([[9.0]])) \
         == pytest.approx(4 + 1, abs=64 * EPS * 13)
     # 2-D, covariances that do not commute: for a 2x2 product M with positive eigenvalues,
     # tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)); here tr M = 1*2 + 4*2 and det M = 4 * 3
@@ -113,12 +115,14 @@ def test_inception_score_by_hand():
     assert inception_score(np.log(SKEWED)) == pytest.approx(IS_SKEWED, rel=tol)
     both = np.concatenate([logits, np.log(SKEWED)])
     # contiguous splits, no shuffle: rows 0-2 and rows 3-5
-    assert inception_score(both, split_size=3) == pytest.approx((IS_SYMMETRIC + IS_SKEWED) / 2, rel=tol)
+    assert (inception_score(both, split_size=3)
+            == pytest.approx((IS_SYMMETRIC + IS_SKEWED) / 2, rel=tol))
     # fewer rows than ADM's 5000: one split
     assert inception_score(both) == pytest.approx(IS_BOTH, rel=tol)
     # the last split keeps what is left (ADM's range(0, n, split_size)): one row scores exp(0)
     assert inception_score(both[:4], split_size=3) == pytest.approx((IS_SYMMETRIC + 1) / 2, rel=tol)
-    # certain predictions of three classes: IS = 3; probabilities that underflow to 0 count 0 log 0 = 0
+    # certain predictions of three classes: IS = 3; probabilities that underflow to 0
+    # count 0 log 0 = 0
     assert inception_score(1000 * np.eye(3)) == pytest.approx(3, rel=tol)
 
 
@@ -148,7 +152,8 @@ def test_radii_count_a_duplicate_as_a_neighbour_and_only_the_point_itself_is_lef
 def test_precision_and_recall_do_not_depend_on_the_block_size():
     rng = np.random.default_rng(0)
     reference, samples = rng.normal(size=(37, 6)), rng.normal(size=(53, 6)) + 0.7
-    results = {block: precision_recall(reference, samples, block=block) for block in (1, 7, 100, 10 ** 6)}
+    results = {block: precision_recall(reference, samples, block=block)
+               for block in (1, 7, 100, 10 ** 6)}
     assert len(set(results.values())) == 1
     precision, recall = results[1]
     assert 0 < precision < 1 and 0 < recall < 1
@@ -167,7 +172,8 @@ def test_precision_and_recall_need_more_points_than_neighbours():
 
 # --- Inception features ------------------------------------------------------------------------
 
-def test_spatial_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_hwc_order(inception, images):
+def test_spatial_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_hwc_order(inception,
+                                                                                      images):
     network = inception_network(str(inception), False)
     blocks = []
     hook = network.Mixed_6d.register_forward_hook(lambda m, i, out: blocks.append(out.clone()))
@@ -238,7 +244,7 @@ def test_reference_batches_must_hold_the_adm_keys(tmp_path):
     np.testing.assert_array_equal(ref["images"], pictures)
 
 
-# --- evaluate() from files -------------------------------------------------------------------------
+# --- evaluate() from files ------------------------------------------------------------------------
 
 def test_evaluate_against_an_adm_reference_batch(tmp_path, tiny, images, features):
     (a, b, _), (fake, second, _) = images, features
@@ -270,7 +276,8 @@ def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny,
     for name, pixels in zip(files, [noise[0], *b]):
         Image.fromarray(pixels).save(root / name)
     store = ShardedStore.open_or_create(tmp_path / "latents", len(files), len(files), 1, {},
-                                        fixed={"files": np.asarray(files, dtype=np.dtypes.StringDType())})
+                                        fixed={"files": np.asarray(files,
+                                                                   dtype=np.dtypes.StringDType())})
     store.write_shard(0, {}, {"rejects": [{"index": 0, "file": files[0], "reason": "test"}]})
     np.savez(tmp_path / "samples.npz", arr_0=a)
     cfg = with_overrides(tiny, data={"root": str(root)},
@@ -279,6 +286,7 @@ def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny,
     real = inception_features(CroppedFiles([root / f for f in files[1:]], cfg.data.image_size),
                               inception, 10, CPU)
     assert result["fid"] == frechet_distance(*statistics(fake["pool"]), *statistics(real["pool"]))
-    assert result["sfid"] == frechet_distance(*statistics(fake["spatial"]), *statistics(real["spatial"]))
+    assert result["sfid"] == frechet_distance(*statistics(fake["spatial"]),
+                                              *statistics(real["spatial"]))
     assert (result["precision"], result["recall"]) == precision_recall(real["pool"], fake["pool"])
     assert result["fid_reference"] == result["pr_reference"] == f"10 real images of {root}"

@@ -13,7 +13,8 @@ from torch import nn
 
 from sra2.methods.align import build_projector, projector_for
 from sra2.config.params import Align
-from sra2.model.sit import ReversedTime, TimestepEmbedder, build, load_checkpoint, patchify, unpatchify
+from sra2.model.sit import (ReversedTime, TimestepEmbedder, build, load_checkpoint, patchify,
+                            unpatchify)
 
 from conftest import randomize
 
@@ -165,7 +166,8 @@ def test_timestep_embedding_is_cos_sin_of_raw_t():
     t = torch.tensor([0.0, 0.25, 0.5, 1.0])
     i = np.arange(128)
     freqs = np.exp(-math.log(10000.0) * i / 128)
-    expected = np.concatenate([np.cos(t.numpy()[:, None] * freqs), np.sin(t.numpy()[:, None] * freqs)],
+    expected = np.concatenate([np.cos(t.numpy()[:, None] * freqs),
+                               np.sin(t.numpy()[:, None] * freqs)],
                               axis=1)
     got = TimestepEmbedder.frequencies(t, 256)
     assert got.shape == (4, 256)
@@ -203,7 +205,8 @@ def test_unpatchify_layout_matches_sit():
                 for w in range(G):
                     for i in range(p):
                         for j in range(p):
-                            assert image[b, c, h * p + i, w * p + j] == tokens[b, h * G + w, (i * p + j) * C + c]
+                            assert (image[b, c, h * p + i, w * p + j]
+                                    == tokens[b, h * G + w, (i * p + j) * C + c])
     # the patch embedding sees the same patches: token (h, w) covers image rows h*p.., cols w*p..
     x = torch.randn(1, C, G * p, G * p)
     assert torch.equal(patchify(x, p)[0, 1 * G + 2].reshape(p, p, C).permute(2, 0, 1),
@@ -239,7 +242,8 @@ def test_load_training_checkpoint_prefers_ema(tmp_path):
     ema = randomize(build("SiT-Micro/2", learn_sigma=False), seed=1)
     raw = randomize(build("SiT-Micro/2", learn_sigma=False), seed=2)
     path = tmp_path / "0050000.pt"
-    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "steps": 50000}, path)
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {},
+                "steps": 50000}, path)
     # a "steps" count is REPA's layout (auto would wrap it in REPA time): this test is about EMA
     loaded = load_checkpoint("SiT-Micro/2", path, convention="sit")
     assert loaded.learn_sigma is False and loaded.out_channels == 4

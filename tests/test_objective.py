@@ -118,7 +118,8 @@ def test_smooth_l1_beta_matters():
     tokens, goal = patchify(pred_img, 2), patchify(target, 2)
     for beta in (0.01, 0.05, 1.0):
         torch.testing.assert_close(alignment_loss(tokens, goal, "smooth_l1", beta),
-                                   hand_loss(pred_img, target, "smooth_l1", beta), rtol=1e-5, atol=1e-7)
+                                   hand_loss(pred_img, target, "smooth_l1", beta),
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_token_layout_of_the_projector_output_is_unpatchified_like_sit():
@@ -128,13 +129,15 @@ def test_token_layout_of_the_projector_output_is_unpatchified_like_sit():
     assert torch.equal(unpatchify(tokens, 2, 4), target)
     zero = sra2_loss(nn.Identity(), tokens, target, torch.full((3,), 0.5), align_cfg(), 2)
     assert zero.item() == 0.0
-    shuffled = tokens.view(3, 256, 4, 4).transpose(2, 3).reshape(3, 256, 16)  # channels-first per token
+    # channels-first per token
+    shuffled = tokens.view(3, 256, 4, 4).transpose(2, 3).reshape(3, 256, 16)
     assert sra2_loss(nn.Identity(), shuffled, target, torch.full((3,), 0.5), align_cfg(), 2) > 0.1
 
 
 def test_cosine_alignment_loss_by_hand():
     pred_img, target = pred_and_target()
-    pred_img = pred_img + 0.5 * torch.randn(pred_img.shape, generator=torch.Generator().manual_seed(9))
+    pred_img = pred_img + 0.5 * torch.randn(pred_img.shape,
+                                            generator=torch.Generator().manual_seed(9))
     p, q = patchify(pred_img, 2), patchify(target, 2)
     expected = torch.zeros(3)
     for i in range(3):
@@ -145,7 +148,8 @@ def test_cosine_alignment_loss_by_hand():
         expected[i] = torch.stack(per_token).mean()
     torch.testing.assert_close(alignment_loss(p, q, "cosine", 0.05), expected, rtol=1e-5, atol=1e-6)
     # scale invariant, zero for parallel vectors
-    torch.testing.assert_close(alignment_loss(3 * q, q, "cosine", 0.05), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(alignment_loss(3 * q, q, "cosine", 0.05), torch.zeros(3),
+                               atol=1e-6, rtol=0)
 
 
 def test_unknown_alignment_loss_is_an_error():
@@ -187,7 +191,8 @@ def test_training_loss_is_velocity_plus_weighted_alignment():
         align = hand_loss(pred_img, x1, "smooth_l1").mean()  # f_VAE defaults to the target latent
     torch.testing.assert_close(losses.velocity, velocity, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses.align, align, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(losses.total, losses.velocity + 0.5 * losses.align, rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses.total, losses.velocity + 0.5 * losses.align,
+                               rtol=1e-6, atol=0)
     assert losses.align > 0
     # an explicit alignment target (e.g. the posterior mean) is the one compared
     mean_latent = x1 + 0.3
@@ -201,7 +206,8 @@ def test_training_loss_is_velocity_plus_weighted_alignment():
 def test_without_projector_no_hidden_state_is_requested():
     model = small_model()
     calls = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(dict(kwargs)),
+                                    with_kwargs=True)
     x1, x0, t, y = batch()
     losses = training_loss(model, None, align_cfg(weight=1.0), x1, y, t, x0)
     assert len(calls) == 1 and calls[0].get("return_hidden") is None
@@ -215,7 +221,8 @@ def test_without_projector_no_hidden_state_is_requested():
 
 
 def grads(module: nn.Module) -> dict[str, float]:
-    return {n: (0.0 if p.grad is None else p.grad.abs().sum().item()) for n, p in module.named_parameters()}
+    return {n: (0.0 if p.grad is None else p.grad.abs().sum().item())
+            for n, p in module.named_parameters()}
 
 
 def test_alignment_gradient_reaches_blocks_up_to_k_only():

@@ -141,7 +141,8 @@ def test_repro_runs_every_stage_and_writes_every_artifact(pipeline):
     # the small results are git's (experiments commit them), the big outputs are not
     results = ["data/latents.json", "data/encode.json", "data/train.json", "data/metrics.json",
                "data/train/metrics.csv", "data/train/fid.csv"]
-    big = ["data/latents", "data/train/ema.pt", "data/train/checkpoints", "data/samples/samples.npz"]
+    big = ["data/latents", "data/train/ema.pt", "data/train/checkpoints",
+           "data/samples/samples.npz"]
     ignored = subprocess.run(["git", "check-ignore", *results, *big], cwd=work,
                              capture_output=True, text=True).stdout.split()
     assert ignored == big
@@ -192,7 +193,8 @@ def test_the_plan_foresees_the_bytes_the_repro_left_in_each_folder(pipeline):
     (the pictures and logs it does not count, < 100 KB whatever the scale, aside)."""
     work, env, _, _ = pipeline
     run([sys.executable, "-m", "sra2.tools.plan", "--json", "plan.json"], work, env)
-    planned = {k: v["end"] for k, v in json.loads((work / "plan.json").read_text())["folders"].items()}
+    planned = {k: v["end"]
+               for k, v in json.loads((work / "plan.json").read_text())["folders"].items()}
     store = work / "data" / json.loads((work / "data/latents.json").read_text())["store"]
     [copy] = [m.parent for m in Path(os.environ["SRA2_COPY_DIR"]).glob("*/manifest.json")
               if json.loads(m.read_text())["source"]["store"] == str(store.resolve())]
@@ -206,7 +208,8 @@ def test_the_plan_foresees_the_bytes_the_repro_left_in_each_folder(pipeline):
     # the samples once: the stage's .npz is the one assembled where the shards were, and DVC's
     [kept] = (work / "data/samples/shards").glob("*/samples.npz")
     assert (work / "data/samples/samples.npz").stat().st_ino == kept.stat().st_ino
-    assert kept.stat().st_nlink == 3 and sorted(p.name for p in kept.parent.iterdir()) == [kept.name]
+    assert (kept.stat().st_nlink == 3
+            and sorted(p.name for p in kept.parent.iterdir()) == [kept.name])
     # no second copy: DVC's cache is the outputs' own files (hard links), bar its listings
     cached = [p for p in (work / ".dvc/cache/files").rglob("*") if p.is_file()]
     own = sum(p.stat().st_size for p in cached if p.stat().st_nlink == 1)
@@ -256,7 +259,8 @@ def test_damaged_outputs_are_found_repaired_by_repro_and_never_recorded(pipeline
     assert "arr_0.npy's bytes fail its CRC32" in log and "the samples are drawn again" in log
     # the bytes of the undisturbed run (encode.json, its summary, counts this run's work)
     assert recorded_outs(work, skip="data/encode.json") == outs
-    checked = run([sys.executable, "-m", "sra2.tools.verify", "data/latents", "data/samples/shards"],
+    checked = run([sys.executable, "-m", "sra2.tools.verify", "data/latents",
+                   "data/samples/shards"],
                   work, env)
     assert checked.count(": clean") == 2
     assert len(list((work / "data/latents/.quarantine").rglob("mean/c/0/0/0/0"))) == 1
@@ -356,12 +360,14 @@ def test_queued_experiments_keep_their_results(pipeline):
         assert shown == {"HEAD", *names} and {e["type"] for e in plots["data"][image]} == {"image"}
 
     # FID against step, images and process-hours, from the experiments' commits; the speed-up
-    printed = run([sys.executable, "-m", "sra2.evaluate.convergence", *names, "--out", "convergence.png"],
+    printed = run([sys.executable, "-m", "sra2.evaluate.convergence", *names,
+                   "--out", "convergence.png"],
                   work, env)
     for name in names:  # the times each experiment committed give the hours
         assert re.search(rf"{name}: 1 evaluation\(s\) up to step 20, final FID [0-9.]+, [0-9.e-]+ "
                          r"process-hours on CPU", printed), printed
-    assert re.search(rf"{names[1]} (reaches|does not reach) {names[0]}'s final FID [0-9.]+", printed)
+    assert re.search(rf"{names[1]} (reaches|does not reach) {names[0]}'s final FID [0-9.]+",
+                     printed)
     picture = np.asarray(Image.open(work / "convergence.png").convert("RGB"))
     assert picture.shape == (64 + 400 + 14 + 18, 3 * 520, 3)
     for i in range(3):  # each panel (step, images, hours) has both runs' points: not blank
@@ -378,7 +384,8 @@ def test_queued_experiments_keep_their_results(pipeline):
 
     # applying an experiment brings back its own results
     run(["dvc", "exp", "apply", names[0]], work, env)
-    assert json.loads((work / "data/metrics.json").read_text()) == results[names[0]]["data/metrics.json"]
+    assert (json.loads((work / "data/metrics.json").read_text())
+            == results[names[0]]["data/metrics.json"])
     assert json.loads((work / "data/train.json").read_text())["steps"] == 20
 
     # the FID curve's plot (train.eval_every writes it; written by hand here): FID against step

@@ -62,7 +62,8 @@ def test_ode_recovers_the_gaussian_data_distribution(kind, steps, std_tol):
 
 def test_an_untrained_model_is_no_better_than_noise():
     # sanity check of the tolerances above: the zero velocity leaves N(0, 1) in place
-    out = sde_euler_maruyama(lambda x, t: torch.zeros_like(x), noise(0), torch.Generator().manual_seed(1))
+    out = sde_euler_maruyama(lambda x, t: torch.zeros_like(x), noise(0),
+                             torch.Generator().manual_seed(1))
     assert abs(out.mean().item() - M) > 10 * MEAN_TOL
 
 
@@ -99,13 +100,15 @@ def test_sde_time_grid_noise_draws_and_last_step():
     np.testing.assert_allclose(rec.ts, np.linspace(0.0, 1.0 - last, steps), rtol=0, atol=1e-12)
     assert rec.ts[-1] == pytest.approx(0.96, abs=1e-12)
 
-    # every stochastic step by hand: x' = x + f dt + sqrt(2 (1 - t) dt) eps, eps from the same stream
+    # every stochastic step by hand: x' = x + f dt + sqrt(2 (1 - t) dt) eps, eps from the same
+    # stream
     replay = torch.Generator().manual_seed(7)
     for k in range(steps - 1):
         t, dt = rec.ts[k], rec.ts[k + 1] - rec.ts[k]
         x = rec.xs[k]
         eps = torch.randn(shape, generator=replay).double()
-        expected = x + ((1 + t) * gaussian_velocity(x, t) - x) * dt + math.sqrt(2 * (1 - t) * dt) * eps
+        expected = (x + ((1 + t) * gaussian_velocity(x, t) - x) * dt
+                    + math.sqrt(2 * (1 - t) * dt) * eps)
         torch.testing.assert_close(rec.xs[k + 1], expected, rtol=1e-10, atol=1e-10)
 
     # the final step from 0.96 to 1 is the deterministic drift step, no noise ...
@@ -128,7 +131,8 @@ def test_same_seed_same_samples():
         runs.append(sde_euler_maruyama(velocity, x, g, steps=8))
     assert torch.equal(runs[0], runs[1])
     g = torch.Generator().manual_seed(12)
-    assert not torch.equal(runs[0], sde_euler_maruyama(velocity, randn((2, 4, 16, 16), g), g, steps=8))
+    assert not torch.equal(runs[0],
+                           sde_euler_maruyama(velocity, randn((2, 4, 16, 16), g), g, steps=8))
 
 
 def test_per_row_generators_make_each_sample_depend_on_its_own_seed_only():
@@ -194,7 +198,8 @@ def test_cfg_formula(channels):
         # the reference runs the same batch of 2N: a batch of N may round differently (another
         # GEMM blocking, e.g. with AVX-512), and the formula amplifies that by 2 * scale + 1
         tt = torch.full((6,), t)
-        v_c, v_u = model.model(torch.cat([x, x]), tt, torch.cat([y, torch.full_like(y, 10)])).chunk(2)
+        v_c, v_u = model.model(torch.cat([x, x]), tt,
+                               torch.cat([y, torch.full_like(y, 10)])).chunk(2)
     c = 4 if channels is None else channels
     assert torch.equal(v[:, :c], v_u[:, :c] + scale * (v_c[:, :c] - v_u[:, :c]))
     assert torch.equal(v[:, c:], v_c[:, c:])

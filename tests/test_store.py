@@ -6,7 +6,8 @@ from sra2.data.store import QUARANTINE, DamagedStore, ShardedStore, StoreMismatc
 
 def make(path, signature=None):
     return ShardedStore.open_or_create(path, 10, 4, 2, {"x": ((3,), "float32")},
-                                       fixed={"labels": np.arange(10)}, signature=signature or {"v": 1})
+                                       fixed={"labels": np.arange(10)},
+                                       signature=signature or {"v": 1})
 
 
 def test_shards_are_written_marked_and_reopened(tmp_path):

@@ -29,7 +29,8 @@ def inputs(n=4, seed=0, tokens=16):
 
 
 def micro_sit(seed=0):
-    return randomize(build("SiT-Micro/2", input_size=8, num_classes=3, learn_sigma=False), seed=seed)
+    return randomize(build("SiT-Micro/2", input_size=8, num_classes=3, learn_sigma=False),
+                     seed=seed)
 
 
 def test_the_teacher_time_moves_toward_the_data_and_stops_at_one():
@@ -107,9 +108,11 @@ def test_sra2_plus_repa_adds_each_weighted_term_and_turning_one_off_leaves_the_r
     sra2_only = objective_values(config(align={"enabled": True, "layer": 2}), batch)
     assert torch.equal(sra2_only[1], velocity) and torch.equal(sra2_only[2], align)
     vanilla = objective_values(config(align={"enabled": False}), batch)
-    assert len(vanilla) == 2 and torch.equal(vanilla[1], velocity) and torch.equal(vanilla[0], velocity)
+    assert (len(vanilla) == 2 and torch.equal(vanilla[1], velocity)
+            and torch.equal(vanilla[0], velocity))
 
 
 def test_a_block_beyond_the_model_is_named():
     with pytest.raises(ValueError, match="sra.teacher_block"):
-        build_heads(micro_sit(), config(sra={"enabled": True, "student_block": 1, "teacher_block": 7}))
+        build_heads(micro_sit(),
+                    config(sra={"enabled": True, "student_block": 1, "teacher_block": 7}))

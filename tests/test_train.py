@@ -49,12 +49,14 @@ def test_resume_ends_where_an_unbroken_run_ends(tmp_path, tiny, latents):
     train(cfg, latents, tmp_path / "straight")
     train(with_overrides(cfg, train={"steps": 10}), latents, tmp_path / "resumed")
     train(cfg, latents, tmp_path / "resumed")
-    a, b = (torch.load(next((tmp_path / d / "checkpoints").glob("*/step-0000020.pt")), weights_only=False)
+    a, b = (torch.load(next((tmp_path / d / "checkpoints").glob("*/step-0000020.pt")),
+                       weights_only=False)
             for d in ("straight", "resumed"))
     for part in ("model", "ema", "heads"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
+    assert ((tmp_path / "straight" / "metrics.csv").read_text()
+            == (tmp_path / "resumed" / "metrics.csv").read_text())
 
 
 def test_other_settings_start_a_new_run_beside_the_old_one(tmp_path, tiny, latents):
@@ -123,7 +125,8 @@ def test_streamed_batches_are_the_in_memory_rows(tmp_path):
 
 
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny, latents):
-    """batch_per_gpu 2 (4 micro-batches) and 8 (one): the same step, up to float32 summation order."""
+    """batch_per_gpu 2 (4 micro-batches) and 8 (one): the same step, up to float32 summation
+    order."""
     cpu = torch.device("cpu")
     data = StepBatches(latents, tiny.train.global_batch, tiny.train.seed)
     steps = {}
@@ -139,8 +142,8 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny, latents)
     # move by ~1e2 * 2^-24 ~ 1e-5 of the tensor's scale; 1e-4 leaves room for the chain of layers
     torch.testing.assert_close(v2, v8, rtol=1e-4, atol=1e-6)
     for name in g8:
-        torch.testing.assert_close(g2[name], g8[name], rtol=1e-4, atol=1e-4 * float(g8[name].abs().max()),
-                                   msg=name)
+        torch.testing.assert_close(g2[name], g8[name],
+                                   rtol=1e-4, atol=1e-4 * float(g8[name].abs().max()), msg=name)
 
 
 def test_host_memory_does_not_grow_with_the_dataset(tmp_path):
@@ -153,15 +156,18 @@ def test_host_memory_does_not_grow_with_the_dataset(tmp_path):
     for items in (10_000, 40_000):
         write_synthetic_store(tmp_path / f"s{items}", items, (4, 16, 16), 3, chunk_size=16,
                               shard_size=4096, dtype="float16")
-        code = ("import resource, sys\nfrom sra2.config.params import resolve\nfrom sra2.train.loop import train\n"
+        code = ("import resource, sys\nfrom sra2.config.params import resolve\n"
+                "from sra2.train.loop import train\n"
                 "sys.path.insert(0, sys.argv[3])\nfrom conftest import with_overrides\n"
-                "cfg = with_overrides(resolve({'preset': 'tiny'}), train={'steps': 6, 'workers': 1})\n"
+                "cfg = with_overrides(resolve({'preset': 'tiny'}), "
+                "train={'steps': 6, 'workers': 1})\n"
                 "train(cfg, sys.argv[1], sys.argv[2])\n"
                 "print(max(resource.getrusage(w).ru_maxrss for w in "
                 "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))\n")
         run = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"s{items}"),
                               str(tmp_path / f"out{items}"), str(Path(__file__).parent)],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr[-3000:]
         peaks[items] = int(run.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
     assert abs(peaks[40_000] - peaks[10_000]) < 200, peaks
@@ -176,9 +182,11 @@ def test_sra_trains_with_its_teacher_and_resumes_to_the_same_bytes(tmp_path, tin
     assert summary["loss_sra"] > 0 and summary["projector_parameters"] > 0
     train(with_overrides(cfg, train={"steps": 5}), latents, tmp_path / "resumed")
     train(cfg, latents, tmp_path / "resumed")
-    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"] for d in ("straight", "resumed"))
+    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
+            for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
+    assert ((tmp_path / "straight" / "metrics.csv").read_text()
+            == (tmp_path / "resumed" / "metrics.csv").read_text())
 
 
 def test_repa_trains_on_the_stored_images_beside_every_other_term(tmp_path):

@@ -1,5 +1,6 @@
 """What the stage flows share: the command line, the config check, the workers, Prefect progress
-and tables (made through flows.harness.monitor, so that a failing Prefect API never fails the stage)."""
+and tables (made through flows.harness.monitor, so that a failing Prefect API never fails the
+stage)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
           argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parse ``--params`` and the stage's paths (name: (default, help)); a bad parameter file ends
     the process at once, before Prefect starts and before any data loads, with the offending key
-    named: the values (sra2.config.params), then what needs several sections, the process count or the
-    stage (sra2.methods.checks)."""
+    named: the values (sra2.config.params), then what needs several sections, the process count or
+    the stage (sra2.methods.checks)."""
     parser = argparse.ArgumentParser(prog=f"python -m flows.stages.{stage}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml",
@@ -56,9 +57,9 @@ def run_workers(stage: str, work, cfg: Config, args: dict, description: str,
                 pictures: Callable[[list[dict]], list[Picture]] | None = None) -> dict | None:
     """Call the library function ``work`` on the processes of ``cfg.launch``
     (torch.distributed.run), showing rank 0's progress (counted in ``unit``) in the stage's log
-    and artifacts (flows.harness.progress.Watch, with ``pictures`` of its rows); returns rank 0's result.
-    ``outputs`` (paths the stage writes) are locked first: sra2.runtime.lock.OutputBusy, before any worker
-    starts, if another run writes one."""
+    and artifacts (flows.harness.progress.Watch, with ``pictures`` of its rows); returns rank 0's
+    result. ``outputs`` (paths the stage writes) are locked first: sra2.runtime.lock.OutputBusy,
+    before any worker starts, if another run writes one."""
     from sra2.runtime import launch
 
     with output_locks(cfg, outputs):

@@ -265,8 +265,8 @@ def call_flow(flow, mon: Monitor, parameters: dict):
 def run_stage(flow: LazyFlow, preset: str, **params):
     """Call a :func:`stage_flow` flow tagged with the preset, experiment and pipeline run, with its
     local log, against ``PREFECT_API_URL`` or a temporary server that dies with this process
-    (flows.harness.server; its links are not printed: it is gone when the stage ends); runs that killed
-    stages left "Running" are marked crashed first."""
+    (flows.harness.server; its links are not printed: it is gone when the stage ends); runs that
+    killed stages left "Running" are marked crashed first."""
     from prefect import tags
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 

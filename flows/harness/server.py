@@ -3,9 +3,9 @@
 Without ``PREFECT_API_URL`` Prefect starts a temporary server of its own for each process that
 runs a flow, and stops it at a normal exit only: a stage killed with SIGKILL left it running for
 good (~200 MB). This module starts the same server (Prefect's API app under uvicorn, on a free
-local port, the UI off) through ``python -m flows.harness.server PARENT_PID PORT``, which first asks the
-kernel to send it SIGTERM when its parent dies (Linux ``PR_SET_PDEATHSIG``), so however the stage
-ends, its server ends too. The database is the usual one (``PREFECT_HOME``), so runs stay
+local port, the UI off) through ``python -m flows.harness.server PARENT_PID PORT``, which first asks
+the kernel to send it SIGTERM when its parent dies (Linux ``PR_SET_PDEATHSIG``), so however the
+stage ends, its server ends too. The database is the usual one (``PREFECT_HOME``), so runs stay
 browsable with ``prefect server start``.
 """
 
@@ -25,7 +25,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def wanted() -> bool:
-    """Whether Prefect would start a temporary server here: no API URL, temporary servers allowed."""
+    """Whether Prefect would start a temporary server here: no API URL, temporary servers
+    allowed."""
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
@@ -60,7 +61,8 @@ def temporary() -> Iterator[tuple[str, int]]:
     env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "flows.harness.server", str(os.getpid()), str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "flows.harness.server",
+                               str(os.getpid()), str(port)],
                               env=env, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + max(settings.server.ephemeral.startup_timeout_seconds, 30)

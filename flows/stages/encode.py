@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse("encode", __doc__, {
         "stores": ("data/latents", "folder of zarr latent stores, <stores>/<digest of the encode "
                                    "settings>/, each resumed if it exists"),
-        "pointer": ("data/latents.json", "names the store of these settings, for train and evaluate"),
+        "pointer": ("data/latents.json",
+                    "names the store of these settings, for train and evaluate"),
         "out": ("", "one store at exactly this path instead, no pointer (resumed if it exists)"),
         "summary": ("data/encode.json", "counts, rejects and speed, for dvc metrics")}, argv)
     if args["out"]:

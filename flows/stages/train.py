@@ -20,7 +20,8 @@ from sra2.evaluate.plots import loss_plot
 
 
 def loss_pictures(cfg: Config):
-    """The loss curve of the rows received so far (``pictures`` of flows.harness.common.run_workers)."""
+    """The loss curve of the rows received so far (``pictures`` of
+    flows.harness.common.run_workers)."""
     from sra2.train.loop import loss_title
 
     def draw(rows: list[dict]) -> list[Picture]:
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         "latents": ("data/latents.json", "the latent store written by encode, or the pointer "
                                          "file naming it"),
         "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
-        "summary": ("data/train.json", "final losses and the process count, for dvc metrics")}, argv)
+        "summary": ("data/train.json",
+                    "final losses and the process count, for dvc metrics")}, argv)
     try:
         atomic.make_folder(args["out"])
     except atomic.NotAFolder as e:  # says all there is to say, as a bad parameter file does

@@ -168,9 +168,9 @@ class Encode(Section):
     pixels: bool = False  # also store the ADM crops as uint8 (what repa needs at training time)
     # stop at the first undecodable file instead of listing it as rejected
     strict: Annotated[bool, NotInResult()]
-    # images whose crop shows little of them (sra2.data.images.oddity: shorter side under 32 px, aspect
-    # over 4:1): accept encodes them and lists them as warnings (the papers train on every ImageNet
-    # image); reject lists them as rejected files, which training skips
+    # images whose crop shows little of them (sra2.data.images.oddity: shorter side under 32 px,
+    # aspect over 4:1): accept encodes them and lists them as warnings (the papers train on every
+    # ImageNet image); reject lists them as rejected files, which training skips
     odd_images: Literal["accept", "reject"] = "accept"
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]  # auto: this rank's GPU if any
 
@@ -270,7 +270,8 @@ class Train(Section):
     # decides, every rank saves at the same step
     ckpt_minutes: Annotated[NonNegativeFloat, NotInResult()] = 30.0
     # step checkpoints kept per run: older ones are deleted once a newer one is complete (written
-    # and named by `latest`); files outside the run folder's step-*.pt (snapshots/) are never deleted
+    # and named by `latest`); files outside the run folder's step-*.pt (snapshots/) are never
+    # deleted
     keep_checkpoints: Annotated[PositiveInt, NotInResult()] = 3
     log_every: Annotated[PositiveInt, NotInResult()]  # steps averaged into one row of metrics.csv
     # FID over training: every eval_every steps (0: off) the EMA is kept as snapshots/step-N.pt and
@@ -282,8 +283,8 @@ class Train(Section):
     # processes reading latents ahead of the step
     workers: Annotated[NonNegativeInt, NotInResult()] = 2
     # where the latents are read from: "copy", a node-local, uncompressed, memory-mapped copy of the
-    # store made once per node and checked at every start (sra2.data.latent_copy), or "store", the zarr
-    # store itself (decompressing chunk by chunk: ~1,000 latents/s per reader)
+    # store made once per node and checked at every start (sra2.data.latent_copy), or "store", the
+    # zarr store itself (decompressing chunk by chunk: ~1,000 latents/s per reader)
     read_from: Annotated[Literal["copy", "store"], NotInResult()] = "copy"
     # folder of the node-local copies; None: $SRA2_COPY_DIR, else $TMPDIR, else /tmp
     copy_dir: Annotated[str | None, NotInResult()] = None
@@ -294,9 +295,9 @@ class Train(Section):
 
 
 class Ralu(Section):
-    """RALU (sample.sampler: ralu; sra2.sample.ralu, arXiv 2507.08422): Euler ODE steps in three stages,
-    half-size latent, then its most edged tokens at full size, then all of it; at each stage's
-    end the upsampled tokens are re-noised to match their noise level ("noise-timestep
+    """RALU (sample.sampler: ralu; sra2.sample.ralu, arXiv 2507.08422): Euler ODE steps in three
+    stages, half-size latent, then its most edged tokens at full size, then all of it; at each
+    stage's end the upsampled tokens are re-noised to match their noise level ("noise-timestep
     matching"). The defaults are the published FLUX-5x ends and top_k on SiT's uniform step grid
     (shifts 1) with 50 evaluations, and c = 1/4 (the published 0.0177, fitted to FLUX's shifted
     schedule, re-noises almost to pure noise and did worse on the demo: bench/README.md)."""
@@ -360,8 +361,8 @@ class Sample(Section):
     cfg_interval: Interval
     # time convention of the weights: sit (t = 1 is data, predicts x1 - x0) or repa (REPA and the
     # SRA code on it: t = 1 is noise, predicts eps - x, run here as v(x, t) = -v_repa(x, 1 - t));
-    # auto tells them apart by the file's layout (sra2.model.sit.detect_convention) and stops with an
-    # error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
+    # auto tells them apart by the file's layout (sra2.model.sit.detect_convention) and stops with
+    # an error where the layout cannot say (e.g. a bare state_dict of a 4-channel network)
     convention: Literal["auto", "sit", "repa"] = "auto"
     ralu: Ralu = Ralu()  # sampler ralu only
     grid: Annotated[PositiveInt, NotInResult()]  # images in the PNG grid (the first ones)
@@ -482,7 +483,8 @@ def resolve(params: dict[str, Any], source: str = "params") -> Config:
     params = dict(params)
     name = params.pop("preset", None)
     if not isinstance(name, str):
-        raise ConfigError(f"{source}: 'preset' must name one of {available_presets()}, got {name!r}")
+        raise ConfigError(f"{source}: 'preset' must name one of {available_presets()}, "
+                          f"got {name!r}")
     if name not in available_presets():
         raise ConfigError(f"{source}: unknown preset {name!r}; choose one of {available_presets()}")
     for section, value in params.items():

@@ -185,7 +185,8 @@ def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world:
             f"{todo} images to encode on {world} process(es); store ~{gib:.2f} GiB uncompressed")
     if not todo:
         return line
-    rate = measure_encoder(vae, cfg.encode.batch_size, cfg.data.image_size, device, cfg.encode.precision)
+    rate = measure_encoder(vae, cfg.encode.batch_size, cfg.data.image_size, device,
+                           cfg.encode.precision)
     rate *= world / (2 if cfg.encode.flip else 1)
     return line + f"; about {todo / rate / 60:.1f} min at the VAE's {rate:.0f} images/s"
 
@@ -209,7 +210,8 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
         dvc_cache.relink(written)
         store = open_store(cfg, out, images, latent_shape)
         # every rank's share, counted before any rank starts writing
-        pending = sum(stop - start for start, stop in map(store.shard_range, store.pending_shards()))
+        pending = sum(stop - start
+                      for start, stop in map(store.shard_range, store.pending_shards()))
         needs = space.encode_needs(cfg, latent_arrays(cfg, latent_shape), store.path,
                                    store.num_items, store.pending_shards())
         space.ensure("encode", needs + space.dvc_share({store.path.parent: needs[0].end}))

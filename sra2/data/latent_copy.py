@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "store that training reads (sra2.data.latent_copy).")
     p.add_argument("action", choices=["build", "verify"])
     p.add_argument("--latents", default="data/latents.json", help="store folder or pointer file")
-    p.add_argument("--copy-dir", help="train.copy_dir (default: $SRA2_COPY_DIR, else $TMPDIR/sra2-latents)")
+    p.add_argument("--copy-dir",
+                   help="train.copy_dir (default: $SRA2_COPY_DIR, else $TMPDIR/sra2-latents)")
     p.add_argument("--no-repair", action="store_true", help="verify only: report damaged shards")
     p.add_argument("--images", action="store_true",
                    help="the copy with the store's images, which REPA runs read (repa.enabled)")

@@ -1,6 +1,7 @@
 """Training batches: reader processes fetch the rows of step s (``batch_indices``) ahead of the
-training loop, from the node-local memory-mapped copy of the latent store (:mod:`sra2.data.latent_copy`)
-or from the zarr store itself, so host memory does not grow with the dataset.
+training loop, from the node-local memory-mapped copy of the latent store
+(:mod:`sra2.data.latent_copy`) or from the zarr store itself, so host memory does not grow with the
+dataset.
 
 Item s of :class:`StepBatches` is this rank's slice of global batch s: the posterior mean and std
 and the label of each latent (and for REPA its training image, uint8 (N, H, W, 3), from a store
@@ -31,7 +32,8 @@ from sra2.data.encode import rejects
 from sra2.data.store import ShardedStore, StoredArray, pointed_store
 
 
-def batch_indices(step: int, batch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+def batch_indices(step: int, batch: int, n: int, seed: int, rank: int = 0,
+                  world: int = 1) -> np.ndarray:
     """Indices of this rank's slice of global batch ``step``: epoch e visits a permutation drawn
     from (seed, e), so the order depends on the step only, not on restarts or world size."""
     per_rank = batch // world
@@ -52,12 +54,12 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 class StepBatches(Dataset):
     """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, with
     "images" (uint8 (N, H, W, 3)) where ``images``, read from ``copy`` (a
-    :class:`sra2.data.latent_copy.LatentCopy` of the store at ``path``, with images where ``images``)
-    when given, else from the store. The copy's shared lock stays held as long as this object
-    lives."""
+    :class:`sra2.data.latent_copy.LatentCopy` of the store at ``path``, with images where
+    ``images``) when given, else from the store. The copy's shared lock stays held as long as this
+    object lives."""
 
-    def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 copy: latent_copy.LatentCopy | None = None, images: bool = False):
+    def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0,
+                 world: int = 1, copy: latent_copy.LatentCopy | None = None, images: bool = False):
         store = ShardedStore(path)
         if not store.complete:
             raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
@@ -102,7 +104,8 @@ class StepBatches(Dataset):
         return self._arrays
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        picked = batch_indices(step, self.global_batch, len(self.rows), self.seed, self.rank, self.world)
+        picked = batch_indices(step, self.global_batch, len(self.rows), self.seed, self.rank,
+                               self.world)
         rows = self.rows[picked]
         out = {name: torch.from_numpy(read(rows) if name == latent_copy.IMAGES
                                       else read(rows).astype(np.float32, copy=False))
@@ -118,7 +121,8 @@ def _sorted_read(array: StoredArray, rows: np.ndarray) -> np.ndarray:
 
 
 def read_rate(batches: StepBatches, steps: int = 3) -> float:
-    """Latents/s one process reads from ``batches`` (steps 1.. ``steps``, after opening on step 0)."""
+    """Latents/s one process reads from ``batches`` (steps 1.. ``steps``, after opening
+    on step 0)."""
     size = len(batches[0]["labels"])
     start = time.perf_counter()
     for step in range(1, steps + 1):

@@ -156,7 +156,8 @@ def encode_needs(cfg: Config, arrays: dict[str, tuple[tuple[int, ...], str]], st
 def copy_need(nbytes: int, folder: Path) -> Need:
     """The node-local copy training reads: ``nbytes`` uncompressed in ``folder``."""
     return Need(folder, "node-local latent copy", nbytes, nbytes,
-                "or point train.copy_dir at a larger node-local disk, or set train.read_from: store")
+                "or point train.copy_dir at a larger node-local disk, "
+                "or set train.read_from: store")
 
 
 def train_needs(cfg: Config, out: Path, step: int, ema: int, have: int = 0) -> list[Need]:

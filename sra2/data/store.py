@@ -124,8 +124,8 @@ def pointed_store(latents: str | Path) -> Path:
 
 
 def advice(path: Path) -> str:
-    return (f"run `python -m sra2.tools.verify {path} --repair` to move the damaged shards aside, then "
-            f"rerun the stage that wrote the store (dvc repro): it computes them again")
+    return (f"run `python -m sra2.tools.verify {path} --repair` to move the damaged shards aside, "
+            f"then rerun the stage that wrote the store (dvc repro): it computes them again")
 
 
 def sweep_partial_writes(path: Path) -> None:
@@ -242,7 +242,8 @@ class ShardedStore:
         try:
             return json.loads(mark.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise DamagedStore(f"{mark}: the done mark cannot be read ({e}); {advice(self.path)}") from e
+            raise DamagedStore(f"{mark}: the done mark cannot be read ({e}); "
+                               f"{advice(self.path)}") from e
 
     def array(self, name: str) -> "StoredArray":
         return StoredArray(self, name)
@@ -303,8 +304,8 @@ class ShardedStore:
     def repair(self, log: Callable[[str], None] = print) -> list[Damage]:
         """Check every byte of the done shards (:meth:`check` deep) and move each damaged shard's
         mark and files into the quarantine folder, so that the writer computes them again (and
-        DVC cache entries linked to the damaged files, :mod:`sra2.runtime.dvc_cache`); returns what was
-        found. Damage outside the shards cannot be repaired here: it raises."""
+        DVC cache entries linked to the damaged files, :mod:`sra2.runtime.dvc_cache`); returns what
+        was found. Damage outside the shards cannot be repaired here: it raises."""
         started = time.perf_counter()
         damage = self.check(deep=True)
         unowned = [d for d in damage if d.shard is None]

@@ -2,7 +2,8 @@
 states it.
 
   python -m sra2.evaluate.convergence table1-vanilla table1-layer2 --baseline table1-vanilla
-  python -m sra2.evaluate.convergence runs/a/data/train runs/b/data/train/fid.csv --out convergence.png
+  python -m sra2.evaluate.convergence runs/a/data/train runs/b/data/train/fid.csv \\
+      --out convergence.png
 
 Each RUN is a DVC experiment's name (its committed ``data/train/fid.csv`` and ``times.csv``, read
 from git at the experiment's newest commit, found by sra2.evaluate.experiments), a folder holding
@@ -79,7 +80,8 @@ def parse_fid(text: str, source: str) -> tuple[list[int], list[float]]:
 def make_curve(label: str, fid_text: str, source: str, times_text: str | None = None,
                global_batch: int | None = None) -> Curve:
     """A run's curve; images seen and process-hours come from training's ``times.csv``
-    (sra2.train.checkpoints.TimeLog), images also from ``global_batch`` when that file is missing."""
+    (sra2.train.checkpoints.TimeLog), images also from ``global_batch`` when that file is
+    missing."""
     steps, fids = parse_fid(fid_text, source)
     if not steps:
         raise ConvergenceError(f"{label}: {source} has no FID rows (was it trained with "
@@ -294,7 +296,8 @@ def draw(curves: list[Curve], lines: list[str], panel: tuple[int, int] = (520, 4
 # --- the command
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sra2.evaluate.convergence", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sra2.evaluate.convergence",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="a DVC experiment name, a folder holding fid.csv, or a fid.csv file")

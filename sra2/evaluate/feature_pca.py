@@ -25,11 +25,11 @@ What is computed, exactly:
   held-out half; in each half, each token position's mean over its images is removed from the
   VAE tokens and the hidden states (the position embedding is the same for every image and holds
   most of an early block's variance: ~98% for a SiT-Demo/2 trained 300 steps on the tiny
-  preset's images, at t = 1, where the raw R^2 read 0.09 and the centred one 0.98); least squares (with an intercept) fitted on the first half, R^2 =
-  1 - SSE / SST on the second, summed over the hidden state's dimensions. Unrelated features give
-  about -(d + 1) / n_fit, slightly below 0; None with fewer than 4 images, or where the fitting
-  half has no more rows than the map has coefficients. The picture's PCA is of the raw features,
-  as the paper's figure is.
+  preset's images, at t = 1, where the raw R^2 read 0.09 and the centred one 0.98); least squares
+  (with an intercept) fitted on the first half, R^2 = 1 - SSE / SST on the second, summed over the
+  hidden state's dimensions. Unrelated features give about -(d + 1) / n_fit, slightly below 0; None
+  with fewer than 4 images, or where the fitting half has no more rows than the map has
+  coefficients. The picture's PCA is of the raw features, as the paper's figure is.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Checkpoint:
     blocks: tuple[int, ...] = ()
 
 
-# --- the numbers -----------------------------------------------------------------------------------
+# --- the numbers ----------------------------------------------------------------------------------
 
 def principal_scores(tokens: torch.Tensor, k: int = COMPONENTS) -> torch.Tensor:
     """Scores (n, k) of ``tokens`` (n, d) on their first ``k`` principal components, in float64,
@@ -90,7 +90,8 @@ def principal_scores(tokens: torch.Tensor, k: int = COMPONENTS) -> torch.Tensor:
     return torch.nn.functional.pad(scores, (0, k - scores.shape[1]))
 
 
-def scores_to_rgb(scores: torch.Tensor, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+def scores_to_rgb(scores: torch.Tensor,
+                  percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
     """Scores (n, 3) -> floats in [0, 1]: each component mapped from its low to its high
     percentile (over all n tokens), clipped; a component without spread is mid-grey."""
     q = torch.tensor([p / 100 for p in percentiles], dtype=scores.dtype)
@@ -147,7 +148,7 @@ def alignment_r2(vae_tokens: torch.Tensor, hidden: torch.Tensor, seed: int) -> f
                        rows(hidden, test))
 
 
-# --- the inputs ------------------------------------------------------------------------------------
+# --- the inputs -----------------------------------------------------------------------------------
 
 def parse_blocks(text: str) -> list[int | str]:
     """``auto`` or a comma list of block numbers (1-based) and ``last``."""
@@ -240,7 +241,7 @@ def hidden_states(model: torch.nn.Module, xt: torch.Tensor, t: float, y: torch.T
     return sit(xt, times, y, return_hidden=blocks)[1]
 
 
-# --- the picture -----------------------------------------------------------------------------------
+# --- the picture ----------------------------------------------------------------------------------
 
 def token_panel(rgb: np.ndarray, side: int) -> Image.Image:
     """RGB floats (L, 3) of a square token grid -> a ``side`` px picture (nearest: one block of
@@ -292,7 +293,8 @@ def _ckpt_header(c: Checkpoint) -> list[tuple[str, str]]:
 def _title(cfg: Config, t: float, seed: int, store: Path) -> list[tuple[str, str]]:
     low, high = PERCENTILES
     lines = [(f"t = {t} (0 noise, 1 data), seed {seed}, images of {store}", "black"),
-             (f"colours: first 3 principal components per panel type, percentiles {low:g}-{high:g}; "
+             ("colours: first 3 principal components per panel type, "
+              f"percentiles {low:g}-{high:g}; "
               "R2: linear map from VAE tokens, held-out images, position means removed", "black")]
     if vae_lib.is_random(cfg.vae):
         lines.append((f"{vae_lib.describe(cfg.vae)}: not SD-VAE, its latents are a random local "
@@ -306,7 +308,7 @@ def _r2_text(r2: float | None) -> str:
     return "R2 n/a" if r2 is None else f"R2 {r2:.3f}"
 
 
-# --- the command -----------------------------------------------------------------------------------
+# --- the command ----------------------------------------------------------------------------------
 
 def feature_pca(cfg: Config, ema: str, latents: str | Path, out: str | Path, images: int = 4,
                 t: float = 0.5, seed: int = 0, blocks: str = "auto", log=print) -> dict:

@@ -44,7 +44,8 @@ Statistics = tuple[np.ndarray, np.ndarray]  # mean and covariance
 
 
 class ArrayImages(Dataset):
-    """uint8 NHWC images (an array or a zarr array) as the uint8 CHW tensors torch-fidelity reads."""
+    """uint8 NHWC images (an array or a zarr array) as the uint8 CHW tensors torch-fidelity
+    reads."""
 
     def __init__(self, images):
         self.images = images
@@ -99,8 +100,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: the square root of sigma1 @ sigma2 has an imaginary "
-                             f"part of {np.abs(covmean.imag).max():.3g}")
+            raise ValueError(f"Frechet distance: the square root of sigma1 @ sigma2 has an "
+                             f"imaginary part of {np.abs(covmean.imag).max():.3g}")
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -136,7 +137,8 @@ def manifold_radii(features: torch.Tensor, k: int = NEAREST_K,
     """Squared distance of each row to its k-th nearest neighbour in the set: the (k+1)-th smallest
     entry of its distance row, whose smallest is the row itself (duplicates count as neighbours)."""
     rows = _rows_per_block(len(features), block)
-    return torch.cat([squared_distances(features[i:i + rows], features).kthvalue(k + 1, dim=1).values
+    return torch.cat([squared_distances(features[i:i + rows], features)
+                      .kthvalue(k + 1, dim=1).values
                       for i in range(0, len(features), rows)])
 
 
@@ -332,7 +334,8 @@ def feature_function(cfg: Config, device: torch.device, scratch: Path, seen=None
                              device=device, seen=seen)
 
 
-def adm_metrics(fake: dict[str, np.ndarray], reference: dict, device: torch.device) -> dict[str, float]:
+def adm_metrics(fake: dict[str, np.ndarray], reference: dict,
+                device: torch.device) -> dict[str, float]:
     """The five numbers ADM's evaluator prints, for sample features against a reference side."""
     precision, recall = precision_recall(reference["pool"], fake["pool"], device=device)
     return {**frechet_scores(fake, reference), "inception_score": inception_score(fake["logits"]),

@@ -6,14 +6,14 @@ Euler-Maruyama sampler (250 steps) and no classifier-free guidance.
 
 ``TABLES`` holds the paper's tables that ``python -m flows.tables --table N`` queues and prints.
 ``TABLE1`` is the paper's ablation table: SiT-B/2 at 400K steps (global batch 256), each row the
-SRA 2 recipe of ``sra2/config/presets/sit-b2.yaml`` (alignment after block 2, t in [0, 1], smooth-L1,
-lambda 1, 5-layer projector) with the one change the row names, written as params.yaml keys
-(``section.key``). ``python -m flows.tables`` queues the rows as DVC experiments and prints them
-beside these numbers.
+SRA 2 recipe of ``sra2/config/presets/sit-b2.yaml`` (alignment after block 2, t in [0, 1],
+smooth-L1, lambda 1, 5-layer projector) with the one change the row names, written as params.yaml
+keys (``section.key``). ``python -m flows.tables`` queues the rows as DVC experiments and prints
+them beside these numbers.
 
 The t-range row: the paper's "t in [0, 0.5]" is read in this project's time (SiT's: t = 0 is
-noise, t = 1 is data, sra2.config.params.Align), i.e. alignment on the noisier half only. The paper does
-not say which end its t starts from; in REPA's reversed time the same row would be
+noise, t = 1 is data, sra2.config.params.Align), i.e. alignment on the noisier half only. The paper
+does not say which end its t starts from; in REPA's reversed time the same row would be
 ``align.t_min: 0.5, align.t_max: 1.0``.
 """
 
@@ -72,7 +72,8 @@ TABLE3 = (
 )
 
 TABLES = {
-    "1": Table("1", f"Table 1 of SRA 2 (ablations): {TABLE1_MODEL} at {TABLE1_STEPS // 1000}K steps", TABLE1),
+    "1": Table("1", f"Table 1 of SRA 2 (ablations): {TABLE1_MODEL} at "
+                    f"{TABLE1_STEPS // 1000}K steps", TABLE1),
     "3": Table("3", f"Table 3 of SRA 2 (methods and their cost): {TABLE1_MODEL} at "
                     f"{TABLE1_STEPS // 1000}K steps", TABLE3),
 }

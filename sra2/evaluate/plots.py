@@ -64,7 +64,8 @@ def write_fid_plot(rows: list[dict], path: str | Path, title: str,
         series = [Series("FID", PALETTE[0], steps, fids, f"{fids[-1]:.2f}")]
         pad = (max(fids) - min(fids)) * 0.05 or 1.0
         y_range = (min(fids) - pad, max(fids) + pad)
-    note = "" if rows else "no FID measured during training\n(train.eval_every is 0 or above the steps)"
+    note = "" if rows else ("no FID measured during training\n"
+                            "(train.eval_every is 0 or above the steps)")
     line_panel(img, (0, 26, size[0], size[1]), series, "training step", "FID", y_range, note)
     atomic.write_with(path, lambda f: img.save(f, format="PNG"))
 

@@ -28,12 +28,14 @@ def build_projector(dim: int, out_dim: int, depth: int, width: int) -> nn.Sequen
 
 def projector_for(model: SiT, cfg: Align) -> nn.Sequential:
     if not 1 <= cfg.layer <= model.depth:
-        raise ValueError(f"align.layer must be in [1, {model.depth}] for this model, got {cfg.layer}")
+        raise ValueError(f"align.layer must be in [1, {model.depth}] for this model, "
+                         f"got {cfg.layer}")
     out = model.patch_size ** 2 * model.in_channels
     return build_projector(model.hidden_size, out, cfg.depth, cfg.width or 2 * model.hidden_size)
 
 
-def alignment_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+def alignment_loss(pred: torch.Tensor, target: torch.Tensor, kind: str,
+                   beta: float) -> torch.Tensor:
     """Per-sample loss between token tensors (N, T, p*p*C); element-wise kinds average over all
     elements, ``cosine`` is 1 - cosine similarity per token, averaged over tokens."""
     pred, target = pred.float(), target.float()

@@ -32,7 +32,8 @@ def model_problems(cfg: Config) -> list[str]:
     arch = SiT_models[cfg.model.name].keywords  # depth, patch_size, ...
     problems = []
     blocks = {"align.layer": cfg.align.layer, "repa.layer": cfg.repa.layer,
-              "sra.student_block": cfg.sra.student_block, "sra.teacher_block": cfg.sra.teacher_block}
+              "sra.student_block": cfg.sra.student_block,
+              "sra.teacher_block": cfg.sra.teacher_block}
     for key, block in blocks.items():
         if getattr(cfg, key.split(".")[0]).enabled and not 1 <= block <= arch["depth"]:
             problems.append(_problem(key, f"must be in [1, {arch['depth']}], the blocks of "

@@ -37,7 +37,8 @@ class Term:
     name: str  # its column: loss_<name>
     weight: float
     block: int  # 1-based block of the SiT whose hidden state the term reads
-    needs: tuple[str, ...] = ()  # inputs beyond the latents: "teacher_t" (and the EMA), "repa_target"
+    # inputs beyond the latents: "teacher_t" (and the EMA), "repa_target"
+    needs: tuple[str, ...] = ()
 
 
 def terms(cfg: Config) -> list[Term]:
@@ -68,7 +69,8 @@ def check_blocks(cfg: Config, depth: int) -> None:
     keys = {"align": "align.layer", "sra": "sra.student_block", "repa": "repa.layer"}
     for term in terms(cfg):
         if not 1 <= term.block <= depth:
-            raise ValueError(f"{keys[term.name]} must be in [1, {depth}] for this model, got {term.block}")
+            raise ValueError(f"{keys[term.name]} must be in [1, {depth}] for this model, "
+                             f"got {term.block}")
     if cfg.sra.enabled and not 1 <= cfg.sra.teacher_block <= depth:
         raise ValueError(f"sra.teacher_block must be in [1, {depth}] for this model, "
                          f"got {cfg.sra.teacher_block}")
@@ -121,7 +123,8 @@ class Objective(nn.Module):
     def names(self) -> list[str]:
         return ["loss", "loss_velocity", *(f"loss_{term.name}" for term in self.terms)]
 
-    def forward(self, x1, y, t, x0, align_target=None, teacher_t=None, repa_target=None) -> torch.Tensor:
+    def forward(self, x1, y, t, x0, align_target=None, teacher_t=None,
+                repa_target=None) -> torch.Tensor:
         xt, u = interpolate(x0, x1, t)
         blocks = tuple(sorted({term.block for term in self.terms}))
         if blocks:

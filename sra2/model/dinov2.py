@@ -118,8 +118,8 @@ def preprocess(images: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
 def features(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     """REPA's target: the final-LayerNorm patch tokens (DINOv2's ``x_norm_patchtokens``, no class
     token), float32 (N, grid * grid, 768), of uint8 (N, H, W, 3) images of any size; no
-    gradients. The blocks run under bf16 autocast where :func:`sra2.runtime.dist.autocast` has it (a GPU),
-    the input's normalisation outside it in float32 (fp16 normalisation gives NaNs: REPA issue
+    gradients. The blocks run under bf16 autocast where :func:`sra2.runtime.dist.autocast` has it (a
+    GPU), the input's normalisation outside it in float32 (fp16 normalisation gives NaNs: REPA issue
     46)."""
     device = next(encoder.parameters()).device
     with torch.no_grad():

@@ -118,7 +118,8 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        (shift_a, scale_a, gate_a,
+         shift_m, scale_m, gate_m) = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
@@ -165,7 +166,8 @@ class SiT(nn.Module):
         tokens = (input_size // patch_size) ** 2
         # a parameter (not a buffer) so that it sits in state_dict under the official name
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio)
+                                    for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights(input_size // patch_size)
 
@@ -176,7 +178,8 @@ class SiT(nn.Module):
                 nn.init.zeros_(m.bias)
 
         self.apply(xavier)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, grid_size)).float()[None])
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size,
+                                                             grid_size)).float()[None])
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -206,7 +209,8 @@ class SiT(nn.Module):
             return out
         return out, hidden[return_hidden] if isinstance(return_hidden, int) else hidden
 
-    def hidden_after(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, block: int) -> torch.Tensor:
+    def hidden_after(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                     block: int) -> torch.Tensor:
         """The residual stream after ``block`` (1-based), the later blocks not run."""
         h, c = self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
         for layer in self.blocks[:block]:
@@ -249,7 +253,8 @@ SiT_models = {f"SiT-{name}/{p}": _sit(*dims, p) for name, dims in _SIZES.items()
 
 def build(name: str, **kwargs) -> SiT:
     if name not in SiT_models:
-        raise ValueError(f"model.name {name!r} is not a known SiT; choose one of {sorted(SiT_models)}")
+        raise ValueError(f"model.name {name!r} is not a known SiT; "
+                         f"choose one of {sorted(SiT_models)}")
     return SiT_models[name](**kwargs)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def interpolate(x0: torch.Tensor, x1: torch.Tensor,
+                t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, u) for noise x0, data x1 and per-sample times t."""
     tt = t.view(-1, *([1] * (x1.dim() - 1)))
     return tt * x1 + (1 - tt) * x0, x1 - x0
 
 
-def from_repa_time(s: torch.Tensor, repa_velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def from_repa_time(s: torch.Tensor,
+                   repa_velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """REPA's (time, velocity) to ours."""
     return 1 - s, -repa_velocity

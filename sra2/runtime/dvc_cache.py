@@ -52,7 +52,8 @@ def entries(files: list[Path]) -> dict[Path, Path]:
     return found
 
 
-def evict_damaged(files: list[Path], folder: Path, log: Callable[[str], None] = print) -> list[Path]:
+def evict_damaged(files: list[Path], folder: Path,
+                  log: Callable[[str], None] = print) -> list[Path]:
     """Move the cache entry of each of ``files`` whose bytes no longer have the MD5 that names it
     (DVC's own check) into ``folder/dvc-cache/``, kept for inspection like the quarantined files;
     returns the entries moved."""

@@ -1,10 +1,11 @@
 """Start a stage's worker processes with torch.distributed.run and follow what they report.
 
 The parent (a Prefect flow, or any caller) runs ``python -m torch.distributed.run ... -m
-sra2.runtime.worker <module:function>`` on every GPU of the node, or on several nodes (the same command on each).
-Workers report through a file of JSON lines (:mod:`sra2.runtime.worker`): rank 0 appends progress and its
-result, any rank appends its error. The parent reads the file as it grows, hands each record to
-``on_event`` and returns the result, or raises :class:`WorkerFailed` with the worker's own message.
+sra2.runtime.worker <module:function>`` on every GPU of the node, or on several nodes (the same
+command on each). Workers report through a file of JSON lines (:mod:`sra2.runtime.worker`): rank 0
+appends progress and its result, any rank appends its error. The parent reads the file as it grows,
+hands each record to ``on_event`` and returns the result, or raises :class:`WorkerFailed` with the
+worker's own message.
 
 Stopping: when the parent is interrupted (Ctrl-C, SIGTERM), it sends SIGTERM to its workers and
 waits for them to save (training checkpoints its current step) before it exits with 130 or 143;
@@ -293,7 +294,8 @@ def run(work: Callable, cfg: Config, args: dict, on_event: Callable[[Event], Non
         config.write_text(cfg.model_dump_json())
         events.touch()
         cmd = [sys.executable, "-m", "torch.distributed.run", *settings.launcher_args(),
-               "-m", worker.__name__, f"{work.__module__}:{work.__name__}", str(config), json.dumps(args)]
+               "-m", worker.__name__, f"{work.__module__}:{work.__name__}",
+               str(config), json.dumps(args)]
         env = worker_env(settings.nproc_per_node, {
             "SRA2_EVENTS": str(events), worker.PARENT_PID: str(os.getpid()),
             worker.STOP_GRACE: str(grace), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(math.ceil(grace))})

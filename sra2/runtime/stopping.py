@@ -2,8 +2,9 @@
 acts at, and the wall clock of timed saves.
 
 Work that can stop cleanly (training) holds :class:`StopSignals` open, saves what it has done when
-a signal came and raises :class:`Stopped` (:func:`stopped`); :mod:`sra2.runtime.worker` turns that into the
-rank's ``stopped`` record. Ranks agree on the step to stop or save at through :class:`Consensus`.
+a signal came and raises :class:`Stopped` (:func:`stopped`); :mod:`sra2.runtime.worker` turns that
+into the rank's ``stopped`` record. Ranks agree on the step to stop or save at through
+:class:`Consensus`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ Workers import no Prefect. They report through the JSON-lines file named by ``SR
 every rank appends ``started`` (its pid), rank 0 appends ``progress`` records and its ``result``;
 a failing rank appends its ``error``.
 
-Stopping. Work that can stop cleanly (training) holds :class:`sra2.runtime.stopping.StopSignals` open:
-SIGTERM and SIGINT are then recorded instead of ending the process, the work saves what it has done
-and raises :class:`sra2.runtime.stopping.Stopped`. The rank appends ``stopped`` and exits 0, so that
-torchrun does not restart it (``launch.max_restarts``); the launcher turns the records into the
+Stopping. Work that can stop cleanly (training) holds :class:`sra2.runtime.stopping.StopSignals`
+open: SIGTERM and SIGINT are then recorded instead of ending the process, the work saves what it has
+done and raises :class:`sra2.runtime.stopping.Stopped`. The rank appends ``stopped`` and exits 0, so
+that torchrun does not restart it (``launch.max_restarts``); the launcher turns the records into the
 stage's failure ("stopped at step N ... run the stage again"). Work without a handler ends on
 SIGTERM as any process does.
 
@@ -46,7 +46,8 @@ def stop_grace() -> float:
 
 class Progress(Protocol):
     """The ``progress`` a stage's work calls (rank 0's :meth:`Events.progress`): ``done`` of
-    ``total`` units and, where there is more to say, ``info`` (training's losses, checkpoint, FID)."""
+    ``total`` units and, where there is more to say, ``info`` (training's losses, checkpoint,
+    FID)."""
 
     def __call__(self, done: int, total: int, info: dict | None = None, /) -> None: ...
 

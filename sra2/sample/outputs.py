@@ -16,7 +16,8 @@ from sra2.data.store import ShardedStore
 
 
 def write_npz(store: ShardedStore, path: str | Path) -> None:
-    """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory twice)."""
+    """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory
+    twice)."""
     images = store.array("images")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": tuple(images.shape)}

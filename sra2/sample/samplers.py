@@ -27,7 +27,8 @@ def derived_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str = "cpu") -> torch.Tensor:
+def randn(shape: Sequence[int], generator: Generators,
+          device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal noise; with a sequence of generators, row i comes from generator i."""
     if isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)

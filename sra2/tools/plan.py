@@ -180,7 +180,8 @@ def render(cfg: Config, n: int, counted: str, hw: Hardware, plan: list[Stage]) -
                      f"{s.gpu_seconds / 3600:.1f} | {size(s.ram)} |")
     total = sum(s.seconds for s in plan)
     lines += [f"| total | | {duration(total)} | {sum(s.gpu_seconds for s in plan) / 3600:.1f} | |",
-              "", "| folder | holds | at the end | at the peak | free now |", "|---|---|---|---|---|"]
+              "", "| folder | holds | at the end | at the peak | free now |",
+              "|---|---|---|---|---|"]
     all_needs = [need for s in plan for need in s.needs]
     whole = []
     for folder, end, peak, free in folders(all_needs):
@@ -190,7 +191,8 @@ def render(cfg: Config, n: int, counted: str, hw: Hardware, plan: list[Stage]) -
         whole.append(Need(folder, holds, peak, end, remedy))
         lines.append(f"| {folder} | {holds} | {size(end)} | {size(peak)} | {size(free)} |")
     short = space.shortfalls(whole)
-    lines += ["", *(f"WILL NOT FIT: {line}" for line in short)] if short else ["", "everything fits"]
+    lines += (["", *(f"WILL NOT FIT: {line}" for line in short)] if short
+              else ["", "everything fits"])
     return "\n".join(lines)
 
 
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         "data.root, else ImageNet's 1,281,167)")
     parser.add_argument("--gpus", type=int, help="GPUs in the run (default: those visible, 1)")
     parser.add_argument("--gpu", help="GPU kind: H100, H200, A100 (default: the visible one)")
-    parser.add_argument("--cores", type=int, help="CPU cores for decoding (default: this machine's)")
+    parser.add_argument("--cores", type=int,
+                        help="CPU cores for decoding (default: this machine's)")
     parser.add_argument("--mfu", type=float, help=f"model FLOP utilisation, 0-1 (default: "
                         f"measured by bench/gpu.py in --gpu-table, else {MFU})")
     parser.add_argument("--gpu-table", type=Path, default=Path("bench/results/gpu/table.json"),

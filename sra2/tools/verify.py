@@ -8,7 +8,8 @@ A path may be a store, a pointer file naming one (``data/latents.json``), a run 
 ``step-*.pt``), an ``.npz`` or a folder holding any of these. Damage is reported per shard or file;
 with ``--repair``, damaged shards are moved to ``.quarantine/`` beside the store and damaged
 checkpoints to the run's ``.quarantine/``, so that rerunning the stage that wrote them (``dvc
-repro``) computes them again; the sample stage moves a damaged ``.npz`` aside itself. Exits 1 when damage is found and left in place, else 0.
+repro``) computes them again; the sample stage moves a damaged ``.npz`` aside itself. Exits 1 when
+damage is found and left in place, else 0.
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ def resumable(path: Path) -> tuple[dict | None, str]:
         return None, "missing"
     except UnsafeCheckpoint as e:
         raise UnsafeCheckpoint(f"{e}. Training does not skip it (it is not damaged): move it out "
-                               f"of {path.parent} to resume from the checkpoint before it") from None
+                               f"of {path.parent} to resume from the checkpoint "
+                               "before it") from None
     except CheckpointError as e:
         return None, str(e).removeprefix(f"{path}: ")
     if missing := [key for key in REQUIRED if key not in state]:
@@ -220,9 +221,9 @@ class TimeLog:
     Wall times differ between runs that write the same bytes, so this log lives outside every
     DVC output and every hashed folder: the line's file at ``path`` (``timing/<run>.csv`` beside
     ``checkpoints/``, one per run folder), and a run's rows up to its ``steps`` mirrored as
-    ``times.csv`` next to ``fid.csv``, for git (:mod:`sra2.evaluate.convergence` reads both). A resumed
-    run continues from the row at the step it resumed from; without one (the run started before
-    times were kept) it records nothing.
+    ``times.csv`` next to ``fid.csv``, for git (:mod:`sra2.evaluate.convergence` reads both). A
+    resumed run continues from the row at the step it resumed from; without one (the run started
+    before times were kept) it records nothing.
     Evaluations during training are not counted (:meth:`paused`): their cost is the evaluator's
     cadence, not the method's."""
 

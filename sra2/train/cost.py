@@ -86,10 +86,12 @@ def report(name: str, input_size: int = 32, align_layer: int | None = None, dept
     if not 1 <= align_layer <= blocks:
         raise ValueError(f"align layer must be in [1, {blocks}] for {name}, got {align_layer}")
     try:
-        model, projector, width, flops, projector_flops = _measure(name, input_size, depth, width, "meta")
+        model, projector, width, flops, projector_flops = _measure(name, input_size, depth, width,
+                                                                   "meta")
         device = "meta"
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on the CPU
-        model, projector, width, flops, projector_flops = _measure(name, input_size, depth, width, "cpu")
+        model, projector, width, flops, projector_flops = _measure(name, input_size, depth, width,
+                                                                   "cpu")
         device = "cpu"
 
     def count(module: nn.Module) -> int:
@@ -120,7 +122,8 @@ def _train_flops(cfg: Config, device: str) -> int:
         y = torch.zeros(1, dtype=torch.long)
         hidden = torch.zeros(1, (side // model.patch_size) ** 2, model.hidden_size)
     trained = count_flops(model, x, t, y) + sum(count_flops(h, hidden) for h in heads.values())
-    extra = count_flops(model.hidden_after, x, t, y, cfg.sra.teacher_block) if cfg.sra.enabled else 0
+    extra = (count_flops(model.hidden_after, x, t, y, cfg.sra.teacher_block) if cfg.sra.enabled
+             else 0)
     if cfg.repa.enabled:
         from sra2.model import dinov2
 
@@ -157,11 +160,13 @@ def main(argv: list[str] | None = None) -> list[Report]:
                     "FLOPs, so GMACs, the unit of the DiT/SiT papers, are half). Without --model: "
                     "SiT-B/2 (layer 2), SiT-L/2 (layer 8) and SiT-XL/2 (layer 8).")
     parser.add_argument("--model", action="append", choices=sorted(SiT_models), metavar="NAME",
-                        help="a SiT name such as SiT-XL/2; repeat for several (default: B/2, L/2, XL/2)")
+                        help="a SiT name such as SiT-XL/2; repeat for several "
+                             "(default: B/2, L/2, XL/2)")
     parser.add_argument("--layer", type=int, default=None,
                         help="1-based block the projector reads (default: the paper's, 2 for B/2, "
                              "8 for L/2 and XL/2); it does not change the cost")
-    parser.add_argument("--depth", type=int, default=5, help="Linear layers in the projector (default 5)")
+    parser.add_argument("--depth", type=int, default=5,
+                        help="Linear layers in the projector (default 5)")
     parser.add_argument("--width", type=int, default=None,
                         help="projector hidden width (default 2 x the SiT hidden size)")
     parser.add_argument("--input-size", type=int, default=32,

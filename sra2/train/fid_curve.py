@@ -61,7 +61,8 @@ def mirror(run: Path, path: Path, steps: int) -> None:
 def eval_config(cfg: Config) -> Config:
     """The sample settings of an evaluation: the configured sampler, ``eval_samples`` images."""
     n = cfg.train.eval_samples
-    sample = {**cfg.sample.model_dump(), "num_samples": n, "shard_size": min(cfg.sample.shard_size, n)}
+    sample = {**cfg.sample.model_dump(), "num_samples": n,
+              "shard_size": min(cfg.sample.shard_size, n)}
     return cfg.model_copy(update={"sample": cfg.sample.model_validate(sample)})
 
 

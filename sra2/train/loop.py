@@ -1,17 +1,19 @@
-"""Training: SiT + the alignment terms switched on (SRA 2, SRA, REPA: :mod:`sra2.methods.objective`) on
-cached latents, with EMA, checkpoints and resume.
+"""Training: SiT + the alignment terms switched on (SRA 2, SRA, REPA: :mod:`sra2.methods.objective`)
+on cached latents, with EMA, checkpoints and resume.
 
 Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
-dropout, SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch, so a run resumed
-from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run would take.
-Each process splits its part of the batch into micro-batches of ``train.batch_per_gpu`` whose
-gradients add up to the step's; per-step work stays on the device (one host sync per log row).
+dropout, SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch,
+so a run resumed from a checkpoint, or run on another number of GPUs, takes the steps an unbroken
+run would take. Each process splits its part of the batch into micro-batches of
+``train.batch_per_gpu`` whose gradients add up to the step's; per-step work stays on the device (one
+host sync per log row).
 
 Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
-:mod:`sra2.runtime.worker`) ends the step in progress, saves it and raises :class:`sra2.runtime.stopping.Stopped`;
-all ranks stop at the same step (:class:`sra2.runtime.stopping.Consensus`). A checkpoint also holds the
-metrics of the steps since the last row, so a run resumed from any step writes the bytes of an
-unbroken one. Checkpoints (:mod:`sra2.train.checkpoints`) are also written every ``train.ckpt_minutes``
+:mod:`sra2.runtime.worker`) ends the step in progress, saves it and raises
+:class:`sra2.runtime.stopping.Stopped`; all ranks stop at the same step
+(:class:`sra2.runtime.stopping.Consensus`). A checkpoint also holds the metrics of the steps since
+the last row, so a run resumed from any step writes the bytes of an unbroken one. Checkpoints
+(:mod:`sra2.train.checkpoints`) are also written every ``train.ckpt_minutes``
 (:class:`sra2.runtime.stopping.SaveClock`), the ``train.keep_checkpoints`` newest are kept, and a
 non-finite loss, gradient or weight stops the run before it is saved.
 
@@ -144,7 +146,8 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=cuda or None, foreach=None if cuda else True)
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if cuda else None)
+        runner = nn.parallel.DistributedDataParallel(runner,
+                                                     device_ids=[device.index] if cuda else None)
     if tc.compile:
         runner = torch.compile(runner)
     return Trainer(cfg, model, ema, heads, repa_features(cfg, model, device), objective.names,
@@ -162,7 +165,8 @@ def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | N
 
 
 def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
-    """The objective's inputs of each micro-batch (:meth:`sra2.methods.objective.Objective.forward`)."""
+    """The objective's inputs of each micro-batch
+    (:meth:`sra2.methods.objective.Objective.forward`)."""
     cfg, micro = tr.cfg, tr.micro
     eps, x0, t, drop, shift = noise
     mean, std = batch["mean"], batch["std"]
@@ -339,7 +343,8 @@ def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
     return needs
 
 
-def warn_reading_the_store(cfg: Config, data: StepBatches, log: Callable[[str], None] = print) -> None:
+def warn_reading_the_store(cfg: Config, data: StepBatches,
+                           log: Callable[[str], None] = print) -> None:
     """Where the node-local copy could not be made: how many readers the store needs per GPU."""
     rate, need = read_rate(data), cost.gpu_need(cfg)
     log(f"WARNING: training reads the zarr store itself: {rate:.0f} latents/s per reader "
@@ -348,7 +353,8 @@ def warn_reading_the_store(cfg: Config, data: StepBatches, log: Callable[[str], 
         f"{math.ceil(need / rate)} per GPU, or train.copy_dir to a disk with room")
 
 
-def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress | None = None) -> dict:
+def train(cfg: Config, latents: str | Path, out: str | Path,
+          progress: Progress | None = None) -> dict:
     """Train to ``cfg.train.steps`` (resuming from ``out/checkpoints``, or taking the checkpoint
     at that step); returns a summary.
 
@@ -386,7 +392,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path, progress: Progress 
     if rank == 0:
         log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
                          saved)
-    # not in the run folder: wall times differ between runs of the same bytes (sra2.train.checkpoints)
+    # not in the run folder: wall times differ between runs of the same bytes
+    # (sra2.train.checkpoints)
     times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
                     world, device.type, write=rank == 0)
     n_params = sum(p.numel() for p in tr.model.parameters())
