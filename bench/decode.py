@@ -45,9 +45,10 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from bench.encode import SD_VAE_SHAPE
-from sra2.model import flops, vae as vae_lib
 from sra2.config.params import VAE, resolve
 from sra2.data.images import center_crop_arr, load_rgb
+from sra2.model import flops
+from sra2.model import vae as vae_lib
 
 SIZE = 256
 # an H100's dense peaks, TFLOP/s: bf16 (sra2.model.flops) and TF32, which is half of it

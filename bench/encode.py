@@ -25,12 +25,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from sra2.runtime import dist
-from sra2.model import vae as vae_lib
 from sra2.config.params import Config, resolve
 from sra2.data.demo import write_demo_dataset
-from sra2.data.images import list_images
 from sra2.data.encode import encode_dataset, measure_encoder
+from sra2.data.images import list_images
+from sra2.model import vae as vae_lib
+from sra2.runtime import dist
 
 SD_VAE_SHAPE = vae_lib.SD_VAE_SHAPE  # its weights cannot be downloaded here: seeded ones
 CLASSES = 10

@@ -50,17 +50,20 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import torch
 
-from bench import read as read_bench, sample as sample_bench, train as train_bench
+from bench import read as read_bench
+from bench import sample as sample_bench
+from bench import train as train_bench
 from bench.encode import SD_VAE_SHAPE
-from sra2.runtime import atomic, dist
-from sra2.model import flops, vae as vae_lib
-from sra2.train import cost
-from sra2.data import latent_copy
 from sra2.config.params import VAE, Config
+from sra2.data import latent_copy
 from sra2.data.encode import measure_encoder
-from sra2.sample.generate import sample_stage
 from sra2.data.latents import write_synthetic_store
 from sra2.evaluate.metrics import ArrayImages, inception_features, write_random_inception
+from sra2.model import flops
+from sra2.model import vae as vae_lib
+from sra2.runtime import atomic, dist
+from sra2.sample.generate import sample_stage
+from sra2.train import cost
 from sra2.train.loop import build_model, train
 
 # what each run measures: the GPU's, and the smoke test's (the same code, tiny sizes); models:

@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 
 from bench.encode import vae_section
-from sra2.runtime import dist
-from sra2.model import vae as vae_lib
 from sra2.config.params import resolve
 from sra2.data.images import center_crop_arr, to_model_range
+from sra2.model import vae as vae_lib
+from sra2.runtime import dist
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
           "immunohistochemistry", "retina", "stereo_motorcycle")

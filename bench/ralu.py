@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from bench.encode import SD_VAE_SHAPE
-from sra2.sample import ralu
-from sra2.model import vae as vae_lib
 from sra2.config.params import VAE, Config, Ralu, load
-from sra2.train.fid_curve import score
-from sra2.model.flops import count_flops, token_flops
-from sra2.sample.generate import latents, sample_labels
-from sra2.model.sit import build, load_checkpoint, read_checkpoint
-from sra2.sample.samplers import derived_seed, randn
 from sra2.data.store import pointed_store
+from sra2.model import vae as vae_lib
+from sra2.model.flops import count_flops, token_flops
+from sra2.model.sit import build, load_checkpoint, read_checkpoint
+from sra2.sample import ralu
+from sra2.sample.generate import latents, sample_labels
+from sra2.sample.samplers import derived_seed, randn
+from sra2.train.fid_curve import score
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

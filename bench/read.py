@@ -43,13 +43,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import torch
 
-from sra2.model import flops
-from sra2.train import cost
-from sra2.data import latent_copy
-from sra2.runtime import procs
 from sra2.config.params import resolve
+from sra2.data import latent_copy
 from sra2.data.latents import StepBatches, batch_indices, stream, write_synthetic_store
-
+from sra2.model import flops
+from sra2.runtime import procs
+from sra2.train import cost
 
 READ_PATH, BARE = "read path (StepBatches on the copy)", "bare memmap gather"
 

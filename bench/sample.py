@@ -25,11 +25,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from bench.encode import SD_VAE_SHAPE
-from sra2.runtime import atomic, dist
 from sra2.config.params import Config, resolve
+from sra2.runtime import atomic, dist
 from sra2.sample.generate import sample_stage
 from sra2.train.loop import build_model
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

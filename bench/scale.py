@@ -198,10 +198,10 @@ def standin_features(cfg, device, scratch, seen=None, heads=FEATURES):
 def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
     """One stage in this process, as its flow runs it; returns its measurements."""
     from sra2.data import encode, store
-    from sra2.sample import generate
     from sra2.evaluate import metrics
-    from sra2.train import loop as train
     from sra2.model import vae
+    from sra2.sample import generate
+    from sra2.train import loop as train
 
     cfg, network = config(images, n, smoke), [0.0]
     watch = Workers()

@@ -31,12 +31,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from sra2.runtime import dist
-
-from sra2.model import flops
-from sra2.train import cost
 from sra2.config.params import Config, resolve
 from sra2.data.latents import write_synthetic_store
+from sra2.model import flops
+from sra2.runtime import dist
+from sra2.train import cost
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
 # each method's alignment terms (sra2.methods.objective), as configuration sections

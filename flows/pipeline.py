@@ -65,8 +65,13 @@ def end_stray_nodes(run_id: str) -> None:
     """The stage nodes of ``run_id`` still Running once DVC has ended belong to stage processes
     that were killed before they could say how they ended: mark them Crashed."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
-                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sra2.train.checkpoints import Checkpoints
 from sra2.model.sit import CheckpointError
+from sra2.train.checkpoints import Checkpoints
 from sra2.train.loop import train
 
 from conftest import encoded_tiny, with_overrides

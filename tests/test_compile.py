@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sra2.runtime import dist
 from sra2.config.params import resolve
+from sra2.runtime import dist
 from sra2.train.loop import build_trainer, draws, step_inputs, train_step
 
 SHAPE = (4, 8, 8)  # the demo's 64 px latents: 16 tokens of SiT-Micro/2 (3 blocks, width 32)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import with_overrides
 from sra2.config.params import ConfigError, available_presets, load, resolve
+
+from conftest import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,8 +372,8 @@ def test_every_table1_row_is_a_valid_run_of_the_paper_presets(preset):
 def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
     from flows.tables import check_row, row_overrides
     from sra2.config.params import apply_overrides
-    from sra2.methods.objective import terms
     from sra2.evaluate.paper import TABLE3
+    from sra2.methods.objective import terms
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     expected = {"vanilla": [], "sra": ["sra"], "repa": ["repa"], "sra2": ["align"],
@@ -386,8 +387,8 @@ def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
 
 def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
     from flows.tables import collect, render
-    from sra2.train import cost
     from sra2.evaluate.paper import TABLES
+    from sra2.train import cost
 
     def experiment(name, fid, changes):
         params = {"preset": "sit-b2", **changes}
@@ -442,9 +443,9 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
     from types import SimpleNamespace
 
     from sra2.data import encode
+    from sra2.data.store import digest
     from sra2.sample import generate
     from sra2.train import loop as train
-    from sra2.data.store import digest
 
     images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
 

@@ -14,11 +14,18 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sra2.sample.generate import generate
-from sra2.model.sit import (CheckpointError, ReversedTime, SiT, build, detect_convention,
-                         load_checkpoint, read_checkpoint)
-from sra2.sample.samplers import guided_velocity, randn, sample
 from sra2.data.store import ShardedStore
+from sra2.model.sit import (
+    CheckpointError,
+    ReversedTime,
+    SiT,
+    build,
+    detect_convention,
+    load_checkpoint,
+    read_checkpoint,
+)
+from sra2.sample.generate import generate
+from sra2.sample.samplers import guided_velocity, randn, sample
 
 from conftest import randomize, with_overrides
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from sra2.evaluate import convergence
-from sra2.train.checkpoints import TimeLog
 from sra2.evaluate.convergence import ConvergenceError, Curve, make_curve, speedup
 from sra2.evaluate.plots import PALETTE
+from sra2.train.checkpoints import TimeLog
 
 HEADER = "step,fid,sfid,inception_score\n"
 

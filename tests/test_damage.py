@@ -5,16 +5,16 @@ of an undisturbed run."""
 import shutil
 
 import pytest
+from test_generate import export_random_sit
+from test_store import flip_bytes, snapshot
 
 from sra2.data import latent_copy
 from sra2.data.encode import encode_dataset
+from sra2.data.store import DamagedStore, ShardedStore
 from sra2.sample.generate import generate
 from sra2.sample.outputs import write_npz
-from sra2.data.store import DamagedStore, ShardedStore
 
 from conftest import encoded_tiny, with_overrides
-from test_generate import export_random_sit
-from test_store import flip_bytes, snapshot
 
 
 def test_a_changed_latent_chunk_fails_training_and_an_encode_rerun_repairs_it(tmp_path, one_thread):

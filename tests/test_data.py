@@ -3,8 +3,15 @@ import pytest
 from PIL import Image
 
 from sra2.data.demo import write_demo_dataset
-from sra2.data.images import (BadImage, DataError, center_crop_arr, list_images, load_cropped,
-                              load_crops, load_rgb)
+from sra2.data.images import (
+    BadImage,
+    DataError,
+    center_crop_arr,
+    list_images,
+    load_cropped,
+    load_crops,
+    load_rgb,
+)
 
 from conftest import jpeg_bytes, write_folder
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sra2.data import encode
 from sra2.config.params import ConfigError, resolve
+from sra2.data import encode
 from sra2.data.encode import MAX_WORKERS, decode_workers
 
 REPO = Path(__file__).resolve().parents[1]

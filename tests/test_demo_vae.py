@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from sra2.model import vae as vae_lib
 from sra2.config.params import DemoVAE
 from sra2.data import demo
 from sra2.data.images import load_crops
+from sra2.model import vae as vae_lib
 
 from conftest import with_overrides
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sra2.model import dinov2
 from sra2.config.params import Repa
 from sra2.data.images import center_crop_arr
+from sra2.model import dinov2
 
 SEED = 3
 

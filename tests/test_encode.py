@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.model import vae as vae_lib
 from sra2.data.demo import write_demo_dataset
-from sra2.data.images import BadImage, list_images, load_cropped
 from sra2.data.encode import encode_dataset, settings_store
+from sra2.data.images import BadImage, list_images, load_cropped
 from sra2.data.store import ShardedStore
+from sra2.model import vae as vae_lib
 
 from conftest import jpeg_bytes, with_overrides, write_folder
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.runtime import atomic
 from sra2.data.encode import _signature, encode_dataset, first_files, odd_images
-from sra2.sample.outputs import DamagedFile, read_npz_images
-from sra2.runtime.lock import hold
 from sra2.evaluate.metrics import load_reference
+from sra2.runtime import atomic
+from sra2.runtime.lock import hold
+from sra2.sample.outputs import DamagedFile, read_npz_images
 
 from conftest import with_overrides, write_folder
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from sra2.runtime import atomic, launch, procs
-from sra2.train.checkpoints import step_file
 from sra2.runtime.stopping import Stopped
+from sra2.train.checkpoints import step_file
 from sra2.train.loop import NonFiniteError, build_trainer, check_weights, train
 
 from conftest import encoded_tiny, with_overrides

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_generate import export_random_sit
 
 from sra2.evaluate import feature_pca as fp
 
 from conftest import encoded_tiny
-from test_generate import export_random_sit
 
 EPS = torch.finfo(torch.float64).eps
 

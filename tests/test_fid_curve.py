@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sra2.train.fid_curve import evaluate_step
-from sra2.sample.generate import sample_stage
 from sra2.evaluate.plots import PALETTE
+from sra2.sample.generate import sample_stage
+from sra2.train.fid_curve import evaluate_step
 from sra2.train.loop import build_model
 
 from conftest import encoded_tiny, with_overrides

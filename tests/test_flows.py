@@ -256,8 +256,8 @@ def test_a_cancelled_evaluate_stops_between_batches_and_writes_nothing(tmp_path,
     """evaluate computes in the flow's own process: once its run is cancelled (the monitor's
     cancel set, as flows.harness.monitor.Monitor.watch_cancel sets it) it stops at the next batch
     and ends Cancelled saying how far it got; no metrics file is written."""
-    from flows.stages.evaluate import evaluate_flow
     from flows.harness.monitor import close_current, current
+    from flows.stages.evaluate import evaluate_flow
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))

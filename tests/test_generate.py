@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sra2.data.store import ShardedStore
+from sra2.model.sit import build
 from sra2.sample.generate import generate, sample_labels, sample_stage
 from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
-from sra2.model.sit import build
-from sra2.data.store import ShardedStore
 
 from conftest import randomize, with_overrides
 

@@ -12,8 +12,8 @@ import torch
 from sra2.data import latent_copy
 from sra2.data.latent_copy import CopyDamaged, LatentCopy, copy_root, ensure, verify
 from sra2.data.latents import StepBatches, open_batches, write_synthetic_store
-from sra2.train.loop import warn_reading_the_store
 from sra2.data.store import ShardedStore
+from sra2.train.loop import warn_reading_the_store
 
 from conftest import with_overrides
 

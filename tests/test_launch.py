@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from sra2.runtime import launch
 from sra2.config.params import ConfigError, Launch
+from sra2.runtime import launch
 from sra2.train.loop import train
 
 from conftest import encoded_tiny, with_overrides
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

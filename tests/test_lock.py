@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import stop, with_overrides
 from flows.harness.common import output_locks
 from sra2.data.demo import write_demo_dataset
-from sra2.runtime.lock import OutputBusy, hold, lock_path
 from sra2.data.store import ShardedStore
+from sra2.runtime.lock import OutputBusy, hold, lock_path
+
+from conftest import stop, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD = """import sys, time

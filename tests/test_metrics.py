@@ -5,11 +5,21 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.evaluate.metrics import (ArrayImages, CroppedFiles, evaluate, frechet_distance,
-                                   inception_features, inception_network, inception_score,
-                                   load_reference, manifold_radii, precision_recall, statistics,
-                                   write_random_inception)
 from sra2.data.store import ShardedStore
+from sra2.evaluate.metrics import (
+    ArrayImages,
+    CroppedFiles,
+    evaluate,
+    frechet_distance,
+    inception_features,
+    inception_network,
+    inception_score,
+    load_reference,
+    manifold_radii,
+    precision_recall,
+    statistics,
+    write_random_inception,
+)
 
 from conftest import with_overrides
 

@@ -11,10 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from sra2.methods.align import build_projector, projector_for
 from sra2.config.params import Align
-from sra2.model.sit import (ReversedTime, TimestepEmbedder, build, load_checkpoint, patchify,
-                            unpatchify)
+from sra2.methods.align import build_projector, projector_for
+from sra2.model.sit import (
+    ReversedTime,
+    TimestepEmbedder,
+    build,
+    load_checkpoint,
+    patchify,
+    unpatchify,
+)
 
 from conftest import randomize
 

@@ -197,8 +197,13 @@ def start_training(tmp_path: Path, api: str, steps: int = 100_000):
     """A tiny train stage against ``api``, once it has logged its first row; returns the process,
     its command line, environment and parameter file, and its flow run."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
-                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     write_synthetic_store(tmp_path / "latents", 24, (4, 4, 4), 3, chunk_size=4, shard_size=8)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from types import SimpleNamespace
-
-from sra2.methods.align import alignment_loss, projector_for, sra2_loss
 from sra2.config.params import Align, resolve
-from sra2.model.sit import build, patchify, unpatchify
+from sra2.methods.align import alignment_loss, projector_for, sra2_loss
 from sra2.methods.objective import Objective
+from sra2.model.sit import build, patchify, unpatchify
 from sra2.model.transport import from_repa_time, interpolate
 
 from conftest import randomize, with_overrides

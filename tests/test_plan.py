@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from sra2.model import flops
-from sra2.train import cost
-from sra2.tools import plan
 from sra2.config.params import resolve
+from sra2.model import flops
+from sra2.tools import plan
+from sra2.train import cost
 
 
 def test_a_paper_plan_is_its_flops_at_the_mfu_and_its_arrays_bytes(tmp_path, capsys):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sra2.sample import ralu
 from sra2.config.params import Ralu
 from sra2.model.sit import build, patchify
+from sra2.sample import ralu
 from sra2.sample.samplers import guided_velocity, ode_euler
 
 from conftest import randomize
@@ -183,8 +183,8 @@ def test_the_edge_mask_takes_the_tokens_with_most_edges():
 def test_ralu_samples_through_the_sample_stage(tmp_path, tiny):
     """The tiny preset switches to RALU with one parameter (at 64 px: a 4x4 token grid); its images
     differ from the default sampler's and, as every sampler's, do not depend on the batch size."""
-    from sra2.sample.generate import generate
     from sra2.data.store import ShardedStore
+    from sra2.sample.generate import generate
 
     from conftest import with_overrides
 

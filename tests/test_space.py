@@ -6,13 +6,13 @@ import shutil
 import subprocess
 
 import pytest
+from test_store import snapshot
 
 from sra2.data import space
 from sra2.data.encode import encode_dataset, latent_arrays
 from sra2.data.store import ShardedStore
 
 from conftest import encoded_tiny
-from test_store import snapshot
 
 
 @contextlib.contextmanager

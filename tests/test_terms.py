@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sra2.config.params import resolve
-from sra2.model.sit import build
 from sra2.methods.objective import Objective, build_heads, repa_loss, sra_loss, teacher_time
+from sra2.model.sit import build
 from sra2.model.transport import interpolate
 
 from conftest import randomize, with_overrides

@@ -16,8 +16,8 @@ from PIL import Image
 from flows.harness.common import entry, parse, table
 from flows.harness.progress import Progress
 from flows.harness.runner import run_stage, stage_flow
-from sra2.runtime import atomic
 from sra2.config.params import Config
+from sra2.runtime import atomic
 
 GRID_IMAGES = 32  # real images in the reconstruction check, spread over the classes
 

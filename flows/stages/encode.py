@@ -11,8 +11,8 @@ from __future__ import annotations
 from flows.harness.common import entry, parse, run_workers, table
 from flows.harness.monitor import current
 from flows.harness.runner import run_stage, stage_flow
-from sra2.runtime import atomic
 from sra2.config.params import Config
+from sra2.runtime import atomic
 
 
 @stage_flow("encode")

@@ -13,8 +13,8 @@ from flows.harness.common import entry, parse, table
 from flows.harness.monitor import current
 from flows.harness.progress import Watch
 from flows.harness.runner import run_stage, stage_flow
-from sra2.runtime import atomic
 from sra2.config.params import Config
+from sra2.runtime import atomic
 
 
 @stage_flow("evaluate")

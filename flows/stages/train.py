@@ -14,9 +14,9 @@ from flows.harness.common import entry, parse, run_workers, table
 from flows.harness.monitor import current
 from flows.harness.pictures import Picture
 from flows.harness.runner import run_stage, stage_flow
-from sra2.runtime import atomic
 from sra2.config.params import Config
 from sra2.evaluate.plots import loss_plot
+from sra2.runtime import atomic
 
 
 def loss_pictures(cfg: Config):

@@ -14,9 +14,19 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
-                      PositiveFloat, PositiveInt, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "repa", "sra", "train", "sample",

@@ -17,14 +17,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from sra2.runtime import dist, dvc_cache
-from sra2.data import space
-from sra2.model import vae as vae_lib
 from sra2.config.params import Config, result_settings
+from sra2.data import space
 from sra2.data.images import BadImage, ImageList, center_crop_arr, list_images, load_rgb, oddity
 from sra2.data.store import ShardedStore, attributes, digest
+from sra2.model import vae as vae_lib
+from sra2.runtime import dist, dvc_cache
 from sra2.runtime.worker import Progress
-
 
 # one rank's decoding processes at most: one H100 eats ~730 SD-VAE encodes/s in fp32, ~1,450 in
 # bf16 (its FLOPs at 40% MFU), which ~4 or ~8 cores decode and crop at ~200 ImageNet-like JPEGs/s

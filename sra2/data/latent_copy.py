@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sra2.runtime import atomic
 from sra2.data.store import ShardedStore, digest, pointed_store
+from sra2.runtime import atomic
 
 ARRAYS = ("mean", "std")  # what training reads
 IMAGES = "images"  # and, for REPA, the pixels the store holds with encode.pixels

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sra2.data import latent_copy
 from sra2.config.params import Config
+from sra2.data import latent_copy
 from sra2.data.encode import rejects
 from sra2.data.store import ShardedStore, StoredArray, pointed_store
 

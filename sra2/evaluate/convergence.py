@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sra2.runtime import atomic
 from sra2.evaluate.plots import PALETTE, Series, font, line_panel
+from sra2.runtime import atomic
 
 # where the train stage writes them (dvc.yaml), as committed to each experiment
 FID_CSV, TIMES_CSV = "data/train/fid.csv", "data/train/times.csv"

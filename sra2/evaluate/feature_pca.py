@@ -42,13 +42,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from sra2.runtime import atomic, dist
-from sra2.model import vae as vae_lib
 from sra2.config.params import Config
-from sra2.model.sit import ReversedTime, load_checkpoint, patchify, read_checkpoint
-from sra2.sample.samplers import derived_seed, randn
 from sra2.data.store import ShardedStore, pointed_store
+from sra2.model import vae as vae_lib
+from sra2.model.sit import ReversedTime, load_checkpoint, patchify, read_checkpoint
 from sra2.model.transport import interpolate
+from sra2.runtime import atomic, dist
+from sra2.sample.samplers import derived_seed, randn
 
 COMPONENTS = 3  # shown as R, G, B
 PERCENTILES = (1.0, 99.0)  # the colour range of each component

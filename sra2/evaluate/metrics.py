@@ -26,12 +26,12 @@ from scipy import linalg
 from scipy.special import log_softmax
 from torch.utils.data import Dataset
 
-from sra2.runtime import atomic, dist
 from sra2.config.params import Config
-from sra2.data.images import load_cropped
 from sra2.data.encode import rejects
-from sra2.sample.outputs import DamagedFile, read_npz_images
+from sra2.data.images import load_cropped
 from sra2.data.store import ShardedStore
+from sra2.runtime import atomic, dist
+from sra2.sample.outputs import DamagedFile, read_npz_images
 
 EXTRACTOR = "inception-v3-compat"
 SPATIAL_CHANNELS = 7  # ADM: spatial[..., :7] of mixed_6/conv

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra2.methods.align import build_projector, projector_for, sra2_loss
 from sra2.config.params import Config
+from sra2.methods.align import build_projector, projector_for, sra2_loss
 from sra2.model.sit import SiT
 from sra2.model.transport import interpolate
 

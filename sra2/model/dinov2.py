@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from sra2.runtime import dist
-from sra2.model import flops
 from sra2.config.params import Repa
+from sra2.model import flops
+from sra2.runtime import dist
 
 # the files torch.hub's facebookresearch/dinov2 entry points load
 HUB_WEIGHTS = {"dinov2_vitb14": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"}

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from sra2.runtime import procs, worker
 from sra2.config.params import Config, ConfigError, Launch
+from sra2.runtime import procs, worker
 from sra2.runtime.once import WarnOnce, harmless
 
 Event = dict

@@ -32,8 +32,8 @@ import traceback
 from pathlib import Path
 from typing import Protocol
 
-from sra2.runtime import procs
 from sra2.config.params import Config
+from sra2.runtime import procs
 
 PARENT_PID = "SRA2_PARENT_PID"  # the launching process (the flow), watched by every rank
 STOP_GRACE = "SRA2_STOP_GRACE"  # seconds a stopping rank may take to save its work

@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sra2.runtime import atomic, dist, dvc_cache
-from sra2.sample import ralu
-from sra2.data import space
-from sra2.model import vae as vae_lib
 from sra2.config.params import Config, result_settings
-from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
-from sra2.model.sit import load_checkpoint, read_checkpoint
-from sra2.sample.samplers import Generators, derived_seed, guided_velocity, randn, sample
+from sra2.data import space
 from sra2.data.store import QUARANTINE, ShardedStore, digest
+from sra2.model import vae as vae_lib
+from sra2.model.sit import load_checkpoint, read_checkpoint
+from sra2.runtime import atomic, dist, dvc_cache
 from sra2.runtime.worker import Progress
+from sra2.sample import ralu
+from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
+from sra2.sample.samplers import Generators, derived_seed, guided_velocity, randn, sample
 
 NPZ = "samples.npz"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sra2.runtime import atomic
 from sra2.data.store import ShardedStore
+from sra2.runtime import atomic
 
 
 def write_npz(store: ShardedStore, path: str | Path) -> None:

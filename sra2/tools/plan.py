@@ -20,12 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from sra2.model import flops
-from sra2.train import cost
-from sra2.data import space
 from sra2.config.params import Config, apply_overrides, resolve
+from sra2.data import space
 from sra2.data.encode import decode_workers, latent_arrays
 from sra2.data.space import Need, size
+from sra2.model import flops
+from sra2.train import cost
 from sra2.train.loop import checkpoint_bytes
 
 IMAGENET_TRAIN = 1_281_167

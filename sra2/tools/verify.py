@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from sra2.train.checkpoints import Checkpoints, resumable
-from sra2.sample.outputs import npz_damage
-from sra2.model.sit import UnsafeCheckpoint
 from sra2.data.store import QUARANTINE, DamagedStore, ShardedStore, pointed_store
+from sra2.model.sit import UnsafeCheckpoint
+from sra2.sample.outputs import npz_damage
+from sra2.train.checkpoints import Checkpoints, resumable
 
 
 def found(path: Path) -> tuple[list[Path], list[Path], list[Path]]:

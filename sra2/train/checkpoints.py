@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from sra2.runtime import atomic
 from sra2.config.params import Config
-from sra2.model.sit import CheckpointError, UnsafeCheckpoint, read_checkpoint
 from sra2.data.store import QUARANTINE, digest
+from sra2.model.sit import CheckpointError, UnsafeCheckpoint, read_checkpoint
+from sra2.runtime import atomic
 
 # what sra2.train.loop resumes from
 REQUIRED = ("step", "model", "ema", "opt", "heads")

@@ -21,14 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sra2.runtime import atomic, dist
-from sra2.train.checkpoints import ema_export, step_file
 from sra2.config.params import Config
+from sra2.data.store import ShardedStore
+from sra2.evaluate.metrics import (
+    ArrayImages,
+    feature_function,
+    frechet_scores,
+    inception_score,
+    reference_side,
+)
+from sra2.runtime import atomic, dist
 from sra2.sample.generate import generate
 from sra2.sample.outputs import write_grid
-from sra2.evaluate.metrics import (ArrayImages, feature_function, frechet_scores, inception_score,
-                          reference_side)
-from sra2.data.store import ShardedStore
+from sra2.train.checkpoints import ema_export, step_file
 
 COLUMNS = ["step", "fid", "sfid", "inception_score"]
 

@@ -42,20 +42,20 @@ import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from sra2.runtime import atomic, dist
-from sra2.train import cost, fid_curve
-from sra2.data import latent_copy, space
-from sra2.train.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
 from sra2.config.params import Config, result_settings
+from sra2.data import latent_copy, space
 from sra2.data.latents import StepBatches, open_batches, read_rate, stream
+from sra2.data.store import ShardedStore, pointed_store
+from sra2.evaluate.plots import write_fid_plot, write_loss_plot
+from sra2.methods.objective import Objective, build_heads, teacher_time, terms
 from sra2.model.flops import PEAK_TFLOPS
 from sra2.model.sit import SiT, build
-from sra2.methods.objective import Objective, build_heads, teacher_time, terms
-from sra2.evaluate.plots import write_fid_plot, write_loss_plot
-from sra2.sample.samplers import derived_seed
+from sra2.runtime import atomic, dist
 from sra2.runtime.stopping import Consensus, SaveClock, StopSignals, stopped
-from sra2.data.store import ShardedStore, pointed_store
 from sra2.runtime.worker import Progress
+from sra2.sample.samplers import derived_seed
+from sra2.train import cost, fid_curve
+from sra2.train.checkpoints import Checkpoints, MetricsLog, TimeLog, ema_export
 
 
 class NonFiniteError(FloatingPointError):
