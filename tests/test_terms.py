@@ -83,6 +83,21 @@ def test_sra_cosine_is_over_the_feature_axis():
     assert not torch.allclose(sra_loss(a, b, "cosine", 0.05), token_axis)
 
 
+def test_sra_cosine_tokens_is_the_repositorys_cosine_over_the_token_axis():
+    """sra.loss: cosine_tokens on a (2, 3, 4) tensor, by hand: for each sample and feature, the
+    cosine of the 3-vectors of that feature over the tokens."""
+    a = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) - 11.5
+    b = torch.flip(a, dims=[1]) + torch.linspace(-1, 1, 4)
+    expected = torch.zeros(2, 4)
+    for n in range(2):
+        for d in range(4):
+            u, v = a[n, :, d].tolist(), b[n, :, d].tolist()
+            dot = sum(x * y for x, y in zip(u, v))
+            expected[n, d] = 1 - dot / (sum(x * x for x in u) ** 0.5 * sum(y * y for y in v) ** 0.5)
+    torch.testing.assert_close(sra_loss(a, b, "cosine_tokens", 0.05), expected.mean())
+    assert not torch.allclose(sra_loss(a, b, "cosine_tokens", 0.05), sra_loss(a, b, "cosine", 0.05))
+
+
 def test_repa_term_is_minus_the_mean_token_cosine():
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(3, 4, 768, generator=g), torch.randn(3, 4, 768, generator=g)

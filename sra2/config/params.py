@@ -253,9 +253,9 @@ class Sra(Section):
     student_block: PositiveInt = 3  # SiT-B/2: 3 -> 8; SiT-XL/2: 8 -> 20 (the SRA paper's pairs)
     teacher_block: PositiveInt = 8
     t_max: Time = 0.2
-    # the SRA paper's smooth-L1 (beta 0.05, weight 0.2); its repository's later default is
-    # cosine with weight 0.5 (over the feature axis here: the repository's is over tokens)
-    loss: Literal["smooth_l1", "cosine"] = "smooth_l1"
+    # the SRA paper's smooth-L1 (beta 0.05, weight 0.2); its repository's later default is a
+    # cosine with weight 0.5 over the token axis (cosine_tokens); cosine: over the feature axis
+    loss: Literal["smooth_l1", "cosine", "cosine_tokens"] = "smooth_l1"
     beta: NonNegativeFloat = 0.05
     weight: NonNegativeFloat = 0.2
 

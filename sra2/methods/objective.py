@@ -91,11 +91,13 @@ def build_heads(model: SiT, cfg: Config) -> nn.ModuleDict:
 
 
 def sra_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
-    """SRA v1's loss between (N, T, D) tokens: smooth-L1 averaged over every element, or 1 - cosine
-    over the feature axis, averaged over tokens and batch."""
+    """SRA v1's loss between (N, T, D) tokens: smooth-L1 averaged over every element; ``cosine``,
+    1 - cosine over the feature axis, averaged over tokens and batch; ``cosine_tokens``, as SRA's
+    repository computes it, 1 - cosine over the token axis (its ``F.cosine_similarity(a, b)`` on
+    (N, T, D) takes dim 1), averaged over features and batch."""
     pred, target = pred.float(), target.float()
-    if kind == "cosine":
-        return (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+    if kind in ("cosine", "cosine_tokens"):
+        return (1 - F.cosine_similarity(pred, target, dim=-1 if kind == "cosine" else 1)).mean()
     return F.smooth_l1_loss(pred, target, beta=beta)
 
 
