@@ -112,10 +112,10 @@ def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int,
         side = cfg.data.image_size
         batch["images"] = torch.randint(0, 256, (n, side, side, 3), generator=g, device=device,
                                         dtype=torch.uint8)
-    noise = draws(cfg, 0, shape, 0, 1, device)
+    drawn = draws(cfg, 0, shape, 0, 1, device)
 
     def step() -> None:  # the inputs are made every step, as the loop makes them (REPA's encoder)
-        train_step(tr, step_inputs(tr, batch, noise))
+        train_step(tr, step_inputs(tr, batch, drawn))
 
     for _ in range(warmup):
         step()

@@ -195,9 +195,10 @@ class Watch:
 
 
 
-class Progress:
-    """A progress artifact ``<name>-progress`` for work that runs in the flow's process, updated at
-    most every ``every`` seconds; ``progress(done, total, ...)``, which raises
+class InProcessProgress:
+    """A :class:`sra2.runtime.worker.Progress` for work in the flow's own process (workers report
+    through flows.harness.common.run_workers): the progress artifact ``<name>-progress``, updated
+    at most every ``every`` seconds; ``progress(done, total, ...)``, which raises
     sra2.runtime.launch.StopAsked once the run is cancelled."""
 
     def __init__(self, key: str, description: str, every: float = 5.0):

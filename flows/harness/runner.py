@@ -102,36 +102,36 @@ def stage_flow(stage: str):
     def decorate(body: Callable) -> Callable:
         @functools.wraps(body)  # Prefect reads the parameters from the body's signature
         def recorded(*args, **kwargs):
-            mon, done = current(stage), outcome()
-            done.started = True
+            mon, did = current(stage), outcome()
+            did.started = True
             mon.record_running()
             mon.say(f"{stage} started (pid {os.getpid()}; tags {', '.join(mon.tags) or 'none'}; "
                     f"log {mon.path})")
             end_watch = mon.watch_cancel()
             try:
-                done.result = body(*args, **kwargs)
+                did.result = body(*args, **kwargs)
             except (WorkersStopped, StopAsked) as e:
                 if not mon.cancel.is_set():
                     raise
                 mon.say(f"{stage} cancelled after {mon.elapsed()}: {e}", logging.WARNING)
                 return cancelled(f"cancelled from Prefect: {e}")
             except BaseException as e:
-                if preempted(e) and done.stopped:  # SIGTERM, and the workers saved: no crash
-                    mon.say(f"{stage} preempted after {mon.elapsed()}: {done.stopped['message']}",
+                if preempted(e) and did.stopped:  # SIGTERM, and the workers saved: no crash
+                    mon.say(f"{stage} preempted after {mon.elapsed()}: {did.stopped['message']}",
                             logging.WARNING)
-                    done.preempted = True
-                    return cancelled(f"preempted (SIGTERM): {done.stopped['message']}",
+                    did.preempted = True
+                    return cancelled(f"preempted (SIGTERM): {did.stopped['message']}",
                                      "Preempted")
-                done.error = e
+                did.error = e
                 mon.say(f"{stage} failed after {mon.elapsed()}: {type(e).__name__}: {e}",
                         logging.ERROR)
                 raise
             finally:
                 end_watch()
-            done.finished = True
+            did.finished = True
             lost = f" (no Prefect API since {mon.lost_at}: the UI does not show this end)"
             mon.say(f"{stage} finished in {mon.elapsed()}{lost if not mon.online else ''}")
-            return done.result
+            return did.result
 
         # Prefect resolves string annotations in the wrapper's module: give it the types
         recorded.__signature__ = inspect.signature(body, eval_str=True)
@@ -279,9 +279,9 @@ def run_stage(flow: LazyFlow, preset: str, **params):
 
     stage = flow.name.removeprefix("sra2-")
     close_current()
-    mon, done = current(stage), Outcome()
+    mon, did = current(stage), Outcome()
     mon.tags = run_tags(preset)
-    token = _outcome.set(done)
+    token = _outcome.set(did)
     try:
         with contextlib.ExitStack() as stack:
             try:
@@ -300,16 +300,16 @@ def run_stage(flow: LazyFlow, preset: str, **params):
             named = flow.with_options(flow_run_name=f"{stage} {preset} {experiment()}")
             return call_flow(named, mon, params)
     except Exception as e:
-        if done.preempted:  # recorded as Preempted; the process ends as SIGTERM would end it
+        if did.preempted:  # recorded as Preempted; the process ends as SIGTERM would end it
             raise Terminated(128 + signal.SIGTERM) from None
-        if done.error is e:
+        if did.error is e:
             raise
-        if done.error is not None:  # Prefect failed while failing: the body's error is the news
-            raise done.error from None
-        if done.finished:  # the work is done; only its record in Prefect is missing
+        if did.error is not None:  # Prefect failed while failing: the body's error is the news
+            raise did.error from None
+        if did.finished:  # the work is done; only its record in Prefect is missing
             mon.lost(e, "the stage's work is done")
-            return done.result
-        if not done.started and api_failure(e):
+            return did.result
+        if not did.started and api_failure(e):
             mon.lost(e, "the stage runs without Prefect")
             return flow.fn(**params)
         raise

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from flows.harness.common import entry, parse, table
-from flows.harness.progress import Progress
+from flows.harness.progress import InProcessProgress
 from flows.harness.runner import run_stage, stage_flow
 from sra2.config.params import Config
 from sra2.runtime import atomic
@@ -39,7 +39,8 @@ def train_vae(cfg: Config) -> None:
     print(f"training the demo VAE on {len(images)} images: {knobs.steps} steps, of "
           f"{knobs.batch_size} crops of {knobs.crop} px, the last {knobs.whole_steps} of whole "
           "images")
-    progress = Progress("demo-vae-progress", f"training the demo VAE on {len(images)} images")
+    progress = InProcessProgress("demo-vae-progress",
+                                 f"training the demo VAE on {len(images)} images")
     start = time.monotonic()
     vae = demo.train_demo_vae(images, cfg.vae, knobs, progress)
     seconds = time.monotonic() - start

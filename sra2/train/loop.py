@@ -34,7 +34,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -76,7 +76,18 @@ def signature(cfg: Config, data_signature: dict) -> dict:
 
 # --- randomness of a step
 
-def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: torch.device):
+class Draws(NamedTuple):
+    """Every random tensor of one step, this rank's rows."""
+
+    eps: torch.Tensor  # the VAE posterior's noise: x1 = mean + std * eps
+    x0: torch.Tensor  # the interpolation's noise
+    t: torch.Tensor  # the times
+    drop: torch.Tensor  # True where the label is dropped (the null class)
+    shift: torch.Tensor | None  # SRA's teacher time shift, U(0, 1) (sra on only)
+
+
+def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int,
+          device: torch.device) -> Draws:
     """Every random tensor of one step, drawn on the device for the whole global batch from a
     generator seeded by (seed, step), then sliced to this rank: the run does not depend on the
     number of processes."""
@@ -89,7 +100,8 @@ def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int, device: t
     # drawn last: the draws above stay those of runs without SRA
     shift = torch.rand(n, generator=g, device=device) if cfg.sra.enabled else None
     part = slice(rank * n // world, (rank + 1) * n // world)
-    return eps[part], x0[part], t[part], drop[part], shift[part] if shift is not None else None
+    return Draws(eps[part], x0[part], t[part], drop[part],
+                 shift[part] if shift is not None else None)
 
 
 # --- the model and one step
@@ -104,7 +116,7 @@ class Trainer:
     heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.methods.objective)
     repa_features: Callable | None  # images -> REPA's DINOv2 tokens (repa on only)
     names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
-    runner: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
+    loss_fn: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
     opt: torch.optim.Optimizer
     params: list[nn.Parameter]
     micro: int  # micro-batches per step on this process
@@ -140,18 +152,18 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
     heads = build_heads(model, cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     objective = Objective(model, heads, cfg, teacher=ema)
-    runner: nn.Module = objective
-    params = [p for p in runner.parameters() if p.requires_grad]
+    loss_fn: nn.Module = objective
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=cuda or None, foreach=None if cuda else True)
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner,
-                                                     device_ids=[device.index] if cuda else None)
+        loss_fn = nn.parallel.DistributedDataParallel(loss_fn,
+                                                      device_ids=[device.index] if cuda else None)
     if tc.compile:
-        runner = torch.compile(runner)
+        loss_fn = torch.compile(loss_fn)
     return Trainer(cfg, model, ema, heads, repa_features(cfg, model, device), objective.names,
-                   runner, opt, params, micro_batches(cfg, world), device)
+                   loss_fn, opt, params, micro_batches(cfg, world), device)
 
 
 def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | None:
@@ -164,18 +176,18 @@ def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | N
     return functools.partial(dinov2.features, encoder)
 
 
-def step_inputs(tr: Trainer, batch: dict, noise: tuple) -> list[dict]:
+def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
     """The objective's inputs of each micro-batch
     (:meth:`sra2.methods.objective.Objective.forward`)."""
     cfg, micro = tr.cfg, tr.micro
-    eps, x0, t, drop, shift = noise
     mean, std = batch["mean"], batch["std"]
-    x1 = (mean + std * eps) * cfg.vae.scale
-    y = torch.where(drop, torch.full_like(batch["labels"], cfg.model.num_classes), batch["labels"])
-    inputs = {"x1": x1, "y": y, "t": t, "x0": x0,
+    x1 = (mean + std * drawn.eps) * cfg.vae.scale
+    y = torch.where(drawn.drop, torch.full_like(batch["labels"], cfg.model.num_classes),
+                    batch["labels"])
+    inputs = {"x1": x1, "y": y, "t": drawn.t, "x0": drawn.x0,
               "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
-    if shift is not None:
-        inputs["teacher_t"] = teacher_time(t, shift, cfg.sra.t_max)
+    if drawn.shift is not None:
+        inputs["teacher_t"] = teacher_time(drawn.t, drawn.shift, cfg.sra.t_max)
     if tr.repa_features is not None:
         inputs["repa_target"] = tr.repa_features(batch["images"])
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
@@ -188,10 +200,10 @@ def train_step(tr: Trainer, inputs) -> torch.Tensor:
     tr.opt.zero_grad(set_to_none=True)
     losses = torch.zeros(len(tr.names), device=tr.device)
     for i, args in enumerate(inputs):
-        local = i < tr.micro - 1 and hasattr(tr.runner, "no_sync")
-        with tr.runner.no_sync() if local else nullcontext():
+        local = i < tr.micro - 1 and hasattr(tr.loss_fn, "no_sync")
+        with tr.loss_fn.no_sync() if local else nullcontext():
             with dist.autocast(tr.device, tr.cfg.train.precision):
-                parts = tr.runner(**args)
+                parts = tr.loss_fn(**args)
             (parts[0] / tr.micro).backward()
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
@@ -361,16 +373,17 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     Raises :class:`Stopped` on SIGTERM or SIGINT once the step in progress is saved, and
     :class:`NonFiniteError` at a non-finite step, which is never saved."""
     rank, world = dist.init()
+    is_rank0 = rank == 0  # writes the logs, prints, reports progress
     tc, out = cfg.train, Path(out)
     device = dist.device(tc.device, rank)
     dist.deterministic(tc.deterministic)
 
-    if rank == 0:
+    if is_rank0:
         space.ensure("train", preflight(cfg, latents, out))
 
     # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
     data = open_batches(cfg, latents, rank, world)
-    if tc.read_from == "copy" and data.copy is None and rank == 0:
+    if tc.read_from == "copy" and data.copy is None and is_rank0:
         warn_reading_the_store(cfg, data)
     if int(data.labels.max()) >= cfg.model.num_classes:
         raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
@@ -380,7 +393,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     tr = build_trainer(cfg, data.shape, device, world)
     ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
     # rank 0 quarantines and repoints; all pick one file, at or below tc.steps
-    state = ckpts.load(tc.steps, repair=rank == 0)
+    state = ckpts.load(tc.steps, repair=is_rank0)
     start = state["step"] if state else 0
     if state:
         tr.load(state)
@@ -389,16 +402,16 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     columns = ["step", *tr.names, "grad_norm"]
     log = None
     saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
-    if rank == 0:
+    if is_rank0:
         log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
                          saved)
     # not in the run folder: wall times differ between runs of the same bytes
     # (sra2.train.checkpoints)
     times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
-                    world, device.type, write=rank == 0)
+                    world, device.type, write=is_rank0)
     n_params = sum(p.numel() for p in tr.model.parameters())
     n_proj = sum(p.numel() for p in tr.heads.parameters())
-    if rank == 0:
+    if is_rank0:
         print(f"train: {cfg.model.name} {n_params / 1e6:.2f}M parameters, heads "
               f"{n_proj / 1e6:.2f}M ({', '.join(tr.heads) or 'none'}), {len(data)} latents "
               f"{data.shape}, steps {start} -> {tc.steps}, {world} process(es) x {tr.micro} "
@@ -410,19 +423,19 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     meter.restore(resumed_meter, rank, world)
     clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
     loader = stream(data, start, tc.steps, tc.workers, device)
-    bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=rank != 0)
+    bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=not is_rank0)
     with StopSignals() as signals, bar:
         for step, batch in zip(range(start, tc.steps), loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            noise = draws(cfg, step, data.shape, rank, world, device)
-            meter.add(train_step(tr, step_inputs(tr, batch, noise)))
+            drawn = draws(cfg, step, data.shape, rank, world, device)
+            meter.add(train_step(tr, step_inputs(tr, batch, drawn)))
             done = step + 1
             bar.update(1)
-            stop, timed = consensus(signals.received > 0, rank == 0 and clock.due())
+            stop, timed = consensus(signals.received > 0, is_rank0 and clock.due())
             row = None
             if done % tc.log_every == 0:
                 row, rate = meter.row(done, tc.global_batch)
-                if log is not None:  # before the checkpoint: rows after it are dropped on resume
+                if is_rank0:  # before the checkpoint: rows after it are dropped on resume
                     log.append(row)
             saving = done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
             evaluating = tc.eval_every and done % tc.eval_every == 0
@@ -437,7 +450,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
                                                      out / "fid.csv")
                 if scored:
                     fid = {"fid": scored["fid"], "fid_step": done, "preview": scored["grid"]}
-            if row is not None and log is not None:
+            if row is not None and is_rank0:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
                 if progress:
                     progress(done, tc.steps, {**row, "images_per_s": round(rate, 1),
@@ -453,13 +466,13 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     tail, rate = {}, 0.0
     if tc.steps % tc.log_every and meter.count:
         tail, rate = meter.row(tc.steps, tc.global_batch)
-    if rank == 0:
+    if is_rank0:
         log.tail = tail or None
         export(tr, out, tc.steps, log, ckpts.folder, times)
         if progress and (tail or start == tc.steps):  # the last row, or nothing left to do
             speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
             progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
-    final = (log.shown() or [{}])[-1] if log is not None else {}
+    final = (log.shown() or [{}])[-1] if is_rank0 else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
             "processes": world, "micro_batches": tr.micro,
             **{k: float(v) for k, v in final.items() if k != "step"}}
