@@ -353,10 +353,9 @@ def planned(cfg, n: int) -> dict[str, int]:
 def planned_decoding(cfg, n: int) -> float:
     """Seconds ``sra2 plan`` foresees for encode's JPEG decoding of ``n`` images on this machine
     (one process: its workers at DECODE_PER_CORE each): what bounds the stage here."""
-    from sra2.data.encode import decode_workers
-    from sra2.tools.plan import DECODE_PER_CORE
+    from sra2.tools.plan import decoding_seconds
 
-    return n / (max(1, decode_workers(cfg.encode.workers, processes=1)) * DECODE_PER_CORE)
+    return decoding_seconds(cfg, n, 1, len(os.sched_getaffinity(0)))
 
 
 def measure(n: int, args: argparse.Namespace, pool: list[bytes]) -> dict:

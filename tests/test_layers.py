@@ -4,11 +4,11 @@ is derived from the imports themselves, so a new folder finds its place without 
 
 from __future__ import annotations
 
-import ast
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
+from test_dvc_deps import imported
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,18 +24,6 @@ def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     return found
 
 
-def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The modules of ``known`` that ``path`` imports anywhere in its body (``from a import b``
-    names module ``a.b`` where that is one)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return names & set(known)
-
-
 def folder(module: str) -> str:
     return module.rsplit(".", 1)[0]
 
@@ -43,7 +31,8 @@ def folder(module: str) -> str:
 def graphs(root: Path, packages: tuple[str, ...]) -> tuple[dict, dict]:
     """(module -> modules it imports, folder -> folders it imports), self-loops left out."""
     known = modules(root, packages)
-    by_module = {m: imports(path, known) - {m} for m, path in known.items()}
+    # every module an import statement names, inside functions too
+    by_module = {m: (imported(path) & set(known)) - {m} for m, path in known.items()}
     by_folder: dict[str, set[str]] = {}
     for m, targets in by_module.items():
         by_folder.setdefault(folder(m), set()).update(folder(t) for t in targets)

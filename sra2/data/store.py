@@ -134,6 +134,13 @@ def sweep_partial_writes(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def quarantine_folder(path: Path) -> Path:
+    """Where what is damaged in ``path`` goes now: ``<parent>/.quarantine/<name>/<time>-<pid>/``
+    (ignored by DVC, never deleted, one folder per repair)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return path.parent / QUARANTINE / path.name / f"{stamp}-{os.getpid()}"
+
+
 class ShardedStore:
     """A store opened for reading and writing; with ``check``, every done shard's files are
     stat'ed against its done mark first (:class:`DamagedStore` if one is missing or resized)."""
@@ -329,8 +336,7 @@ class ShardedStore:
     def quarantine(self, shards: list[int]) -> Path:
         """Move the marks and files of ``shards`` to ``<folder>/.quarantine/<store>/<time>/``
         (same relative paths): out of the store, kept for inspection."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        folder = self.path.parent / QUARANTINE / self.path.name / f"{stamp}-{os.getpid()}"
+        folder = quarantine_folder(self.path)
         for shard in shards:
             for path in [self._mark(shard), *self.shard_files(shard).values()]:
                 if path.exists():

@@ -15,7 +15,6 @@ import hashlib
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from sra2.config.params import Config, result_settings
 from sra2.data import space
-from sra2.data.store import QUARANTINE, ShardedStore, digest
+from sra2.data.store import ShardedStore, digest, quarantine_folder
 from sra2.model import vae as vae_lib
 from sra2.model.sit import load_checkpoint, read_checkpoint
 from sra2.runtime import atomic, dist, dvc_cache
@@ -176,8 +175,7 @@ def _drop_if_damaged(kept: Path, npz: Path) -> None:
     why = npz_damage(kept)
     if why is None:
         return
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder = kept.parent.parent / QUARANTINE / kept.parent.name / f"{stamp}-{os.getpid()}"
+    folder = quarantine_folder(kept.parent)
     folder.mkdir(parents=True)
     print(f"{kept}: {why}; moved to {folder}: the samples are drawn again", file=sys.stderr)
     dvc_cache.evict_damaged([npz], folder, lambda line: print(line, file=sys.stderr))

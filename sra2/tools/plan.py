@@ -88,6 +88,14 @@ def gpu_time(total_flops: float, hw: Hardware, processes: int | None = None) -> 
     return total_flops / (per_gpu * n), total_flops / per_gpu
 
 
+def decoding_seconds(cfg: Config, n: int, processes: int, cores: int) -> float:
+    """Encode's JPEG decoding of ``n`` images: each of ``processes`` ranks decodes with its own
+    workers, a core of its share of ``cores`` left to the rank (with encode.workers: 0 the rank
+    decodes itself)."""
+    decoders = processes * max(1, decode_workers(cfg.encode.workers, cores, processes))
+    return n / (decoders * DECODE_PER_CORE)
+
+
 def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     from sra2.data import latent_copy
 
@@ -95,10 +103,7 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     encoder, decoder = flops.vae_flops(cfg)
     views = 2 if cfg.encode.flip else 1
     gpu_s, gpus_s = gpu_time(n * views * encoder, hw)
-    # each GPU's rank decodes with its own workers, a core of the node's share left to the rank
-    # (with encode.workers: 0, the rank decodes itself)
-    decoders = hw.gpus * max(1, decode_workers(cfg.encode.workers, hw.cores, hw.gpus))
-    decode_s = n / (decoders * DECODE_PER_CORE)
+    decode_s = decoding_seconds(cfg, n, hw.gpus, hw.cores)
     arrays = latent_arrays(cfg, space.latent_shape(cfg))
     store = space.encode_needs(cfg, arrays, data / "latents" / "store", n)
     encode = Stage("encode", f"{n:,} images, VAE encoder {encoder / 1e9:.0f} GFLOPs x {views}",
