@@ -33,6 +33,7 @@ import torch
 
 from sra2.config.params import Config, resolve
 from sra2.data.latents import write_synthetic_store
+from sra2.methods import registry
 from sra2.model import flops
 from sra2.runtime import dist
 from sra2.train import cost
@@ -108,7 +109,7 @@ def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int,
     batch = {"mean": torch.randn((n, *shape), generator=g, device=device),
              "std": torch.rand((n, *shape), generator=g, device=device) * 0.5,
              "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=g, device=device)}
-    if cfg.repa.enabled:
+    if registry.needs_images(cfg):
         side = cfg.data.image_size
         batch["images"] = torch.randint(0, 256, (n, side, side, 3), generator=g, device=device,
                                         dtype=torch.uint8)

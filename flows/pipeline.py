@@ -287,11 +287,11 @@ def check_overrides(overrides: list[str]) -> None:
     import yaml
 
     from sra2.config.params import ConfigError
-    from sra2.methods import checks
+    from sra2.methods import checks, registry
 
     try:
         checks.with_overrides(yaml.safe_load(Path("params.yaml").read_text()) or {}, overrides,
-                              "the overrides")
+                              "the overrides", registry.problems)
     except (ConfigError, ValueError) as e:
         raise ValueError(f"overrides {overrides}: {e}") from None
 

@@ -52,9 +52,10 @@ def queue_command(row: Row, preset: str | None, prefix: str,
 def check_row(params: dict, row: Row, preset: str | None, extra: Iterable[str]) -> None:
     """Resolve and check the row's parameters here, so that a row that cannot run (e.g. a block
     the model does not have) stops the queueing with its key named, before anything is queued."""
-    from sra2.methods import checks
+    from sra2.methods import checks, registry
 
-    checks.with_overrides(params, row_overrides(row, preset, extra), f"row {row.name}")
+    checks.with_overrides(params, row_overrides(row, preset, extra), f"row {row.name}",
+                          registry.problems)
 
 
 def select(table: Table, names: list[str] | None) -> list[Row]:

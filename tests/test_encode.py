@@ -136,7 +136,7 @@ def test_pixels_store_the_crops_the_vae_saw_and_reach_the_batches(tmp_path):
     np.testing.assert_array_equal(images[:], crops)
 
     repa = with_overrides(cfg, repa={"enabled": True}, train={"copy_dir": str(tmp_path / "copies")})
-    batches = open_batches(repa, latents, log=lambda _: None)
+    batches = open_batches(repa, latents, log=lambda _: None, images_for=["repa.enabled"])
     assert batches.files is not None and "images" in batches.files  # read from the copy
     for step in (0, 3):
         batch, rows = batches[step], batch_indices(step, 8, len(files), cfg.train.seed)

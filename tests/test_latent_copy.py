@@ -235,5 +235,5 @@ def test_repa_on_a_store_without_pixels_says_what_to_encode(tmp_path, tiny):
                          train={"global_batch": 32, "copy_dir": str(tmp_path / "copies")})
     with pytest.raises(ValueError, match=r"encoded without pixels: set encode.pixels: true and "
                                          r"run the encode stage \(dvc repro encode\)"):
-        open_batches(cfg, store.path)
+        open_batches(cfg, store.path, images_for=["repa.enabled"])
     assert not (tmp_path / "copies").exists()  # failed before any copying

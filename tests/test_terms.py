@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sra2.config.params import resolve
-from sra2.methods.objective import Objective, build_heads, repa_loss, sra_loss, teacher_time
+from sra2.config.params import ConfigError, resolve
+from sra2.methods import checks, registry
+from sra2.methods.objective import Objective, build_heads
+from sra2.methods.repa import repa_loss
+from sra2.methods.sra import sra_loss, teacher_time
 from sra2.model.sit import build
 from sra2.model.transport import interpolate
 
@@ -24,8 +27,8 @@ def inputs(n=4, seed=0, tokens=16):
     x1, x0 = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
     t = torch.tensor([0.1, 0.5, 0.85, 0.3])[:n]
     y = torch.randint(0, 3, (n,), generator=g)
-    return {"x1": x1, "y": y, "t": t, "x0": x0,
-            "repa_target": torch.randn(n, tokens, 768, generator=g)}
+    return {"x1": x1, "y": y, "t": t, "x0": x0, "align/target": x1,
+            "repa/target": torch.randn(n, tokens, 768, generator=g)}
 
 
 def micro_sit(seed=0):
@@ -45,17 +48,16 @@ def test_sra_term_is_the_heads_distance_to_the_teachers_later_block():
     torch.manual_seed(1)
     heads = randomize(build_heads(model, cfg), seed=2, std=0.1)
     batch = inputs()
-    shift = torch.tensor([0.5, 0.25, 1.0, 0.0])
-    batch["teacher_t"] = teacher_time(batch["t"], shift, cfg.sra.t_max)
+    batch["sra/shift"] = torch.tensor([0.5, 0.25, 1.0, 0.0])
     ran = []  # the teacher's blocks after its block never run
     teacher.blocks[2].register_forward_hook(lambda *_: ran.append(2))
-    objective = Objective(model, heads, cfg, teacher)
-    values = objective(**{k: v for k, v in batch.items() if k != "repa_target"})
+    objective = Objective(model, heads, cfg, {"sra": teacher})
+    values = objective(batch)
     assert objective.names == ["loss", "loss_velocity", "loss_sra"] and not ran
 
     with torch.no_grad():  # by hand: the teacher at t_T = t + 0.2 u (0.85 + 0.2 is clamped to 1)
         t_teacher = torch.tensor([0.2, 0.55, 1.0, 0.3])
-        torch.testing.assert_close(batch["teacher_t"], t_teacher)
+        torch.testing.assert_close(teacher_time(batch["t"], batch["sra/shift"], 0.2), t_teacher)
         xt_t, _ = interpolate(batch["x0"], batch["x1"], t_teacher)
         c = teacher.t_embedder(t_teacher) + teacher.y_embedder(batch["y"])
         h = teacher.x_embedder(xt_t) + teacher.pos_embed
@@ -110,7 +112,7 @@ def objective_values(cfg, batch):
     model = micro_sit(0)
     torch.manual_seed(1)  # the heads: align first, then repa, drawn in that order
     heads = build_heads(model, cfg)
-    return Objective(model, heads, cfg, copy.deepcopy(model))(**batch)
+    return Objective(model, heads, cfg, {"sra": copy.deepcopy(model)})(batch)
 
 
 def test_sra2_plus_repa_adds_each_weighted_term_and_turning_one_off_leaves_the_rest():
@@ -128,6 +130,7 @@ def test_sra2_plus_repa_adds_each_weighted_term_and_turning_one_off_leaves_the_r
 
 
 def test_a_block_beyond_the_model_is_named():
-    with pytest.raises(ValueError, match="sra.teacher_block"):
-        build_heads(micro_sit(),
-                    config(sra={"enabled": True, "student_block": 1, "teacher_block": 7}))
+    cfg = config(sra={"enabled": True, "student_block": 1, "teacher_block": 7})
+    with pytest.raises(ConfigError, match=r"sra.teacher_block: must be in \[1, 3\], the blocks "
+                                          r"of SiT-Micro/2 \(got 7\)"):
+        checks.check(cfg, "train", 1, more=registry.problems)

@@ -8,6 +8,8 @@ from PIL import Image
 
 from sra2.data.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
 from sra2.evaluate.plots import PALETTE
+from sra2.methods import registry
+from sra2.methods.method import Method
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
 from conftest import encoded_tiny, with_overrides
@@ -57,6 +59,60 @@ def test_resume_ends_where_an_unbroken_run_ends(tmp_path, tiny, latents):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert ((tmp_path / "straight" / "metrics.csv").read_text()
             == (tmp_path / "resumed" / "metrics.csv").read_text())
+
+
+class TimeProbe(Method):
+    """A method known to this test alone: a Linear(D, 1) on block 1's tokens, averaged, predicts
+    t x s, with s a draw of its own."""
+
+    name, title = "probe", "time probe"
+
+    def on(self, cfg):
+        return True
+
+    def settings(self, cfg):
+        return {"weight": 0.5}
+
+    def terms(self, cfg):
+        return {"probe": 0.5}
+
+    def blocks(self, cfg):
+        return {"probe.block": 1}
+
+    def head(self, model, cfg):
+        return torch.nn.Linear(model.hidden_size, 1)
+
+    def draws(self, cfg, g, n, shape, device):
+        return {"s": torch.rand(n, generator=g, device=device)}
+
+    def inputs(self, cfg, aid, batch, x1, drawn):
+        return {"s": drawn["s"]}
+
+    def losses(self, cfg, aid, head, step, inputs):
+        guess = head(step.patches(1)).mean(dim=(1, 2))
+        return [(guess - step.t * inputs["s"]).square().mean()]
+
+
+def test_a_method_of_a_test_trains_through_the_loop_and_resumes(tmp_path, tiny, latents):
+    """The registry is the loop's only source of methods: one defined here, which no code of the
+    project names, trains with its own column and draws and resumes to the same bytes."""
+    cfg = with_overrides(tiny, train={"steps": 6, "ckpt_every": 3, "log_every": 3})
+    with registry.added(TimeProbe()):
+        summary = train(cfg, latents, tmp_path / "straight")
+        train(with_overrides(cfg, train={"steps": 3}), latents, tmp_path / "resumed")
+        train(cfg, latents, tmp_path / "resumed")
+    metrics = (tmp_path / "straight" / "metrics.csv").read_text()
+    assert metrics.splitlines()[0] == "step,loss,loss_velocity,loss_align,loss_probe,grad_norm"
+    assert summary["loss_probe"] > 0
+    # the row's means are rounded to 6 decimals: three of them, 1.5e-6 off at most
+    assert summary["loss"] == pytest.approx(summary["loss_velocity"] + summary["loss_align"]
+                                            + 0.5 * summary["loss_probe"], abs=2e-6)
+    assert metrics == (tmp_path / "resumed" / "metrics.csv").read_text()
+    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
+            for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loop = Path(__file__).resolve().parents[1] / "sra2" / "train" / "loop.py"
+    assert TimeProbe.name not in loop.read_text()
 
 
 def test_other_settings_start_a_new_run_beside_the_old_one(tmp_path, tiny, latents):

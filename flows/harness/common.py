@@ -17,11 +17,12 @@ from sra2.config.params import Config, ConfigError, load
 
 
 def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
-          argv: list[str] | None = None) -> tuple[Config, dict]:
+          argv: list[str] | None = None,
+          more: Callable[[Config], list[str]] | None = None) -> tuple[Config, dict]:
     """Parse ``--params`` and the stage's paths (name: (default, help)); a bad parameter file ends
     the process at once, before Prefect starts and before any data loads, with the offending key
     named: the values (sra2.config.params), then what needs several sections, the process count or
-    the stage (sra2.methods.checks)."""
+    the stage (sra2.methods.checks), and what ``more`` finds (the stage's own checks)."""
     parser = argparse.ArgumentParser(prog=f"python -m flows.stages.{stage}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml",
@@ -36,7 +37,7 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
 
         launch.import_torch()  # first: its CPU thread settings count only as torch loads
         plan = launch.plan(cfg.launch)
-        checks.check(cfg, stage, plan.nproc_per_node * plan.nnodes, args["params"])
+        checks.check(cfg, stage, plan.nproc_per_node * plan.nnodes, args["params"], more)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     return cfg, args

@@ -33,7 +33,7 @@ def loss_pictures(cfg: Config):
 
 @stage_flow("train")
 def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
-    from sra2.methods.objective import describe
+    from sra2.methods.registry import describe
     from sra2.train.loop import train
 
     tc = cfg.train
@@ -54,13 +54,20 @@ def train_flow(cfg: Config, latents: str, out: str, summary: str) -> dict:
     return result
 
 
+def method_problems(cfg: Config) -> list[str]:
+    from sra2.methods import registry  # torch is loaded by then (the launch plan counts GPUs)
+
+    return registry.problems(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse("train", __doc__, {
         "latents": ("data/latents.json", "the latent store written by encode, or the pointer "
                                          "file naming it"),
         "out": ("data/train", "checkpoints, ema.pt, metrics.csv, loss.png"),
         "summary": ("data/train.json",
-                    "final losses and the process count, for dvc metrics")}, argv)
+                    "final losses and the process count, for dvc metrics")}, argv,
+        method_problems)
     try:
         atomic.make_folder(args["out"])
     except atomic.NotAFolder as e:  # says all there is to say, as a bad parameter file does

@@ -21,6 +21,7 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class StepBatches(Dataset):
             raise RuntimeError(f"latent store {path} is incomplete ({len(store.done_shards())} of "
                                f"{store.num_shards} shards): run the encode stage to the end first")
         if images:
-            require_images(store)
+            require_images(store, "this run")
         self.names = latent_copy.ARRAYS + ((latent_copy.IMAGES,) if images else ())
         if copy is not None and copy.names != self.names:
             raise ValueError(f"the latent copy {copy.folder} holds {copy.names}, the batches read "
@@ -130,23 +131,23 @@ def read_rate(batches: StepBatches, steps: int = 3) -> float:
     return steps * size / (time.perf_counter() - start)
 
 
-def require_images(store: ShardedStore) -> None:
-    """Fail unless ``store`` holds the training images (what REPA's encoder sees)."""
+def require_images(store: ShardedStore, needed_by: str) -> None:
+    """Fail unless ``store`` holds the training images (what DINOv2 sees for REPA and REG)."""
     if latent_copy.IMAGES not in store.group:
-        raise ValueError(f"repa.enabled needs the training images, and the latent store "
+        raise ValueError(f"{needed_by} needs the training images, and the latent store "
                          f"{store.path} was encoded without pixels: set encode.pixels: true and "
                          f"run the encode stage (dvc repro encode)")
 
 
 def open_batches(cfg: Config, latents: str | Path, rank: int = 0, world: int = 1,
-                 log=print) -> StepBatches:
+                 log=print, images_for: Sequence[str] = ()) -> StepBatches:
     """This rank's batches, read as ``train.read_from`` says: from the node-local copy (built
-    first if this node has none), or from the store; with the images where ``repa.enabled`` (a
-    store without them fails here, before any copying). Where the copy cannot be made, the store
-    is read (``.copy`` is None)."""
-    tc, store, images = cfg.train, pointed_store(latents), cfg.repa.enabled
+    first if this node has none), or from the store; with the images where the methods of
+    ``images_for`` (their switches, ``repa.enabled``) need them (a store without them fails here,
+    before any copying). Where the copy cannot be made, the store is read (``.copy`` is None)."""
+    tc, store, images = cfg.train, pointed_store(latents), bool(images_for)
     if images:
-        require_images(ShardedStore(store))
+        require_images(ShardedStore(store), " and ".join(images_for))
     copy = latent_copy.ensure(store, tc.copy_dir, log, images) if tc.read_from == "copy" else None
     return StepBatches(store, tc.global_batch, tc.seed, rank, world, copy, images)
 

@@ -19,16 +19,10 @@ does not say which end its t starts from; in REPA's reversed time the same row w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-
-@dataclass(frozen=True)
-class Row:
-    name: str  # the experiment's name: letters, digits, '-' and '.' (a git ref component)
-    label: str  # the row as the paper's table reads
-    changes: dict[str, Any]  # params.yaml keys (section.key) and the values that make this row
-    fid: float | None  # the published FID-50K at the table's setting (None: not published)
+from sra2.methods import registry
+from sra2.methods.method import Row
 
 
 @dataclass(frozen=True)
@@ -54,22 +48,13 @@ TABLE1 = (
 )
 
 # Table 3, the methods compared at one training length: SiT-B/2 at 400K steps, each method's own
-# loss on the same latents, sampler and evaluator. Published numbers at that setting (the SRA 2
-# and REPA papers): vanilla and SRA 2 from this paper, REPA from its own paper (reproductions
-# found 27.3 and 22.75); SRA and SRA 2 + REPA have none at B/2 400K (SRA 2 + REPA is reported
-# 3.1 / 1.9 / 1.1 below REPA at 100K / 200K / 400K on another setting).
-# Every row reads one store, encoded with the images REPA needs: the same latents for all.
+# loss on the same latents, sampler and evaluator; the vanilla row, then the rows each registered
+# method adds (sra2.methods, with the published numbers at that setting where there are any).
+# Every row reads one store, encoded with the images REPA and REG need: the same latents for all.
 SAME_STORE = {"encode.pixels": True}
-TABLE3 = (
-    Row("vanilla", "vanilla SiT", {**SAME_STORE, "align.enabled": False}, 33.02),
-    Row("sra", "SRA (EMA teacher, block 3 -> 8)",
-        {**SAME_STORE, "align.enabled": False, "sra.enabled": True}, None),
-    Row("repa", "REPA (DINOv2 ViT-B/14, block 4)",
-        {**SAME_STORE, "align.enabled": False, "repa.enabled": True}, 24.4),
-    Row("sra2", "SRA 2 (VAE latent, block 2)", {**SAME_STORE, "align.enabled": True}, 28.89),
-    Row("sra2-repa", "SRA 2 + REPA", {**SAME_STORE, "align.enabled": True, "repa.enabled": True},
-        None),
-)
+TABLE3 = tuple(replace(row, changes={**SAME_STORE, **row.changes}) for row in (
+    Row("vanilla", "vanilla SiT", {"align.enabled": False}, 33.02),
+    *(row for m in registry.METHODS for row in m.rows.get("3", ()))))
 
 TABLES = {
     "1": Table("1", f"Table 1 of SRA 2 (ablations): {TABLE1_MODEL} at "

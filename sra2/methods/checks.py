@@ -8,6 +8,7 @@ sra2.config.params checks each value on its own (types, ranges, intervals) when 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from sra2.config.params import Config, ConfigError, apply_overrides, resolve
 
@@ -20,8 +21,9 @@ def _problem(key: str, message: str, value) -> str:
 
 
 def model_problems(cfg: Config) -> list[str]:
-    """model.name, the blocks the alignment terms read and data.image_size against the SiT they
-    name."""
+    """model.name, and data.image_size against the SiT it names. The training methods' own
+    checks are :func:`sra2.methods.registry.problems`: the stages that need the methods pass them
+    (``more``), so that no other stage depends on the methods' code."""
     # the registry itself, not a copy of its table, so that a size added there is known here;
     # its torch import is paid anyway where launch counts the GPUs
     from sra2.model.sit import SiT_models
@@ -31,13 +33,6 @@ def model_problems(cfg: Config) -> list[str]:
                          cfg.model.name)]
     arch = SiT_models[cfg.model.name].keywords  # depth, patch_size, ...
     problems = []
-    blocks = {"align.layer": cfg.align.layer, "repa.layer": cfg.repa.layer,
-              "sra.student_block": cfg.sra.student_block,
-              "sra.teacher_block": cfg.sra.teacher_block}
-    for key, block in blocks.items():
-        if getattr(cfg, key.split(".")[0]).enabled and not 1 <= block <= arch["depth"]:
-            problems.append(_problem(key, f"must be in [1, {arch['depth']}], the blocks of "
-                                     f"{cfg.model.name}", block))
     # the VAE turns an image_size crop into image_size / downsampling latent pixels, which the
     # SiT cuts into patch_size squares
     vae = cfg.vae.random
@@ -94,21 +89,27 @@ def path_problems(cfg: Config, stage: str) -> list[str]:
     return problems
 
 
-def check(cfg: Config, stage: str, world: int, source: str = "params") -> None:
+def check(cfg: Config, stage: str, world: int, source: str = "params",
+          more: Callable[[Config], list[str]] | None = None) -> None:
     """Raise ConfigError listing every problem of ``cfg`` for ``stage`` run on ``world``
-    processes (launch.nproc_per_node x nnodes); ``source`` names the parameter file."""
+    processes (launch.nproc_per_node x nnodes), and those ``more`` finds; ``source`` names the
+    parameter file."""
     problems = model_problems(cfg) + data_problems(cfg) + path_problems(cfg, stage)
+    if more is not None:
+        problems += more(cfg)
     if stage == "train":
         problems += split_problems(cfg, world)
     _raise_for(problems, source)
 
 
-def with_overrides(params: dict, overrides: list[str], source: str) -> Config:
+def with_overrides(params: dict, overrides: list[str], source: str,
+                   more: Callable[[Config], list[str]]) -> Config:
     """``params`` (params.yaml's content) with ``overrides`` (``key=value``, as ``dvc exp run -S``
-    takes them), resolved and checked across sections: what a queued experiment meets before its
-    first stage, known before anything is queued. ConfigError naming the keys otherwise."""
+    takes them), resolved and checked across sections and by ``more`` (the methods' checks): what
+    a queued experiment meets in its stages, known before anything is queued. ConfigError naming
+    the keys otherwise."""
     cfg = resolve(apply_overrides(params, overrides), source)
-    _raise_for(model_problems(cfg) + data_problems(cfg), source)
+    _raise_for(model_problems(cfg) + data_problems(cfg) + more(cfg), source)
     return cfg
 
 

@@ -9,7 +9,7 @@ import math
 import pickle
 import re
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -125,15 +125,23 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch: int, out_channels: int):
+    """The patch tokens' output; with ``cls_dim``, also the class token's (first) through its own
+    Linear(D, cls_dim), both after the same adaLN modulation (REG's final layer)."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int, cls_dim: int | None = None):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        if cls_dim is not None:
+            self.linear_cls = nn.Linear(dim, cls_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                extra: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(patch outputs, class token output or None) of ``extra`` (0 or 1) leading tokens."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x[:, extra:]), self.linear_cls(x[:, 0]) if extra else None
 
 
 def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -151,24 +159,43 @@ def unpatchify(tokens: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(n, channels, side * patch, side * patch)
 
 
+class Output(NamedTuple):
+    """One pass of the SiT: the velocity, the residual stream after the blocks asked for (every
+    token, the class token first where there is one) and the class token's velocity (or None)."""
+
+    v: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+    cls_v: torch.Tensor | None
+
+
 class SiT(nn.Module):
+    """With ``cls_dim`` (REG), the SiT also takes a noised class token of that width: embedded by
+    Linear(cls_dim, D) and a LayerNorm (``cls_projectors2``, ``wg_norm``: REG's names), entered
+    before the patch tokens with a position embedding of zeros, and its velocity given by the final
+    layer's ``linear_cls``. Without a class token such a SiT runs on the patches alone."""
+
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True):
+                 mlp_ratio: float = 4.0, num_classes: int = 1000, learn_sigma: bool = True,
+                 cls_dim: int | None = None):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
         self.input_size = input_size
         self.hidden_size, self.depth, self.learn_sigma = hidden_size, depth, learn_sigma
+        self.cls_dim, self.extra_tokens = cls_dim, int(cls_dim is not None)
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        tokens = (input_size // patch_size) ** 2
+        tokens = (input_size // patch_size) ** 2 + self.extra_tokens
         # a parameter (not a buffer) so that it sits in state_dict under the official name
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, hidden_size), requires_grad=False)
+        if cls_dim is not None:
+            self.cls_projectors2 = nn.Linear(cls_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio)
                                     for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cls_dim)
         self.initialize_weights(input_size // patch_size)
 
     def initialize_weights(self, grid_size: int) -> None:
@@ -178,8 +205,8 @@ class SiT(nn.Module):
                 nn.init.zeros_(m.bias)
 
         self.apply(xavier)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size,
-                                                             grid_size)).float()[None])
+        table = torch.from_numpy(sincos_2d(self.hidden_size, grid_size)).float()
+        self.pos_embed.data[0, self.extra_tokens:] = table  # the class token's slot stays zero
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -189,30 +216,51 @@ class SiT(nn.Module):
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        final = self.final_layer
+        for layer in (final.adaLN_modulation[-1], final.linear, getattr(final, "linear_cls", None)):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                return_hidden: int | tuple[int, ...] | None = None):
-        """Velocity for latents ``x`` at times ``t`` (N,) and labels ``y`` (``num_classes`` = null).
+                return_hidden: int | tuple[int, ...] | None = None,
+                cls: torch.Tensor | None = None):
+        """Velocity for latents ``x`` at times ``t`` (N,) and labels ``y`` (``num_classes`` = null);
+        with a class token ``cls`` (N, cls_dim), the pair (velocity, the class token's velocity).
 
         With ``return_hidden=k`` also returns the residual stream after block k (1-based); with a
         tuple of blocks, a dict of block -> stream.
         """
         blocks = (return_hidden,) if isinstance(return_hidden, int) else return_hidden or ()
-        out, hidden = self._trunk(self.x_embedder(x) + self.pos_embed, t, y, blocks)
-        out = unpatchify(out, self.patch_size, self.out_channels)
-        if self.learn_sigma:  # the variance half is not used by the interpolant
-            out = out[:, : self.in_channels]
+        v, hidden, cls_v = self.run(x, t, y, blocks, cls)
+        out = v if cls is None else (v, cls_v)
         if return_hidden is None:
             return out
         return out, hidden[return_hidden] if isinstance(return_hidden, int) else hidden
 
+    def run(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: tuple[int, ...] = (),
+            cls: torch.Tensor | None = None) -> Output:
+        """The velocity, the streams after ``blocks`` and the class token's velocity."""
+        out, hidden, cls_v = self._trunk(self._embed(x, cls), t, y, blocks, int(cls is not None))
+        out = unpatchify(out, self.patch_size, self.out_channels)
+        if self.learn_sigma:  # the variance half is not used by the interpolant
+            out = out[:, : self.in_channels]
+        return Output(out, hidden, cls_v)
+
+    def _embed(self, x: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+        """The tokens the first block sees: the class token (where given) then the patches."""
+        h = self.x_embedder(x)
+        if cls is None:
+            return h + self.pos_embed[:, self.extra_tokens:]
+        if self.cls_dim is None:
+            raise ValueError("this SiT takes no class token (it was built without cls_dim)")
+        token = self.wg_norm(self.cls_projectors2(cls.to(h.dtype)))
+        return torch.cat([token.unsqueeze(1), h], dim=1) + self.pos_embed
+
     def hidden_after(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                      block: int) -> torch.Tensor:
         """The residual stream after ``block`` (1-based), the later blocks not run."""
-        h, c = self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y)
+        h, c = self._embed(x, None), self.t_embedder(t) + self.y_embedder(y)
         for layer in self.blocks[:block]:
             h = layer(h, c)
         return h
@@ -224,20 +272,21 @@ class SiT(nn.Module):
         latent and ``pos_embed`` this is :meth:`forward`; RALU gives tokens of two sizes."""
         w = self.x_embedder.proj.weight  # (D, C, p, p): a linear map of (p, q, c)-ordered patches
         h = patches.flatten(2) @ w.permute(0, 2, 3, 1).flatten(1).T + self.x_embedder.proj.bias
-        out, _ = self._trunk(h + pos, t, y)
+        out, _, _ = self._trunk(h + pos, t, y)
         return out.unflatten(-1, (-1, self.out_channels))[..., : self.in_channels]
 
     def _trunk(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               blocks: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Embedded tokens -> final-layer tokens (N, L, p*p*out), and the stream after each of
-        ``blocks``."""
+               blocks: tuple[int, ...] = (), extra: int = 0):
+        """Embedded tokens, ``extra`` (0 or 1) class tokens first -> (final-layer patch tokens
+        (N, L, p*p*out), the stream after each of ``blocks``, the class token's output or None)."""
         c = self.t_embedder(t) + self.y_embedder(y)
         hidden = {}
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
             if i in blocks:
                 hidden[i] = h
-        return self.final_layer(h, c), hidden
+        out, cls_v = self.final_layer(h, c, extra)
+        return out, hidden, cls_v
 
 
 def _sit(depth: int, hidden_size: int, num_heads: int, patch_size: int):

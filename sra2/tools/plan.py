@@ -24,6 +24,7 @@ from sra2.config.params import Config, apply_overrides, resolve
 from sra2.data import space
 from sra2.data.encode import decode_workers, latent_arrays
 from sra2.data.space import Need, size
+from sra2.methods import registry
 from sra2.model import flops
 from sra2.train import cost
 from sra2.train.loop import checkpoint_bytes
@@ -111,7 +112,7 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
 
     per_image = cost.train_flops(cfg)
     train_s, train_gpu = gpu_time(tc.steps * tc.global_batch * per_image, hw)
-    copied = [*latent_copy.ARRAYS, *([latent_copy.IMAGES] if cfg.repa.enabled else [])]
+    copied = [*latent_copy.ARRAYS, *([latent_copy.IMAGES] if registry.needs_images(cfg) else [])]
     raw = space.item_bytes(arrays)
     copy = (space.copy_need(n * sum(raw[name] for name in copied),
                             latent_copy.copy_root(tc.copy_dir)) if tc.read_from == "copy" else None)
@@ -172,10 +173,8 @@ def duration(seconds: float) -> str:
 
 
 def render(cfg: Config, n: int, counted: str, hw: Hardware, plan: list[Stage]) -> str:
-    methods = {"align": "SRA 2", "repa": "REPA", "sra": "SRA"}
-    terms = [label for name, label in methods.items() if getattr(cfg, name).enabled]
     lines = [f"sra2 plan: preset {cfg.preset}, {cfg.model.name}"
-             f"{' + ' + ' + '.join(terms) if terms else ' (vanilla)'}, {n:,} images ({counted})",
+             f" ({registry.titles(cfg)}), {n:,} images ({counted})",
              f"hardware: {hw.gpus} x {hw.gpu} ({hw.peak_tflops:.0f} TFLOP/s dense bf16, MFU "
              f"{hw.mfu:.0%} {hw.mfu_source}), {hw.cores} cores "
              f"(decoding {DECODE_PER_CORE} JPEGs/s a core)", "",

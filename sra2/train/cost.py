@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sra2.config.params import Config
+from sra2.methods import objective, registry
 from sra2.methods.align import build_projector
 from sra2.methods.objective import build_heads
 from sra2.model.flops import PEAK_TFLOPS, count_flops
@@ -104,8 +105,8 @@ def report(name: str, input_size: int = 32, align_layer: int | None = None, dept
 
 def train_flops(cfg: Config) -> int:
     """Model FLOPs of one training image: forward and backward (3 forward passes) of the SiT and of
-    the heads of the alignment terms on, plus the forwards without gradients they add: SRA's
-    teacher up to its block, REPA's encoder."""
+    what each method on adds to it (its head), plus the forwards without gradients the methods add
+    (SRA's teacher up to its block, DINOv2)."""
     try:
         return _train_flops(cfg, "meta")
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel: count on the CPU
@@ -116,19 +117,15 @@ def _train_flops(cfg: Config, device: str) -> int:
     side = cfg.data.image_size // 8
     with torch.device(device):
         model = build(cfg.model.name, input_size=side, num_classes=cfg.model.num_classes,
-                      learn_sigma=False).eval()
+                      learn_sigma=False, **objective.model_options(cfg)).eval()
         heads = build_heads(model, cfg)
         x, t = torch.zeros(1, model.in_channels, side, side), torch.zeros(1)
         y = torch.zeros(1, dtype=torch.long)
-        hidden = torch.zeros(1, (side // model.patch_size) ** 2, model.hidden_size)
-    trained = count_flops(model, x, t, y) + sum(count_flops(h, hidden) for h in heads.values())
-    extra = (count_flops(model.hidden_after, x, t, y, cfg.sra.teacher_block) if cfg.sra.enabled
-             else 0)
-    if cfg.repa.enabled:
-        from sra2.model import dinov2
-
-        extra += dinov2.forward_flops(side // model.patch_size)
-    return 3 * trained + extra
+    trained, frozen = count_flops(model, x, t, y), 0
+    for m in registry.active(cfg):
+        own, without_grad = m.flops(cfg, model, heads[m.name])
+        trained, frozen = trained + own, frozen + without_grad
+    return 3 * trained + frozen
 
 
 def gpu_need(cfg: Config, peak_tflops: float = PEAK_TFLOPS["H100"], mfu: float = 0.5) -> float:

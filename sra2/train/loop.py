@@ -1,12 +1,12 @@
-"""Training: SiT + the alignment terms switched on (SRA 2, SRA, REPA: :mod:`sra2.methods.objective`)
-on cached latents, with EMA, checkpoints and resume.
+"""Training: SiT + the methods switched on (:mod:`sra2.methods.registry`) on cached latents, with
+EMA, checkpoints and resume.
 
 Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
-dropout, SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch,
-so a run resumed from a checkpoint, or run on another number of GPUs, takes the steps an unbroken
-run would take. Each process splits its part of the batch into micro-batches of
-``train.batch_per_gpu`` whose gradients add up to the step's; per-step work stays on the device (one
-host sync per log row).
+dropout, the methods' own draws such as SRA's teacher time) comes from generators seeded by
+(seed, s) for the whole global batch, so a run resumed from a checkpoint, or run on another number
+of GPUs, takes the steps an unbroken run would take. Each process splits its part of the batch into
+micro-batches of ``train.batch_per_gpu`` whose gradients add up to the step's; per-step work stays
+on the device (one host sync per log row).
 
 Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
 :mod:`sra2.runtime.worker`) ends the step in progress, saves it and raises
@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +46,8 @@ from sra2.data import latent_copy, space
 from sra2.data.latents import StepBatches, open_batches, read_rate, stream
 from sra2.data.store import ShardedStore, pointed_store
 from sra2.evaluate.plots import write_fid_plot, write_loss_plot
-from sra2.methods.objective import Objective, build_heads, teacher_time, terms
+from sra2.methods import objective, registry
+from sra2.methods.objective import Objective, build_heads
 from sra2.model.flops import PEAK_TFLOPS
 from sra2.model.sit import SiT, build
 from sra2.runtime import atomic, dist
@@ -67,11 +67,11 @@ class NonFiniteError(FloatingPointError):
 def signature(cfg: Config, data_signature: dict) -> dict:
     """What a run's numbers depend on (not its length, logging, speed knobs or process count):
     its checkpoint folder."""
-    # the other terms enter only when on, so runs without them keep their folders
-    extra = {name: result_settings(getattr(cfg, name)) for name in ("sra", "repa")
-             if getattr(cfg, name).enabled}
-    return {"model": result_settings(cfg.model), "align": result_settings(cfg.align),
-            "train": result_settings(cfg.train), "latents": data_signature, **extra}
+    # a method enters only when on (but SRA 2, in every run's), so runs without it keep their
+    # folders
+    methods = {m.name: m.settings(cfg) for m in registry.METHODS if m.always_signed or m.on(cfg)}
+    return {"model": result_settings(cfg.model), "train": result_settings(cfg.train),
+            "latents": data_signature, **methods}
 
 
 # --- randomness of a step
@@ -83,7 +83,7 @@ class Draws(NamedTuple):
     x0: torch.Tensor  # the interpolation's noise
     t: torch.Tensor  # the times
     drop: torch.Tensor  # True where the label is dropped (the null class)
-    shift: torch.Tensor | None  # SRA's teacher time shift, U(0, 1) (sra on only)
+    methods: dict[str, torch.Tensor]  # the methods' own draws, as <method>/<name>
 
 
 def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int,
@@ -97,11 +97,12 @@ def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int,
     x0 = torch.randn((n, *shape), generator=g, device=device)
     t = torch.rand(n, generator=g, device=device)
     drop = torch.rand(n, generator=g, device=device) < cfg.model.class_dropout
-    # drawn last: the draws above stay those of runs without SRA
-    shift = torch.rand(n, generator=g, device=device) if cfg.sra.enabled else None
+    # drawn last, method by method: the draws above stay those of runs without them
+    methods = {f"{m.name}/{k}": v for m in registry.active(cfg)
+               for k, v in m.draws(cfg, g, n, shape, device).items()}
     part = slice(rank * n // world, (rank + 1) * n // world)
     return Draws(eps[part], x0[part], t[part], drop[part],
-                 shift[part] if shift is not None else None)
+                 {k: v[part] for k, v in methods.items()})
 
 
 # --- the model and one step
@@ -113,8 +114,8 @@ class Trainer:
     cfg: Config
     model: SiT
     ema: SiT
-    heads: nn.ModuleDict  # the trained head of each alignment term on (sra2.methods.objective)
-    repa_features: Callable | None  # images -> REPA's DINOv2 tokens (repa on only)
+    heads: nn.ModuleDict  # the trained head of each method on (sra2.methods.objective)
+    aids: dict[str, Any]  # what each method on loaded once (an EMA teacher, an encoder)
     names: list[str]  # of the step's losses: loss, loss_velocity, loss_<term>...
     loss_fn: nn.Module  # the objective, wrapped in DDP and torch.compile as configured
     opt: torch.optim.Optimizer
@@ -133,7 +134,7 @@ class Trainer:
 
 def build_model(cfg: Config, latent_side: int) -> SiT:
     return build(cfg.model.name, input_size=latent_side, num_classes=cfg.model.num_classes,
-                 learn_sigma=cfg.model.learn_sigma)
+                 learn_sigma=cfg.model.learn_sigma, **objective.model_options(cfg))
 
 
 def micro_batches(cfg: Config, world: int) -> int:
@@ -151,8 +152,9 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
     model = build_model(cfg, latent_shape[-1]).to(device)
     heads = build_heads(model, cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    objective = Objective(model, heads, cfg, teacher=ema)
-    loss_fn: nn.Module = objective
+    aids = {m.name: m.prepare(cfg, model, ema, device) for m in registry.active(cfg)}
+    whole = Objective(model, heads, cfg, aids)
+    loss_fn: nn.Module = whole
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
@@ -162,18 +164,8 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
                                                       device_ids=[device.index] if cuda else None)
     if tc.compile:
         loss_fn = torch.compile(loss_fn)
-    return Trainer(cfg, model, ema, heads, repa_features(cfg, model, device), objective.names,
-                   loss_fn, opt, params, micro_batches(cfg, world), device)
-
-
-def repa_features(cfg: Config, model: SiT, device: torch.device) -> Callable | None:
-    """REPA's target function (its DINOv2 encoder loaded), or None without REPA."""
-    if not cfg.repa.enabled:
-        return None
-    from sra2.model import dinov2  # timm takes seconds to import: only REPA runs pay for it
-
-    encoder = dinov2.load_encoder(cfg.repa, device, model.input_size // model.patch_size)
-    return functools.partial(dinov2.features, encoder)
+    return Trainer(cfg, model, ema, heads, aids, whole.names, loss_fn, opt, params,
+                   micro_batches(cfg, world), device)
 
 
 def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
@@ -185,11 +177,7 @@ def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
     y = torch.where(drawn.drop, torch.full_like(batch["labels"], cfg.model.num_classes),
                     batch["labels"])
     inputs = {"x1": x1, "y": y, "t": drawn.t, "x0": drawn.x0,
-              "align_target": x1 if cfg.align.target == "sample" else mean * cfg.vae.scale}
-    if drawn.shift is not None:
-        inputs["teacher_t"] = teacher_time(drawn.t, drawn.shift, cfg.sra.t_max)
-    if tr.repa_features is not None:
-        inputs["repa_target"] = tr.repa_features(batch["images"])
+              **objective.inputs(cfg, tr.aids, batch, x1, drawn.methods)}
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
     return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
 
@@ -203,7 +191,7 @@ def train_step(tr: Trainer, inputs) -> torch.Tensor:
         local = i < tr.micro - 1 and hasattr(tr.loss_fn, "no_sync")
         with tr.loss_fn.no_sync() if local else nullcontext():
             with dist.autocast(tr.device, tr.cfg.train.precision):
-                parts = tr.loss_fn(**args)
+                parts = tr.loss_fn(args)
             (parts[0] / tr.micro).backward()
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
@@ -296,10 +284,8 @@ def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, wo
 # --- the run
 
 def loss_title(cfg: Config) -> str:
-    """The loss plot's title: the model and the alignment terms it trains with."""
-    methods = {"align": "SRA 2", "sra": "SRA", "repa": "REPA"}
-    on = " + ".join(methods[term.name] for term in terms(cfg)) or "no alignment"
-    return f"{cfg.model.name} + {on}: training loss"
+    """The loss plot's title: the model and the methods it trains with."""
+    return f"{cfg.model.name} + {registry.titles(cfg, 'no alignment')}: training loss"
 
 
 def export(tr: Trainer, out: Path, steps: int, log: MetricsLog, run: Path, times: TimeLog) -> None:
@@ -348,7 +334,7 @@ def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
     if tc.read_from == "copy":
         root = latent_copy.copy_root(tc.copy_dir)
         with contextlib.suppress(OSError):  # an unwritable folder: training reads the store
-            ready = latent_copy.LatentCopy(store, root, cfg.repa.enabled)
+            ready = latent_copy.LatentCopy(store, root, registry.needs_images(cfg))
             if ready.check() is not None:
                 needs.append(space.copy_need(latent_copy.nbytes(ready.arrays), root))
             ready.lock.close()
@@ -382,7 +368,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         space.ensure("train", preflight(cfg, latents, out))
 
     # --- data: batches of the node-local copy of the store, read ahead by tc.workers processes
-    data = open_batches(cfg, latents, rank, world)
+    data = open_batches(cfg, latents, rank, world, images_for=[
+        f"{m.name}.enabled" for m in registry.active(cfg) if m.needs_images(cfg)])
     if tc.read_from == "copy" and data.copy is None and is_rank0:
         warn_reading_the_store(cfg, data)
     if int(data.labels.max()) >= cfg.model.num_classes:
