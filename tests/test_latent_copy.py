@@ -54,7 +54,8 @@ def test_a_truncated_copy_is_found_at_start_and_rebuilt(tmp_path):
     with open(copy.file("std"), "r+b") as f:
         f.truncate(size - 100)
     copy.close()  # the run that read it has ended
-    assert "truncated" in LatentCopy(store, tmp_path / "copies").check()
+    with LatentCopy(store, tmp_path / "copies") as found:
+        assert "truncated" in found.check()
     logged = []
     again = ensure(store.path, tmp_path / "copies", logged.append)
     assert any("building" in line for line in logged)
@@ -115,7 +116,8 @@ def test_a_build_cut_off_part_way_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(latent_copy, "copy_shard", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         ensure(store.path, tmp_path / "copies")
-    assert LatentCopy(store, tmp_path / "copies").check() == "no complete copy"
+    with LatentCopy(store, tmp_path / "copies") as found:
+        assert found.check() == "no complete copy"
     monkeypatch.setattr(latent_copy, "copy_shard", lambda store, folder, shard: (
         copied.append(shard), real(store, folder, shard))[1])
     copy = ensure(store.path, tmp_path / "copies")
@@ -153,7 +155,8 @@ def test_a_damaged_build_is_never_trained_on(tmp_path, monkeypatch):
     monkeypatch.setattr(latent_copy, "copy_shard", flips_a_bit)
     with pytest.raises(CopyDamaged, match=r"\('std', 2\)"):
         ensure(store.path, tmp_path / "copies")
-    assert LatentCopy(store, tmp_path / "copies").check() == "no complete copy"
+    with LatentCopy(store, tmp_path / "copies") as found:
+        assert found.check() == "no complete copy"
 
 
 def test_no_room_falls_back_to_the_store_and_says_how_many_readers(tmp_path, tiny, monkeypatch):

@@ -1,5 +1,6 @@
 """One writer per output: a second run on an output stops at once naming the holder; a killed
-holder leaves no lock behind; two encode stages started together on one store: one writes."""
+holder leaves no lock behind; two encode stages started together on one store: one writes. And
+the shared lock of readers keeps a builder out until their with-block ends."""
 
 import os
 import signal
@@ -14,7 +15,7 @@ import yaml
 from flows.harness.common import output_locks
 from sra2.data.demo import write_demo_dataset
 from sra2.data.store import ShardedStore
-from sra2.runtime.lock import OutputBusy, hold, lock_path
+from sra2.runtime.lock import EXCLUSIVE, SHARED, FileLock, OutputBusy, hold, lock_path
 
 from conftest import stop, with_overrides
 
@@ -29,6 +30,16 @@ TAKE = """import sys
 from sra2.runtime.lock import hold
 with hold(sys.argv[1:]):
     print("took it")
+"""
+READ = """import sys, time
+from pathlib import Path
+from sra2.runtime.lock import SHARED, FileLock
+with FileLock(Path(sys.argv[1])) as lock:
+    lock.take(SHARED)
+    print("reading", flush=True)
+    sys.stdin.readline()
+print("closed", flush=True)
+time.sleep(600)
 """
 
 
@@ -77,6 +88,24 @@ def test_a_busy_output_leaves_the_others_unlocked(tmp_path, holder):
             pass
     with hold([tmp_path / "another"]):  # released when the busy one was refused
         pass
+
+
+def test_readers_keep_a_builder_out_until_their_with_block_ends(tmp_path):
+    path = tmp_path / "copy.lock"
+    reader = python(READ, path, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout.readline().strip() == "reading"
+        with FileLock(path) as lock:
+            assert lock.take(SHARED, wait=False)  # readers share it
+            lock.release()
+            assert not lock.take(EXCLUSIVE, wait=False)  # a builder is refused at once
+            reader.stdin.write("done\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline().strip() == "closed"
+            # the reader still runs: its with-block, not its exit, let go
+            assert reader.poll() is None and lock.take(EXCLUSIVE, wait=False)
+    finally:
+        stop(reader, signal.SIGKILL)
 
 
 def test_only_node_rank_0_takes_the_lock(tmp_path, holder, tiny):

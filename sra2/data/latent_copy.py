@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import functools
 import json
 import multiprocessing
@@ -47,6 +46,7 @@ from tqdm import tqdm
 
 from sra2.data.store import ShardedStore, digest, pointed_store
 from sra2.runtime import atomic
+from sra2.runtime.lock import EXCLUSIVE, SHARED, FileLock
 
 ARRAYS = ("mean", "std")  # what training reads
 IMAGES = "images"  # and, for REPA, the pixels the store holds with encode.pixels
@@ -90,45 +90,18 @@ def _crc(values: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(values).view(np.uint8))
 
 
-# --- locking: one builder, many readers
-
-class Lock:
-    """``flock`` on ``<key>.lock``; the kernel drops it when the process ends, however it ends."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.fd = path, os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-
-    def take(self, mode: int, wait: bool = True) -> bool:
-        try:
-            fcntl.flock(self.fd, mode | (0 if wait else fcntl.LOCK_NB))
-            return True
-        except BlockingIOError:
-            return False
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    __del__ = close  # a copy no longer referenced is no longer read
-
-
 # --- one copy
 
 class LatentCopy:
     """The copy of ``store`` under ``root``, with the store's images where ``images``;
-    :meth:`check` says whether it can be read as it is."""
+    :meth:`check` says whether it can be read as it is; ``with`` lets go of its lock."""
 
     def __init__(self, store: ShardedStore, root: Path, images: bool = False):
         self.names = ARRAYS + ((IMAGES,) if images else ())
         self.store, self.source = store, source(store, self.names)
         self.key = digest(self.source)
         self.folder, self.arrays = root / self.key, layout(store, self.names)
-        self.lock = Lock(root / f"{self.key}.lock")
+        self.lock = FileLock(root / f"{self.key}.lock")
 
     def file(self, name: str) -> Path:
         return self.folder / f"{name}.npy"
@@ -159,6 +132,12 @@ class LatentCopy:
     def close(self) -> None:
         """Let go of the lock: this process no longer reads the copy."""
         self.lock.close()
+
+    def __enter__(self) -> LatentCopy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- building
 
@@ -292,21 +271,18 @@ def remove_older(copy: LatentCopy, log) -> None:
             found = json.loads(manifest.read_text())["source"]
             if found["store"] != copy.source["store"] or _state(found) == _state(copy.source):
                 continue
-            lock = Lock(folder.with_name(f"{folder.name}.lock"))
-            try:
-                if lock.take(fcntl.LOCK_EX, wait=False):
+            with FileLock(folder.with_name(f"{folder.name}.lock")) as lock:
+                if lock.take(EXCLUSIVE, wait=False):
                     shutil.rmtree(folder)
                     log(f"latent copy: removed {folder}, made from an earlier state of the store")
-            finally:
-                lock.close()
 
 
 def ensure(store_path: str | Path, copy_dir: str | None = None, log=print,
            images: bool = False) -> LatentCopy | None:
     """A complete, checked copy of the store (with its images where ``images``), built here if
-    needed; the calling process then holds its shared lock until it ends, so no one rebuilds or
-    deletes it under a run. Returns None (and logs why) when the copy cannot be made on this node:
-    not enough disk, or not writable.
+    needed; the calling process then holds its shared lock until it ends (or closes the copy), so
+    no one rebuilds or deletes it under a run. Returns None (and logs why) when the copy cannot be
+    made on this node: not enough disk, or not writable.
 
     Processes of the node that call it at once wait for one of them to build it."""
     store = ShardedStore(store_path)
@@ -317,44 +293,57 @@ def ensure(store_path: str | Path, copy_dir: str | None = None, log=print,
     except OSError as e:
         log(f"latent copy: cannot use {copy_root(copy_dir)} ({e})")
         return None
+    ready = False
+    try:
+        ready = _hold_complete(copy, log)
+        return copy if ready else None
+    finally:
+        if not ready:  # no copy to read: the lock goes, in whatever mode it was
+            copy.close()
+
+
+def _hold_complete(copy: LatentCopy, log) -> bool:
+    """Hold the shared lock of ``copy``, complete and checked (True), after building it under the
+    exclusive lock where needed; False where it cannot be built here (the lock then still held)."""
     waited = time.monotonic()
     while True:
-        copy.lock.take(fcntl.LOCK_SH)  # waits while another process builds
+        copy.lock.take(SHARED)  # waits while another process builds
         reason = copy.check()
         if reason is None:
-            return copy
+            return True
         copy.lock.release()
-        if copy.lock.take(fcntl.LOCK_EX, wait=False):
+        if copy.lock.take(EXCLUSIVE, wait=False):
             break
         if time.monotonic() - waited > 60:  # a run reads a copy that has since been damaged
             log(f"latent copy: waiting for the processes that hold {copy.lock.path} ({reason})")
             waited = time.monotonic()
         time.sleep(1)
+    reason = copy.check()
+    if reason is not None and not _build(copy, reason, log):
+        return False
+    copy.lock.take(SHARED)  # from exclusive to shared: readers may join
+    return True
+
+
+def _build(copy: LatentCopy, reason: str, log) -> bool:
+    """Build ``copy`` (the caller holds its exclusive lock); False where it does not fit on its
+    disk (a build that fills the disk up is deleted)."""
+    remove_older(copy, log)
+    if not _room_for(copy, log):
+        return False
+    log(f"latent copy: building {copy.folder} from {copy.store.path} ({reason}; "
+        f"{nbytes(copy.arrays) / 1e9:.2f} GB)")
+    started = time.monotonic()
     try:
-        reason = copy.check()
-        if reason is not None:
-            remove_older(copy, log)
-            if not _room_for(copy, log):
-                copy.lock.release()
-                return None
-            log(f"latent copy: building {copy.folder} from {store.path} ({reason}; "
-                f"{nbytes(copy.arrays) / 1e9:.2f} GB)")
-            started = time.monotonic()
-            try:
-                copy.build()
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                log(f"latent copy: {copy.folder.parent} filled up while copying ({e})")
-                shutil.rmtree(copy.folder, ignore_errors=True)
-                copy.lock.release()
-                return None
-            log(f"latent copy: built and verified in {time.monotonic() - started:.1f} s")
-    except BaseException:
-        copy.lock.release()
-        raise
-    copy.lock.take(fcntl.LOCK_SH)  # from exclusive to shared: readers may join
-    return copy
+        copy.build()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log(f"latent copy: {copy.folder.parent} filled up while copying ({e})")
+        shutil.rmtree(copy.folder, ignore_errors=True)
+        return False
+    log(f"latent copy: built and verified in {time.monotonic() - started:.1f} s")
+    return True
 
 
 def _room_for(copy: LatentCopy, log) -> bool:
@@ -375,29 +364,27 @@ def verify(store_path: str | Path, copy_dir: str | None = None, repair: bool = T
     """Re-read the whole copy (the one with images where ``images``) and compare every shard with
     its CRC32; copy damaged shards again from the store when ``repair`` (which waits until no run
     reads the copy). Returns the damaged (array, shard) pairs found."""
-    copy = LatentCopy(ShardedStore(store_path), copy_root(copy_dir), images)
-    copy.lock.take(fcntl.LOCK_SH)
-    reason = copy.check()
-    if reason is not None:
-        raise CopyDamaged(f"{copy.folder}: {reason}; the next training start rebuilds it")
-    started = time.monotonic()
-    bad = copy.damaged(copy.manifest()["crc32"])
-    seconds = time.monotonic() - started
-    log(f"latent copy {copy.folder}: {nbytes(copy.arrays) / 1e9:.3f} GB checked in {seconds:.2f} s "
-        f"({nbytes(copy.arrays) / 1e9 / max(seconds, 1e-9):.2f} GB/s): "
-        + (f"{len(bad)} damaged shard(s): {bad}" if bad else "every shard matches its CRC32"))
-    copy.lock.release()
-    if bad and repair:
-        log("latent copy: waiting for the runs that read it to end, then copying them again")
-        copy.lock.take(fcntl.LOCK_EX)
-        copy.repair(bad)
-        still = copy.damaged(copy.manifest()["crc32"])
-        copy.lock.release()
-        if still:
-            raise CopyDamaged(f"{copy.folder}: shards {still} are still damaged after copying them "
-                              "again: delete the folder")
-        log(f"latent copy: {len(bad)} shard(s) copied again from {copy.store.path}; verified")
-    copy.close()
+    with LatentCopy(ShardedStore(store_path), copy_root(copy_dir), images) as copy:
+        with copy.lock.held(SHARED):
+            reason = copy.check()
+            if reason is not None:
+                raise CopyDamaged(f"{copy.folder}: {reason}; the next training start rebuilds it")
+            started = time.monotonic()
+            bad = copy.damaged(copy.manifest()["crc32"])
+            seconds = time.monotonic() - started
+        gb = nbytes(copy.arrays) / 1e9
+        log(f"latent copy {copy.folder}: {gb:.3f} GB checked in {seconds:.2f} s "
+            f"({gb / max(seconds, 1e-9):.2f} GB/s): "
+            + (f"{len(bad)} damaged shard(s): {bad}" if bad else "every shard matches its CRC32"))
+        if bad and repair:
+            log("latent copy: waiting for the runs that read it to end, then copying them again")
+            with copy.lock.held(EXCLUSIVE):
+                copy.repair(bad)
+                still = copy.damaged(copy.manifest()["crc32"])
+            if still:
+                raise CopyDamaged(f"{copy.folder}: shards {still} are still damaged after "
+                                  "copying them again: delete the folder")
+            log(f"latent copy: {len(bad)} shard(s) copied again from {copy.store.path}; verified")
     return bad
 
 

@@ -56,8 +56,8 @@ class StepBatches(Dataset):
     """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, with
     "images" (uint8 (N, H, W, 3)) where ``images``, read from ``copy`` (a
     :class:`sra2.data.latent_copy.LatentCopy` of the store at ``path``, with images where
-    ``images``) when given, else from the store. The copy's shared lock stays held as long as this
-    object lives."""
+    ``images``) when given, else from the store. The copy's shared lock stays held until the
+    process ends or ``copy.close()``."""
 
     def __init__(self, path: str | Path, global_batch: int, seed: int, rank: int = 0,
                  world: int = 1, copy: latent_copy.LatentCopy | None = None, images: bool = False):

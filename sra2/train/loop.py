@@ -333,11 +333,10 @@ def preflight(cfg: Config, latents: str | Path, out: Path) -> list[space.Need]:
     needs = space.train_needs(cfg, out, step, ema, have) + space.dvc_share({out: ema})
     if tc.read_from == "copy":
         root = latent_copy.copy_root(tc.copy_dir)
-        with contextlib.suppress(OSError):  # an unwritable folder: training reads the store
-            ready = latent_copy.LatentCopy(store, root, registry.needs_images(cfg))
+        with (contextlib.suppress(OSError),  # an unwritable folder: training reads the store
+              latent_copy.LatentCopy(store, root, registry.needs_images(cfg)) as ready):
             if ready.check() is not None:
                 needs.append(space.copy_need(latent_copy.nbytes(ready.arrays), root))
-            ready.lock.close()
     return needs
 
 
