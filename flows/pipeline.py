@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
+
+# isort: split
 from prefect import flow
 from prefect.context import FlowRunContext
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import flows  # noqa: F401  (its environment defaults apply to the test server too)
+import flows.harness.prefect_defaults  # noqa: F401  (the test server's too)
 from sra2.config.params import Config, resolve
 
 

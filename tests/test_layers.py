@@ -4,6 +4,7 @@ is derived from the imports themselves, so a new folder finds its place without 
 
 from __future__ import annotations
 
+import ast
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -82,6 +83,28 @@ def test_the_folders_of_sra2_and_flows_stack_in_layers():
     library = [f for f in by_folder if f.startswith("sra2")]
     assert not [f for f in library
                 if any(reaches(f, g) for g in by_folder if g.startswith("flows"))]
+
+
+def test_prefect_is_imported_after_the_projects_defaults_for_it():
+    """Prefect reads its settings when it is first imported: each module that imports it imports
+    flows.harness.prefect_defaults at its top, before any import of prefect."""
+    defaults = "flows.harness.prefect_defaults"
+    for module, path in modules(REPO, ("sra2", "flows")).items():
+        if not any(name.split(".")[0] == "prefect" for name in imported(path)):
+            continue
+        tree = ast.parse(path.read_text())
+        top = [name for node in tree.body for name in imported_by(node)
+               if name == defaults or name.split(".")[0] == "prefect"]
+        assert top[:1] == [defaults], f"{module}: import {defaults} at the top, before prefect"
+
+
+def imported_by(node: ast.stmt) -> list[str]:
+    """The modules one statement imports, in order."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
 
 
 def write(root: Path, files: dict[str, str]) -> None:

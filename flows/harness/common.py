@@ -9,6 +9,7 @@ import contextlib
 import sys
 from typing import Callable, Sequence
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
 from flows.harness.monitor import current
 from flows.harness.pictures import Picture
 from flows.harness.progress import Watch

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
 from sra2.runtime.once import WarnOnce
 
 LOG_DIR = "data/logs"  # under the working directory (dvc runs stages at the repository root)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
+
 PICTURE_WIDTH = (384, 1024)  # pictures are shown at least / at most this wide (pixels)
 
 Picture = tuple[str, "Image.Image | Path | str"]  # caption, image or PNG file

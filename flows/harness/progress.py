@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
 from flows.harness.monitor import Monitor, current, duration
 from flows.harness.pictures import Picture, show_pictures
 from sra2.runtime.once import WarnOnce, harmless

@@ -20,6 +20,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
 from flows.harness.monitor import Monitor, api_failure, close_current, current
 from flows.harness.tags import experiment, run_tags
 from sra2.runtime import procs

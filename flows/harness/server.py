@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Iterator
 
+import flows.harness.prefect_defaults  # noqa: F401  (before prefect reads its settings)
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
