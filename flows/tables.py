@@ -1,5 +1,5 @@
-"""The paper's tables as DVC experiments: Table 1 (SRA 2 ablations) and Table 3 (vanilla, SRA,
-REPA, SRA 2, SRA 2 + REPA with their cost), SiT-B/2 at 400K steps.
+"""The paper's tables as DVC experiments: Table 1 (SRA 2 ablations) and Table 3 (vanilla and the
+rows of each method, sra2.methods, with their cost), SiT-B/2 at 400K steps.
 
   python -m flows.tables queue --preset sit-b2     # one queued `dvc exp run` per row, named
   dvc queue start -j 1                             # run them (or: queue ... --start)

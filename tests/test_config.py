@@ -242,9 +242,11 @@ PAPER = {
 }
 # each preset's settings as its file listed them in full (demo.yaml still does: compared with
 # itself)
-# the baselines' blocks (REPA, SRA: off) as each paper preset sets them
-BASELINES = {"sit-b2": {"repa": {"layer": 4}, "sra": {"student_block": 3, "teacher_block": 8}},
-             "sit-l2": {"repa": {"layer": 8}, "sra": {"student_block": 8, "teacher_block": 20}}}
+# the baselines' blocks (REPA, SRA, REG: off) as each paper preset sets them
+BASELINES = {"sit-b2": {"repa": {"layer": 4}, "sra": {"student_block": 3, "teacher_block": 8},
+                        "reg": {"layer": 4}},
+             "sit-l2": {"repa": {"layer": 8}, "sra": {"student_block": 8, "teacher_block": 20},
+                        "reg": {"layer": 8}}}
 BASELINES["sit-xl2"] = BASELINES["sit-l2"]
 COMPLETE = {
     "sit-b2": _overlay(PAPER, BASELINES["sit-b2"]),
@@ -269,6 +271,8 @@ COMPLETE = {
                  "encoder_seed": 0},
         "sra": {"enabled": False, "student_block": 1, "teacher_block": 2, "t_max": 0.2,
                 "loss": "smooth_l1", "beta": 0.05, "weight": 0.2},
+        "reg": {"enabled": False, "layer": 2, "weight": 0.5, "cls_weight": 0.03, "width": 64,
+                "encoder": "random", "encoder_seed": 0},
         "train": {"steps": 40, "global_batch": 8, "batch_per_gpu": 4, "lr": 5.0e-4,
                   "weight_decay": 0.0, "betas": [0.9, 0.999], "ema_decay": 0.995, "grad_clip": 1.0,
                   "precision": "fp32", "ckpt_every": 20, "log_every": 5, "seed": 0,
@@ -297,7 +301,7 @@ def test_paper_presets_list_only_what_differs_from_their_base():
         return {k for key, v in tree.items() if key != "base"
                 for k in (keys(v, f"{prefix}{key}.") if isinstance(v, dict) else {prefix + key})}
 
-    blocks = {"repa.layer", "sra.student_block", "sra.teacher_block"}  # the baselines' (off)
+    blocks = {"repa.layer", "sra.student_block", "sra.teacher_block", "reg.layer"}  # (off)
     for name, listed in [("sit-b2", {"model.name", "align.layer", *blocks}),
                          ("sit-l2", {"model.name", "align.layer", *blocks}),
                          ("sit-xl2", {"model.name", "align.layer", "train.steps", *blocks})]:
@@ -379,7 +383,7 @@ def test_every_table3_row_is_a_valid_run_with_its_terms(preset):
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     expected = {"vanilla": [], "sra": ["sra"], "repa": ["repa"], "sra2": ["align"],
-                "sra2-repa": ["align", "repa"]}
+                "sra2-repa": ["align", "repa"], "reg": ["reg"]}
     for row in TABLE3:
         check_row(params, row, preset, [])
         cfg = resolve(apply_overrides(params, row_overrides(row, preset)))

@@ -2,6 +2,7 @@
 checked on small tensors against hand computations."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ import torch.nn.functional as F
 
 from sra2.config.params import ConfigError, resolve
 from sra2.methods import checks, registry
-from sra2.methods.objective import Objective, build_heads
+from sra2.methods.objective import Objective, build_heads, weights
 from sra2.methods.repa import repa_loss
 from sra2.methods.sra import sra_loss, teacher_time
 from sra2.model.sit import build
 from sra2.model.transport import interpolate
+from sra2.train.loop import term_weights
 
 from conftest import randomize, with_overrides
 
@@ -108,11 +110,11 @@ def test_repa_term_is_minus_the_mean_token_cosine():
     assert repa_loss(target * 3, target).item() == pytest.approx(-1.0, abs=1e-6)
 
 
-def objective_values(cfg, batch):
+def objective_values(cfg, batch, weights=None):
     model = micro_sit(0)
     torch.manual_seed(1)  # the heads: align first, then repa, drawn in that order
     heads = build_heads(model, cfg)
-    return Objective(model, heads, cfg, {"sra": copy.deepcopy(model)})(batch)
+    return Objective(model, heads, cfg, {"sra": copy.deepcopy(model)})(batch, weights)
 
 
 def test_sra2_plus_repa_adds_each_weighted_term_and_turning_one_off_leaves_the_rest():
@@ -134,3 +136,24 @@ def test_a_block_beyond_the_model_is_named():
     with pytest.raises(ConfigError, match=r"sra.teacher_block: must be in \[1, 3\], the blocks "
                                           r"of SiT-Micro/2 \(got 7\)"):
         checks.check(cfg, "train", 1, more=registry.problems)
+
+
+def test_sras_repository_schedule_weighs_by_whole_epochs_seen():
+    """x 0.1^((e - 149) / 1000 + 1) once e, the whole epochs seen, passes 149; by hand."""
+    cfg = config(align={"enabled": False},
+                 sra={"enabled": True, "weight": 0.5, "weight_schedule": "repository"})
+    assert weights(cfg, 0) == weights(cfg, 149) == [0.5]
+    assert weights(cfg, 150) == pytest.approx([0.5 * 0.1 ** 1.001], rel=1e-12)
+    assert weights(cfg, 1149) == pytest.approx([0.5 * 0.01], rel=1e-12)
+    assert weights(config(sra={"enabled": True}), 500) is None  # constant: the objective's own
+    # the loop's epoch: images seen // dataset size, the weights on the device made once a change
+    tr = SimpleNamespace(cfg=cfg, weights=None, device=torch.device("cpu"))
+    before, first = term_weights(tr, 149 * 3 + 2, 24), tr.weights
+    assert before.tolist() == [0.5] and term_weights(tr, 0, 24) is before  # 8 a step, 3 an epoch
+    after = term_weights(tr, 150 * 3, 24)
+    assert after.item() == pytest.approx(0.5 * 0.1 ** 1.001, rel=1e-6) and tr.weights != first
+    # in the total: the scheduled weight, the term's column unscaled
+    batch = {k: v for k, v in inputs().items() if not k.startswith(("align", "repa"))}
+    batch["sra/shift"] = torch.tensor([0.5, 0.25, 1.0, 0.0])
+    values = objective_values(cfg, batch, after)
+    torch.testing.assert_close(values[0], values[1] + after[0] * values[2], rtol=1e-6, atol=0)

@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 from sra2.data.latents import StepBatches, batch_indices, step_loader, write_synthetic_store
+from sra2.data.store import ShardedStore
 from sra2.evaluate.plots import PALETTE
 from sra2.methods import registry
 from sra2.methods.method import Method
+from sra2.sample.generate import generate
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
 from conftest import encoded_tiny, with_overrides
@@ -85,7 +87,7 @@ class TimeProbe(Method):
     def draws(self, cfg, g, n, shape, device):
         return {"s": torch.rand(n, generator=g, device=device)}
 
-    def inputs(self, cfg, aid, batch, x1, drawn):
+    def inputs(self, cfg, aid, batch, common, drawn):
         return {"s": drawn["s"]}
 
     def losses(self, cfg, aid, head, step, inputs):
@@ -245,11 +247,17 @@ def test_sra_trains_with_its_teacher_and_resumes_to_the_same_bytes(tmp_path, tin
             == (tmp_path / "resumed" / "metrics.csv").read_text())
 
 
-def test_repa_trains_on_the_stored_images_beside_every_other_term(tmp_path):
+@pytest.fixture(scope="module")
+def with_pixels(tmp_path_factory):
+    """The tiny preset encoded with its crops (encode.pixels), which REPA and REG read."""
+    return encoded_tiny(tmp_path_factory.mktemp("pixels"), encode={"pixels": True})
+
+
+def test_repa_trains_on_the_stored_images_beside_every_other_term(tmp_path, with_pixels):
     """REPA (with random DINOv2 weights) reads the crops stored with encode.pixels; with every term
     on, each has its column."""
     terms = {"align": {"enabled": True}, "repa": {"enabled": True}, "sra": {"enabled": True}}
-    cfg, latents = encoded_tiny(tmp_path, encode={"pixels": True})
+    cfg, latents = with_pixels
     cfg = with_overrides(cfg, train={"steps": 4, "log_every": 2, "ckpt_every": 4}, **terms)
     summary = train(cfg, latents, tmp_path / "out")
     header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -257,3 +265,26 @@ def test_repa_trains_on_the_stored_images_beside_every_other_term(tmp_path):
                       *[f"loss_{t}" for t in ("align", "sra", "repa") if terms[t]["enabled"]],
                       "grad_norm"]
     assert -1 <= summary["loss_repa"] <= 1 and np.isfinite(summary["loss"])
+
+
+def test_reg_trains_exports_its_class_token_and_resumes_to_the_same_bytes(tmp_path, with_pixels):
+    """REG (random DINOv2 weights) beside SRA 2: its two columns, a SiT exported with the class
+    token's modules (what the sample stage needs), and a resumed run ending in the same bytes."""
+    cfg, latents = with_pixels
+    cfg = with_overrides(cfg, reg={"enabled": True},
+                         train={"steps": 4, "log_every": 2, "ckpt_every": 2})
+    summary = train(cfg, latents, tmp_path / "straight")
+    train(with_overrides(cfg, train={"steps": 2}), latents, tmp_path / "resumed")
+    train(cfg, latents, tmp_path / "resumed")
+    metrics = (tmp_path / "straight" / "metrics.csv").read_text()
+    assert metrics.splitlines()[0] == ("step,loss,loss_velocity,loss_align,loss_reg,loss_reg_cls,"
+                                       "grad_norm")
+    assert -1 <= summary["loss_reg"] <= 1 and summary["loss_reg_cls"] > 0
+    assert metrics == (tmp_path / "resumed" / "metrics.csv").read_text()
+    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
+            for d in ("straight", "resumed"))
+    assert "cls_projectors2.weight" in a and "final_layer.linear_cls.weight" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sampled = generate(with_overrides(cfg, sample={"num_samples": 2, "steps": 4}),
+                       tmp_path / "straight" / "ema.pt", tmp_path / "samples")
+    assert ShardedStore(sampled).array("images").shape == (2, 32, 32, 3)

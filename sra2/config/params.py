@@ -29,8 +29,8 @@ from pydantic import (
 )
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "repa", "sra", "train", "sample",
-            "evaluate")
+SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "repa", "sra", "reg", "train",
+            "sample", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -258,6 +258,19 @@ class Sra(Section):
     loss: Literal["smooth_l1", "cosine", "cosine_tokens"] = "smooth_l1"
     beta: NonNegativeFloat = 0.05
     weight: NonNegativeFloat = 0.2
+    # constant, or as the SRA repository trains at 256 px: the weight x 0.1^((e - 149) / 1000 + 1)
+    # once e, the whole epochs seen (images seen // dataset size), passes 149
+    weight_schedule: Literal["constant", "repository"] = "constant"
+
+
+class Reg(Repa):
+    """REG (sra2/methods/reg.py): DINOv2's class token, noised on the latent's path at the same
+    time with its own noise, enters the SiT as one more token; the SiT learns its velocity too
+    (weight ``cls_weight``), and REPA's projection term (weight ``weight``, after block ``layer``)
+    matches the class token and the patch tokens. It needs the images, as REPA does."""
+
+    layer: PositiveInt = 8  # 1-based block; REG's authors used 4 for SiT-B/2, 8 for L/2 and XL/2
+    cls_weight: NonNegativeFloat = 0.03  # the class token's velocity loss
 
 
 class Train(Section):
@@ -415,6 +428,7 @@ class Config(Section):
     align: Align
     repa: Repa = Repa()
     sra: Sra = Sra()
+    reg: Reg = Reg()
     train: Train
     sample: Sample
     evaluate: Evaluate

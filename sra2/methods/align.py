@@ -60,7 +60,7 @@ def sra2_loss(projector: nn.Module, hidden: torch.Tensor, target: torch.Tensor, 
     return (per_sample * inside).mean()
 
 
-class Sra2(Method):
+class Sra2Method(Method):
     name, title, always_signed = "align", "SRA 2", True
     # SRA 2 + REPA: published only as 3.1 / 1.9 / 1.1 below REPA at 100K / 200K / 400K on
     # another setting
@@ -78,13 +78,13 @@ class Sra2(Method):
     def head(self, model: SiT, cfg: Config) -> nn.Module:
         return projector_for(model, cfg.align)
 
-    def inputs(self, cfg, aid, batch, x1, drawn) -> dict[str, torch.Tensor]:
-        scale = cfg.vae.scale
-        return {"target": x1 if cfg.align.target == "sample" else batch["mean"] * scale}
+    def inputs(self, cfg, aid, batch, common, drawn) -> dict[str, torch.Tensor]:
+        mean = batch["mean"] * cfg.vae.scale
+        return {"target": common["x1"] if cfg.align.target == "sample" else mean}
 
     def losses(self, cfg, aid, head, step: Pass, inputs) -> list[torch.Tensor]:
         return [sra2_loss(head, step.patches(cfg.align.layer), inputs["target"], step.t,
                           cfg.align, step.model.patch_size)]
 
 
-METHOD = Sra2()
+METHOD = Sra2Method()

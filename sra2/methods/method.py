@@ -88,9 +88,14 @@ class Method:
         """What is wrong with its settings against the other sections (one line a problem)."""
         return []
 
-    def terms(self, cfg: Config) -> dict[str, float]:
-        """Its loss terms: column suffix (``loss_<suffix>``) -> weight in the total."""
+    def terms(self, cfg: Config, epoch: int = 0) -> dict[str, float]:
+        """Its loss terms: column suffix (``loss_<suffix>``) -> weight in the total, after
+        ``epoch`` whole epochs of the dataset."""
         return {self.name: self.section(cfg).weight}
+
+    def scheduled(self, cfg: Config) -> bool:
+        """Whether its weights change with the epoch."""
+        return False
 
     def model_options(self, cfg: Config) -> dict[str, Any]:
         """What the SiT must be built with (keyword arguments of :class:`SiT`)."""
@@ -114,10 +119,11 @@ class Method:
         """What it loads once per run (handed back to :meth:`inputs` and :meth:`losses`)."""
         return None
 
-    def inputs(self, cfg: Config, aid: Any, batch: dict, x1: torch.Tensor,
+    def inputs(self, cfg: Config, aid: Any, batch: dict, common: dict[str, torch.Tensor],
                drawn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Its per-sample tensors of a step (split into micro-batches like the latents): from the
-        ``batch`` read, the latents ``x1`` and its ``drawn`` tensors."""
+        ``batch`` read, the step's ``common`` inputs (``x1``, ``y``, ``t``, ``x0``) and its own
+        ``drawn`` tensors."""
         return {}
 
     def forward_options(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

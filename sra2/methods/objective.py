@@ -27,6 +27,15 @@ def names(cfg: Config) -> list[str]:
     return ["loss", "loss_velocity", *(f"loss_{term}" for term in terms)]
 
 
+def weights(cfg: Config, epoch: int) -> list[float] | None:
+    """The weights of the terms after ``epoch`` whole epochs, where a method on schedules them;
+    None where every weight is constant (the objective then takes :func:`names`' own)."""
+    on = registry.active(cfg)
+    if not any(m.scheduled(cfg) for m in on):
+        return None
+    return [w for m in on for w in m.terms(cfg, epoch).values()]
+
+
 def model_options(cfg: Config) -> dict[str, Any]:
     """What the methods on need the SiT built with."""
     return {k: v for m in registry.active(cfg) for k, v in m.model_options(cfg).items()}
@@ -37,14 +46,14 @@ def build_heads(model: SiT, cfg: Config) -> nn.ModuleDict:
     return nn.ModuleDict({m.name: m.head(model, cfg) for m in registry.active(cfg)})
 
 
-def inputs(cfg: Config, aids: dict, batch: dict, x1: torch.Tensor,
+def inputs(cfg: Config, aids: dict, batch: dict, common: dict[str, torch.Tensor],
            drawn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The methods' per-sample inputs of a step, as ``<method>/<name>``: what
-    :meth:`Objective.forward` takes beside the latents."""
+    :meth:`Objective.forward` takes beside the ``common`` inputs (``x1``, ``y``, ``t``, ``x0``)."""
     found = {}
     for m in registry.active(cfg):
         own = {k.split("/", 1)[1]: v for k, v in drawn.items() if k.startswith(f"{m.name}/")}
-        for key, value in m.inputs(cfg, aids.get(m.name), batch, x1, own).items():
+        for key, value in m.inputs(cfg, aids.get(m.name), batch, common, own).items():
             found[f"{m.name}/{key}"] = value
     return found
 
@@ -60,9 +69,11 @@ class Objective(nn.Module):
         self.methods, self.names = registry.active(cfg), names(cfg)
         self._aids = [aids or {}]  # a list: not submodules
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor],
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         """``batch``: ``x1`` (latents), ``y``, ``t``, ``x0`` (noise) and the methods' inputs
-        (:func:`inputs`)."""
+        (:func:`inputs`); ``weights``: the terms' weights of this step, where they are scheduled
+        (:func:`weights`; a tensor, so that a compiled objective is not compiled again)."""
         x1, y, t, x0 = batch["x1"], batch["y"], batch["t"], batch["x0"]
         own = {m.name: {k.split("/", 1)[1]: v for k, v in batch.items()
                         if k.startswith(f"{m.name}/")} for m in self.methods}
@@ -72,10 +83,11 @@ class Objective(nn.Module):
         xt, u = interpolate(x0, x1, t)
         step = Pass(self.model, x1, x0, t, y, self.model.run(xt, t, y, blocks, **options))
         values = [(step.out.v.float() - u.float()).square().flatten(1).mean(1).mean()]
-        weights = []
+        constant = []
         for m in self.methods:
             values += m.losses(self.cfg, self._aids[0].get(m.name), self.heads[m.name], step,
                                own[m.name])
-            weights += m.terms(self.cfg).values()
-        total = values[0] + sum(w * v for w, v in zip(weights, values[1:]))
+            constant += m.terms(self.cfg).values()
+        scale = constant if weights is None else weights.unbind()
+        total = values[0] + sum(w * v for w, v in zip(scale, values[1:]))
         return torch.stack([total, *values])

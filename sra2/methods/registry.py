@@ -9,11 +9,11 @@ import contextlib
 from typing import Iterator
 
 from sra2.config.params import Config
-from sra2.methods import align, repa, sra
+from sra2.methods import align, reg, repa, sra
 from sra2.methods.method import Method
 from sra2.model.sit import SiT_models
 
-METHODS: list[Method] = [align.METHOD, sra.METHOD, repa.METHOD]
+METHODS: list[Method] = [align.METHOD, sra.METHOD, repa.METHOD, reg.METHOD]
 
 
 def active(cfg: Config) -> list[Method]:

@@ -40,7 +40,7 @@ def encoder_flops(model: SiT) -> int:
     return dinov2.forward_flops(model.input_size // model.patch_size)
 
 
-class Repa(Method):
+class RepaMethod(Method):
     name, title = "repa", "REPA"
     # REPA's own paper at SiT-B/2 400K (reproductions found 27.3 and 22.75)
     rows = {"3": (Row("repa", "REPA (DINOv2 ViT-B/14, block 4)",
@@ -62,7 +62,7 @@ class Repa(Method):
     def prepare(self, cfg, model, ema, device):
         return load_features(cfg.repa, model, device)
 
-    def inputs(self, cfg, aid, batch, x1, drawn) -> dict[str, torch.Tensor]:
+    def inputs(self, cfg, aid, batch, common, drawn) -> dict[str, torch.Tensor]:
         return {"target": aid(batch["images"])}
 
     def losses(self, cfg, aid, head, step: Pass, inputs) -> list[torch.Tensor]:
@@ -73,4 +73,4 @@ class Repa(Method):
         return trained, encoder_flops(model)
 
 
-METHOD = Repa()
+METHOD = RepaMethod()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sra2.config.params import Config
+from sra2.config.params import Config, result_settings
 from sra2.methods.align import build_projector
 from sra2.methods.method import Method, Pass, Row
 from sra2.model.flops import count_flops
@@ -30,20 +30,38 @@ def sra_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, beta: float) -
     return F.smooth_l1_loss(pred, target, beta=beta)
 
 
+def repository_weight(weight: float, epoch: int) -> float:
+    """SRA's repository's weight at 256 px after ``epoch`` whole epochs: ``weight`` up to epoch
+    149, then weight x 0.1^((epoch - 149) / 1000 + 1) (a tenth at once, then slowly less)."""
+    return weight if epoch <= 149 else weight * 0.1 ** ((epoch - 149) / 1000 + 1)
+
+
 def teacher_time(t: torch.Tensor, shift: torch.Tensor, t_max: float) -> torch.Tensor:
     """SRA's teacher time in SiT time: moved toward the data (t = 1) by t_max x U(0, 1)."""
     return (t + t_max * shift).clamp(max=1.0)
 
 
-class Sra(Method):
+class SraMethod(Method):
     name, title = "sra", "SRA"
     rows = {"3": (Row("sra", "SRA (EMA teacher, block 3 -> 8)",
                       {"align.enabled": False, "sra.enabled": True}, None),)}
 
     def describe(self, cfg: Config) -> str:
         s = cfg.sra
+        schedule = ", the repository's schedule" if self.scheduled(cfg) else ""
         return (f"SRA (blocks {s.student_block} -> {s.teacher_block}, {s.loss}, "
-                f"weight {s.weight})")
+                f"weight {s.weight}{schedule})")
+
+    def terms(self, cfg: Config, epoch: int = 0) -> dict[str, float]:
+        s = cfg.sra
+        return {"sra": repository_weight(s.weight, epoch) if self.scheduled(cfg) else s.weight}
+
+    def scheduled(self, cfg: Config) -> bool:
+        return cfg.sra.weight_schedule == "repository"
+
+    def settings(self, cfg: Config) -> dict:
+        # the schedule enters the signature only when on: runs made before it keep their folders
+        return result_settings(cfg.sra, exclude=() if self.scheduled(cfg) else {"weight_schedule"})
 
     def blocks(self, cfg: Config) -> dict[str, int]:
         return {"sra.student_block": cfg.sra.student_block,
@@ -59,7 +77,7 @@ class Sra(Method):
     def prepare(self, cfg, model, ema, device) -> SiT:
         return ema  # the teacher: read, never trained
 
-    def inputs(self, cfg, aid, batch, x1, drawn) -> dict[str, torch.Tensor]:
+    def inputs(self, cfg, aid, batch, common, drawn) -> dict[str, torch.Tensor]:
         return {"shift": drawn["shift"]}
 
     def losses(self, cfg, aid: SiT, head, step: Pass, inputs) -> list[torch.Tensor]:
@@ -78,4 +96,4 @@ class Sra(Method):
         return trained, count_flops(model.hidden_after, x, t, y, cfg.sra.teacher_block)
 
 
-METHOD = Sra()
+METHOD = SraMethod()

@@ -115,9 +115,11 @@ def preprocess(images: torch.Tensor, size: int = RESOLUTION) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
 
 
-def features(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """REPA's target: the final-LayerNorm patch tokens (DINOv2's ``x_norm_patchtokens``, no class
-    token), float32 (N, grid * grid, 768), of uint8 (N, H, W, 3) images of any size; no
+def features(encoder: VisionTransformer, images: torch.Tensor,
+             with_cls: bool = False) -> torch.Tensor:
+    """REPA's target: the final-LayerNorm patch tokens (DINOv2's ``x_norm_patchtokens``), float32
+    (N, grid * grid, 768), of uint8 (N, H, W, 3) images of any size; with ``with_cls``, REG's:
+    the class token (``x_norm_clstoken``) in front of them (N, 1 + grid * grid, 768). No
     gradients. The blocks run under bf16 autocast where :func:`sra2.runtime.dist.autocast` has it (a
     GPU), the input's normalisation outside it in float32 (fp16 normalisation gives NaNs: REPA issue
     46)."""
@@ -126,7 +128,8 @@ def features(encoder: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images.to(device, non_blocking=True), encoder.patch_embed.img_size[0])
         with dist.autocast(device, "bf16"):
             tokens = encoder.forward_features(x)
-    return tokens[:, encoder.num_prefix_tokens:].float()
+    patches = tokens[:, encoder.num_prefix_tokens:]
+    return (torch.cat([tokens[:, :1], patches], dim=1) if with_cls else patches).float()
 
 
 def forward_flops(grid: int = GRID) -> int:

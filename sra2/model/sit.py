@@ -318,7 +318,9 @@ def build(name: str, **kwargs) -> SiT:
 #   `projectors.*` (the REPA MLPs) and outputs 4 channels; the released REPA weights are a bare
 #   state_dict with `projectors.*`; `--legacy` files name later blocks `decoder_blocks.*`.
 #   SRA (vvvvvjdy/SRA, built on REPA): {model, ema, opt, args, epoch, steps}, an `ap_head.*`
-#   head. Both train in reversed time (1 = noise) and predict eps - x.
+#   head. REG (Martinser/REG, built on REPA): REPA's layout, and the class token's modules
+#   `cls_projectors2.*`, `wg_norm.*`, `final_layer.linear_cls.*`, a position embedding one slot
+#   longer. All three train in reversed time (1 = noise) and predict eps - x.
 
 Convention = Literal["sit", "repa"]
 # modules only REPA-family networks have
@@ -423,10 +425,14 @@ class ReversedTime(nn.Module):
         # what the samplers and the sample stage read off a model
         self.num_classes, self.in_channels = net.num_classes, net.in_channels
         self.input_size, self.patch_size = net.input_size, net.patch_size
-        self.hidden_size = net.hidden_size
+        self.hidden_size, self.cls_dim = net.hidden_size, net.cls_dim
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return -self.net(x, 1 - t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                cls: torch.Tensor | None = None):
+        if cls is None:
+            return -self.net(x, 1 - t, y)
+        v, cls_v = self.net(x, 1 - t, y, cls=cls)
+        return -v, -cls_v
 
     def tokens(self, patches: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                pos: torch.Tensor) -> torch.Tensor:
@@ -453,7 +459,10 @@ def load_checkpoint(name: str, path_or_state, *, convention: str = "auto",
 def _build_and_load(name: str, state: dict[str, torch.Tensor], **kwargs) -> SiT:
     kwargs.setdefault("learn_sigma", _learns_sigma(state, kwargs.get("in_channels", 4)))
     kwargs.setdefault("num_classes", state["y_embedder.embedding_table.weight"].shape[0] - 1)
-    kwargs.setdefault("input_size", int(round(state["pos_embed"].shape[1] ** 0.5))
+    if "cls_projectors2.weight" in state:  # REG's class token: one more position
+        kwargs.setdefault("cls_dim", state["cls_projectors2.weight"].shape[1])
+    patches = state["pos_embed"].shape[1] - int(kwargs.get("cls_dim") is not None)
+    kwargs.setdefault("input_size", int(round(patches ** 0.5))
                       * state["x_embedder.proj.weight"].shape[-1])
     model = build(name, **kwargs)
     model.load_state_dict(state)

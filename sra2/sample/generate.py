@@ -29,6 +29,7 @@ from sra2.model.sit import load_checkpoint, read_checkpoint
 from sra2.runtime import atomic, dist, dvc_cache
 from sra2.runtime.worker import Progress
 from sra2.sample import ralu
+from sra2.sample.joint import Joint
 from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
 from sra2.sample.samplers import Generators, derived_seed, guided_velocity, randn, sample
 
@@ -68,8 +69,14 @@ def signature(cfg: Config, ema_sha256: str) -> dict:
 
 def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
             noise: torch.Tensor, generator: Generators) -> torch.Tensor:
-    """The configured sampler (with guidance) from ``noise`` to latents at t = 1."""
+    """The configured sampler (with guidance) from ``noise`` (of :func:`state_shape`) to latents
+    at t = 1."""
     sc = cfg.sample
+    if isinstance(model, Joint):
+        guide = (y, sc.cfg_scale, None, sc.cfg_interval)  # the latent's channels and the token
+        z = sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
+                   sc.last_step)
+        return model.split(z)[0]
     guide = (y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
     if sc.sampler == "ralu":
         return ralu.sample(guided_velocity(model, *guide, tokens=True), noise, generator,
@@ -77,6 +84,29 @@ def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.
                            decode=lambda z: vae_lib.decode(vae, z, cfg.vae.scale))
     return sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
                   sc.last_step)
+
+
+def for_sampling(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as the samplers take it: a SiT with a class token (REG) as :class:`Joint`, after
+    checking that the settings can sample it."""
+    if getattr(model, "cls_dim", None) is None:
+        return model
+    sc = cfg.sample
+    if sc.sampler == "ralu":
+        raise ValueError("sample.sampler: ralu cannot sample a SiT with a class token (REG): its "
+                         "token sets have no place for it; use sde, ode-euler or ode-heun")
+    if sc.cfg_channels != model.in_channels:
+        raise ValueError(f"sample.cfg_channels: a SiT with a class token (REG) is guided on the "
+                         f"whole latent and the token; set it to {model.in_channels} "
+                         f"(got {sc.cfg_channels})")
+    return Joint(model)
+
+
+def state_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    """The shape of one sample's state in the samplers."""
+    if isinstance(model, Joint):
+        return (model.width,)
+    return (model.in_channels, model.input_size, model.input_size)
 
 
 def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None,
@@ -90,11 +120,11 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     ckpt = read_checkpoint(ema_path)  # weights_only: the file may come from elsewhere
     # our export names its architecture; an official SiT or REPA file takes model.name. REPA-time
     # weights come back wrapped as a SiT-time velocity network, so samplers and CFG run unchanged
-    model = load_checkpoint(ckpt.get("name", cfg.model.name), ckpt, convention=sc.convention,
-                            source=str(ema_path)).to(device).eval()
+    model = for_sampling(cfg, load_checkpoint(ckpt.get("name", cfg.model.name), ckpt,
+                                              convention=sc.convention,
+                                              source=str(ema_path)).to(device).eval())
     vae = vae_lib.load_vae(cfg.vae, device)
-    side, channels = cfg.data.image_size, model.in_channels
-    latent = (channels, model.input_size, model.input_size)
+    side, state = cfg.data.image_size, state_shape(model)
     sign = sign or signature(cfg, _file_sha256(Path(ema_path)))
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(sign)
@@ -121,7 +151,7 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
             gens = [torch.Generator().manual_seed(derived_seed(sc.seed, i)) for i in index]
             y = torch.from_numpy(labels[index.start:index.stop]).to(device)
             with dist.autocast(device, sc.precision):
-                z = latents(cfg, model, vae, y, randn((len(index), *latent), gens, device), gens)
+                z = latents(cfg, model, vae, y, randn((len(index), *state), gens, device), gens)
             images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
             done += len(index)
             bar.update(len(index))

@@ -122,6 +122,7 @@ class Trainer:
     params: list[nn.Parameter]
     micro: int  # micro-batches per step on this process
     device: torch.device
+    weights: tuple | None = None  # the scheduled terms' weights now: (floats, on the device)
 
     def state(self, step: int, meter: dict) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -176,22 +177,35 @@ def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
     x1 = (mean + std * drawn.eps) * cfg.vae.scale
     y = torch.where(drawn.drop, torch.full_like(batch["labels"], cfg.model.num_classes),
                     batch["labels"])
-    inputs = {"x1": x1, "y": y, "t": drawn.t, "x0": drawn.x0,
-              **objective.inputs(cfg, tr.aids, batch, x1, drawn.methods)}
+    common = {"x1": x1, "y": y, "t": drawn.t, "x0": drawn.x0}
+    inputs = {**common, **objective.inputs(cfg, tr.aids, batch, common, drawn.methods)}
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
     return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
 
 
-def train_step(tr: Trainer, inputs) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns the losses named ``tr.names`` and the
-    grad norm, on the device. Gradients of all but the last micro-batch stay local (DDP no_sync)."""
+def term_weights(tr: Trainer, step: int, dataset: int) -> torch.Tensor | None:
+    """The terms' weights at ``step`` where a method schedules them by whole epochs of the
+    ``dataset`` (its size) seen, on the device (made again only when they change); else None."""
+    epoch = step * tr.cfg.train.global_batch // dataset
+    found = objective.weights(tr.cfg, epoch)
+    if found is None:
+        return None
+    if tr.weights is None or tr.weights[0] != found:
+        tr.weights = (found, torch.tensor(found, device=tr.device))
+    return tr.weights[1]
+
+
+def train_step(tr: Trainer, inputs, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step over the micro-batches (with the terms' ``weights`` where scheduled);
+    returns the losses named ``tr.names`` and the grad norm, on the device. Gradients of all but
+    the last micro-batch stay local (DDP no_sync)."""
     tr.opt.zero_grad(set_to_none=True)
     losses = torch.zeros(len(tr.names), device=tr.device)
     for i, args in enumerate(inputs):
         local = i < tr.micro - 1 and hasattr(tr.loss_fn, "no_sync")
         with tr.loss_fn.no_sync() if local else nullcontext():
             with dist.autocast(tr.device, tr.cfg.train.precision):
-                parts = tr.loss_fn(args)
+                parts = tr.loss_fn(args, weights)
             (parts[0] / tr.micro).backward()
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
@@ -414,7 +428,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         for step, batch in zip(range(start, tc.steps), loader):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             drawn = draws(cfg, step, data.shape, rank, world, device)
-            meter.add(train_step(tr, step_inputs(tr, batch, drawn)))
+            weights = term_weights(tr, step, len(data))
+            meter.add(train_step(tr, step_inputs(tr, batch, drawn), weights))
             done = step + 1
             bar.update(1)
             stop, timed = consensus(signals.received > 0, is_rank0 and clock.due())
