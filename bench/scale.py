@@ -4,7 +4,7 @@ For each N (default 5,000, 20,000 and 80,000 images) it draws an ImageFolder of 
 ImageNet's shape (1,000 class folders, ~400 x 350 px and ~110 KB a file on average, a few large
 and odd ones), makes a DVC workspace with this repository's ``.dvc/config`` and four stages that
 run the library's own stage functions (``encode_dataset``, ``train``, ``sample_stage``,
-``metrics.evaluate``) as ``dvc.yaml`` runs the flows (without Prefect, whose temporary server
+``scores.evaluate``) as ``dvc.yaml`` runs the flows (without Prefect, whose temporary server
 costs the same at any N), and measures with ``dvc repro``:
 
 - per stage: wall time, the part of it outside the networks, the stage process's peak RSS and
@@ -198,7 +198,7 @@ def standin_features(cfg, device, scratch, seen=None, heads=FEATURES):
 def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
     """One stage in this process, as its flow runs it; returns its measurements."""
     from sra2.data import encode, store
-    from sra2.evaluate import metrics
+    from sra2.evaluate import scores
     from sra2.model import vae
     from sra2.sample import generate
     from sra2.train import loop as train
@@ -218,11 +218,11 @@ def run_stage(stage: str, images: Path, n: int, smoke: bool) -> dict:
         timed(vae, "decode", network, vae_decode)
         generate.sample_stage(cfg, "data/train/ema.pt", "data/samples")
     else:
-        metrics.feature_function = functools.partial(
+        scores.feature_function = functools.partial(
             standin_features, heads=SMOKE_FEATURES if smoke else FEATURES)
-        scores = metrics.evaluate(cfg, "data/samples/samples.npz",
-                                  store.pointed_store("data/latents.json"))
-        Path("data/metrics.json").write_text(json.dumps(scores, default=str))
+        found = scores.evaluate(cfg, "data/samples/samples.npz",
+                                store.pointed_store("data/latents.json"))
+        Path("data/metrics.json").write_text(json.dumps(found, default=str))
     wall = time.perf_counter() - start
     return {"wall": wall, "outside": wall - network[0],
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **watch.stop()}

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import yaml
 
 from sra2.evaluate.experiments import exp_show, newest
+from sra2.evaluate.noise import Z95, beyond_noise
 from sra2.evaluate.paper import TABLES, Row, Table
 
 
@@ -109,6 +110,21 @@ def _number(value: Any, digits: int) -> str:
     return "-"
 
 
+def _fid(m: dict) -> str:
+    """FID with +- 1.96 of its noise (sra2.evaluate.noise) where the run measured it."""
+    fid, sd = m.get("fid"), (m.get("fid_noise") or {}).get("sd")
+    return _number(fid, 2) + (f" ± {Z95 * sd:.2f}" if sd and fid is not None else "")
+
+
+def _versus(m: dict, base: dict | None) -> str:
+    """Whether a row's FID differs from the vanilla row's beyond their combined noise."""
+    sd, base_sd = (m.get("fid_noise") or {}).get("sd"), ((base or {}).get("fid_noise") or {})
+    if base is None or m is base or sd is None or base_sd.get("sd") is None:
+        return "-"
+    apart = beyond_noise(m["fid"], sd, base["fid"], base_sd["sd"])
+    return "beyond noise" if apart else "within noise"
+
+
 def _resolved(params: dict):
     """An experiment's configuration (None if its parameters no longer resolve)."""
     from sra2.config.params import ConfigError, resolve
@@ -137,26 +153,40 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
     sra2.train.cost) and their ratio to the vanilla row's."""
     lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (published numbers: "
              "sra2/evaluate/paper.py).", "",
-             "| row | change | paper FID | our FID | our IS | train GFLOPs/image | x vanilla | "
-             "our run | experiment |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+             "| row | change | paper FID | our FID | vs vanilla | our IS | comparable | "
+             "train GFLOPs/image | x vanilla | our run | experiment |",
+             "|---|---|---:|---:|---|---:|---|---:|---:|---|---|"]
+    notes = []  # why a row's numbers are not comparable, one line a row
     vanilla = _gflops(_resolved(found["vanilla"]["params"])) if "vanilla" in found else None
+    base = found["vanilla"]["metrics"] if "vanilla" in found else None
     for row in rows or table.rows:
         change = ", ".join(f"{k}={value_text(v)}" for k, v in row.changes.items())
         entry = found.get(row.name)
         if entry is None:
-            ours, cost, setting, experiment = ("-", "-"), ("-", "-"), "-", "not run"
+            ours, cost, setting, experiment = ("-", "-", "-"), ("-", "-"), "-", "not run"
+            comparable = "-"
         else:
             m, cfg = entry["metrics"], _resolved(entry["params"])
-            ours = (_number(m.get("fid"), 2), _number(m.get("inception_score"), 2))
+            ours = (_fid(m), _versus(m, base), _number(m.get("inception_score"), 2))
+            comparable = {True: "yes", False: f"no [{len(notes) + 1}]"}.get(m.get("comparable"),
+                                                                           "?")
+            if m.get("comparable") is False:
+                notes.append(f"[{len(notes) + 1}] {row.name}: " + "; ".join(m.get("why", [])))
             gflops = _gflops(cfg)
             cost = (f"{gflops:.4g}" if gflops else "-",
                     _number(gflops / vanilla, 2) if gflops and vanilla else "-")
             setting = _setting(cfg)
             experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
         paper = f"{row.fid:.2f}" if row.fid is not None else "-"
-        lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {cost[0]} | "
-                     f"{cost[1]} | {setting} | {experiment} |")
+        lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {ours[2]} | "
+                     f"{comparable} | {cost[0]} | {cost[1]} | {setting} | {experiment} |")
+    lines += ["", f"Our FID: the mean over the run's sample sets ± {Z95:.2f} x its noise (the "
+              "larger of the bootstrap's and the sets' spread, over the square root of the sets: "
+              "sra2/evaluate/noise.py); vs vanilla: beyond noise where the difference exceeds "
+              f"{Z95:.2f} x the two noises' root sum of squares."]
+    if notes:
+        lines += ["", "Not comparable with the paper's numbers (metrics.json's why; `?`: "
+                  "evaluated before the check existed):", *notes]
     return "\n".join(lines)
 
 

@@ -280,7 +280,8 @@ COMPLETE = {
         "sample": {**PAPER["sample"], "num_samples": 12, "batch_size": 4, "shard_size": 8,
                    "steps": 20, "grid": 9},
         "evaluate": {"inception": "random", "inception_seed": 0, "reference": None,
-                     "num_real": None, "batch_size": 12, "seed": 0, "device": "auto"},
+                     "num_real": None, "batch_size": 12, "seed": 0, "device": "auto",
+                     "bootstrap": 0},
     },
 }
 
@@ -396,27 +397,37 @@ def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
     from sra2.evaluate.paper import TABLES
     from sra2.train import cost
 
-    def experiment(name, fid, changes):
+    def experiment(name, fid, changes, why, sd):
         params = {"preset": "sit-b2", **changes}
-        metrics = {"data/metrics.json": {"data": {"fid": fid, "inception_score": 1.5}}}
+        metrics = {"data/metrics.json": {"data": {"fid": fid, "inception_score": 1.5,
+                                                  "fid_noise": {"sd": sd},
+                                                  "comparable": not why, "why": why}}}
         return {"name": name, "executor": None,
                 "revs": [{"rev": "abcdef0123", "data": {"timestamp": "2026-11-28T10:00:00",
                                                        "params": {"params.yaml": {"data": params}},
                                                        "metrics": metrics}}]}
 
     shown = [{"rev": "HEAD", "experiments": [
-        experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}),
-        experiment("table3-repa", 35.5, {"align": {"enabled": False}, "repa": {"enabled": True}})]}]
+        experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}, ["10,000 samples", "x"],
+                   0.5),
+        experiment("table3-repa", 35.5, {"align": {"enabled": False}, "repa": {"enabled": True}},
+                   [], 0.5),
+        experiment("table3-sra", 39.0, {"align": {"enabled": False}, "sra": {"enabled": True}},
+                   [], 0.5)]}]
     table = render(collect(shown, "table3"), TABLES["3"])
     vanilla = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False}})) / 1e9
     repa = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False},
                                       "repa": {"enabled": True}})) / 1e9
-    assert (f"| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 | 1.50 | "
-            f"{vanilla:.4g} | 1.00 |") in table
-    assert f"| 24.40 | 35.50 | 1.50 | {repa:.4g} | {repa / vanilla:.2f} |" in table, table
+    assert (f"| vanilla SiT | encode.pixels=true, align.enabled=false | 33.02 | 40.00 ± 0.98 | - | "
+            f"1.50 | no [1] | {vanilla:.4g} | 1.00 |") in table
+    # 4.5 apart with noises of 0.5 each: beyond 1.96 x 0.71 = 1.39; 1.0 apart: within
+    assert (f"| 24.40 | 35.50 ± 0.98 | beyond noise | 1.50 | yes | {repa:.4g} | "
+            f"{repa / vanilla:.2f} |") in table, table
+    assert "| 39.00 ± 0.98 | within noise |" in table
+    assert table.endswith("\n[1] vanilla: 10,000 samples; x")
     assert 1.3 < repa / vanilla < 1.5  # DINOv2's forward (~46 GFLOPs) on SiT-B/2's ~138
-    assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| not run \|",
-                     table), table
+    assert re.search(r"\| SRA 2 \+ REPA \| .* \| - \| - \| - \| - \| - \| - \| - \| - \| "
+                     r"not run \|", table), table
 
 
 def test_table1_refuses_a_row_the_model_cannot_run():

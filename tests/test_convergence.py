@@ -45,6 +45,22 @@ def test_the_speed_up_is_the_ratio_of_the_steps_that_reach_the_baselines_final_f
     assert up.text().endswith("; wobbly at step 175: 1.1x slower")
 
 
+def test_the_speed_up_has_a_range_from_the_noise_of_the_baselines_final_fid():
+    # vanilla's final 33.0 with a bootstrap sd of 0.5: the target moves by 1.96 x 0.5 = 0.98.
+    # sra2 (35 at 200, 30 at 300) reaches 32.02 at 200 + 2.98/5 x 100 = 259.6 and 33.98 at
+    # 200 + 1.02/5 x 100 = 220.4, vanilla's step staying 400: 1.54x to 1.81x
+    text = "step,fid,sfid,inception_score,fid_sd\n" + "".join(
+        f"{s},{f},1.0,1.0,{sd}\n" for s, f, sd in [(100, 80.0, 2.0), (200, 50.0, 1.0),
+                                                  (300, 40.0, 0.7), (400, 33.0, 0.5)])
+    noisy = make_curve("vanilla", text, "vanilla.csv")
+    assert noisy.fid_sd == [2.0, 1.0, 0.7, 0.5]
+    up = speedup(noisy, curve("sra2", {100: 60.0, 200: 35.0, 300: 30.0, 400: 28.9}))
+    assert up.interval == pytest.approx((400 / 259.6, 400 / 220.4), rel=1e-4)  # z = 1.95996
+    assert "(1.5x to 1.8x with the target moved by 1.96 sd of vanilla's final FID" in up.text()
+    # without a deviation in every row (evaluate.bootstrap 0, or older rows): no range
+    assert speedup(VANILLA, curve("sra2", {300: 30.0})).interval is None
+
+
 def test_a_run_that_does_not_get_there_is_not_reached_never_extrapolated():
     # 60 -> 40 over 100 steps would pass 33 at step 235 if the line went on: it is not drawn on
     slow = curve("slow", {100: 60.0, 200: 40.0})

@@ -70,11 +70,12 @@ def test_unrelated_features_give_r2_near_zero_on_held_out_images():
     assert -0.05 < r2 < 0.02
 
 
-def test_r2_needs_two_images_a_half_and_more_rows_than_coefficients():
-    assert fp.alignment_r2(torch.randn(3, 64, 16), torch.randn(3, 64, 8), seed=0) is None
-    # 2 fitting images of 4 tokens, centred: 4 independent rows for 17 coefficients
-    assert fp.alignment_r2(torch.randn(4, 4, 16), torch.randn(4, 4, 8), seed=0) is None
-    assert fp.alignment_r2(torch.randn(4, 64, 16), torch.randn(4, 64, 8), seed=0) is not None
+def test_r2_needs_ten_fitted_rows_per_coefficient():
+    assert fp.alignment_r2(torch.randn(3, 256, 16), torch.randn(3, 256, 8), seed=0) is None
+    # 2 fitting images of 169 tokens, centred: 169 independent rows for 17 coefficients, then 170
+    assert fp.fit_counts(torch.randn(4, 169, 16)) == (169, 17)
+    assert fp.alignment_r2(torch.randn(4, 169, 16), torch.randn(4, 169, 8), seed=0) is None
+    assert fp.alignment_r2(torch.randn(4, 170, 16), torch.randn(4, 170, 8), seed=0) is not None
 
 
 def test_component_signs_and_colours_are_reproducible():
@@ -122,10 +123,11 @@ def test_the_command_draws_every_panel_and_writes_the_numbers(tiny_objects, tmp_
     assert saved == result and len(set(saved["rows"])) == images
     assert [c["label"] for c in saved["checkpoints"]] == ["vanilla", "sra2"]
     # SiT-Micro has 3 blocks: auto is block 2 and the last. 12 images of 2 x 2 tokens: 6 fit,
-    # centred per position: 4 x 5 = 20 independent rows for 17 coefficients, an R^2 each
+    # centred per position: 4 x 5 = 20 independent rows for 17 coefficients, too few for an R^2
     for c in saved["checkpoints"]:
         assert [blk["block"] for blk in c["blocks"]] == [2, 3]
-        assert all(isinstance(blk["r2"], float) for blk in c["blocks"])
+        assert all(blk["r2"] is None and (blk["r2_rows"], blk["r2_coefficients"]) == (20, 17)
+                   for blk in c["blocks"])
 
     png = np.asarray(Image.open(out).convert("RGB"))
     panel, columns, groups = 96, 2 + 2, 2  # 32 px images zoomed x3; image, VAE, 2 blocks

@@ -236,16 +236,17 @@ def test_the_body_s_own_error_fails_the_stage(unreachable_api):
 
 
 def test_evaluate_reports_the_images_through_inception(tmp_path, tiny, monkeypatch):
-    from sra2.evaluate import metrics
+    from sra2.evaluate import scores
 
     # the formulas are tested in test_metrics; their matrix square roots take long on a CPU
-    monkeypatch.setattr(metrics, "adm_metrics", lambda fake, reference, device: {})
+    monkeypatch.setattr(scores, "adm_metrics",
+                        lambda fake, reference, device: dict.fromkeys(scores.NUMBERS, 0.0))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     cfg = with_overrides(tiny, evaluate={"reference": str(tmp_path / "ref.npz"), "batch_size": 2})
     seen = []
-    metrics.evaluate(cfg, tmp_path / "samples.npz", tmp_path / "no-latents-needed",
+    scores.evaluate(cfg, tmp_path / "samples.npz", tmp_path / "no-latents-needed",
                      progress=lambda done, total: seen.append((done, total)))
     # the total up front, then each batch: the 3 samples (2 + 1), the 4 reference images (2 + 2)
     assert seen == [(0, 7), (2, 7), (3, 7), (5, 7), (7, 7)]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from sra2.data.store import ShardedStore
 from sra2.model.sit import build
-from sra2.sample.generate import generate, sample_labels, sample_stage
+from sra2.sample.generate import generate, sample_labels, sample_stage, signature
 from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
 
 from conftest import randomize, with_overrides
@@ -35,6 +35,24 @@ def test_samples_do_not_depend_on_batch_size_and_assemble_to_an_adm_npz(tmp_path
         assert list(npz.keys()) == ["arr_0"]
         np.testing.assert_array_equal(npz["arr_0"], images)
     np.testing.assert_array_equal(read_npz_images(tmp_path / "samples.npz"), images)
+
+
+def test_sets_of_other_seeds_follow_the_first_set_which_is_the_one_set_run(tmp_path, tiny):
+    """sample.seeds = 3: 3 x num_samples images; the first set is a one-set run's images and labels
+    (and its folder: one set keeps the signature of runs made before sets), the others differ."""
+    ema = export_random_sit(tmp_path / "ema.pt", tiny)
+    one = with_overrides(tiny, sample={"num_samples": 3, "shard_size": 4, "steps": 4})
+    three = with_overrides(one, sample={"seeds": 3})
+    assert signature(one, "x") == signature(with_overrides(one, sample={"seeds": 1}), "x")
+    assert "seeds" not in signature(one, "x")["sample"] and signature(three, "x") != \
+        signature(one, "x")
+    a, b = (ShardedStore(generate(c, ema, tmp_path / n)) for c, n in ((one, "one"),
+                                                                       (three, "three")))
+    first, every = a.array("images")[:], b.array("images")[:]
+    assert every.shape == (9, 32, 32, 3)
+    np.testing.assert_array_equal(every[:3], first)
+    np.testing.assert_array_equal(b.array("labels")[:3], a.array("labels")[:])
+    assert not np.array_equal(every[3:6], first) and not np.array_equal(every[6:], every[3:6])
 
 
 def test_new_weights_sample_beside_the_old_samples(tmp_path, tiny):

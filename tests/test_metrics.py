@@ -7,9 +7,11 @@ from PIL import Image
 
 from sra2.data.store import ShardedStore
 from sra2.evaluate.metrics import (
+    AGREEMENT,
     ArrayImages,
     CroppedFiles,
-    evaluate,
+    adm_trace_sqrt,
+    frechet,
     frechet_distance,
     inception_features,
     inception_network,
@@ -20,6 +22,8 @@ from sra2.evaluate.metrics import (
     statistics,
     write_random_inception,
 )
+from sra2.evaluate.protocol import not_comparable
+from sra2.evaluate.scores import evaluate
 
 from conftest import with_overrides
 
@@ -99,6 +103,67 @@ def test_frechet_distance_matches_the_symmetric_eigenvalue_form():
     assert cond < 1e3
     assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(
         expected, abs=cond * d * EPS * (np.trace(sigma1) + np.trace(sigma2)))
+
+
+def test_fid_two_ways_agree_on_adm_shaped_statistics():
+    """2048 dimensions, eigenvalues over 8 decades as Inception's pool features have, two
+    covariances in unrelated bases: the two eigenvalue routes and ADM's sqrtm agree."""
+    rng = np.random.default_rng(0)
+    d, spectrum = 2048, np.logspace(1, -7, 2048)
+    q1, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    q2, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    sigma1, sigma2 = (q1 * spectrum) @ q1.T, (q2 * spectrum[::-1]) @ q2.T
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    found = frechet(mu1, sigma1, mu2, sigma2)
+    assert found.agree and found.warning is None and found.reported == found.value
+    adm = (mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) \
+        - 2 * adm_trace_sqrt(sigma1, sigma2)
+    # each route rounds d eigenvalues of a product of norm 10 x 10 (null_space_noise with the
+    # spectral norms known by construction, not computed)
+    assert found.value == pytest.approx(adm, abs=2 * d * math.sqrt(d * EPS * 10 * 10))
+    assert abs(found.value - found.check) <= AGREEMENT * found.value
+
+
+def test_fid_is_exact_where_adms_sqrtm_is_not():
+    """Covariances spanning 16 decades, one of rank 4 (fewer images than dimensions), in unrelated
+    bases: the product sqrtm roots has eigenvalues far below its rounding, which leaves complex
+    roots (ADM refuses an imaginary diagonal above 1e-3). The eigenvalue routes take the root of a
+    symmetric matrix instead; against 60-digit arithmetic on the same numbers they are off by
+    less than the rounding of the eigenvalues' sum (d x sqrt(d eps |sigma1| |sigma2|))."""
+    import mpmath
+
+    rng = np.random.default_rng(1)
+    d = 8
+    q1, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    q2, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a, b = np.logspace(6, -10, d), np.logspace(-10, 6, d)
+    a[d // 2:] = 0
+    sigma1, sigma2 = (q1 * a) @ q1.T, (q2 * b) @ q2.T
+    sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
+    with mpmath.workdps(60):
+        product = mpmath.matrix(sigma1.tolist()) * mpmath.matrix(sigma2.tolist())
+        roots = [mpmath.sqrt(max(mpmath.re(e), 0)) for e in mpmath.eig(product, left=False,
+                                                                         right=False)]
+        exact = float(np.trace(sigma1) + np.trace(sigma2) - 2 * sum(roots))
+    found = frechet(np.zeros(d), sigma1, np.zeros(d), sigma2)
+    assert found.agree
+    bound = d * math.sqrt(d * EPS * np.linalg.norm(sigma1, 2) * np.linalg.norm(sigma2, 2))
+    assert abs(found.value - exact) <= bound and abs(found.check - exact) <= bound
+
+
+def test_routes_that_disagree_are_reported_with_adms():
+    """A damaged reference covariance (a negative eigenvalue): the routes disagree, ADM's sqrtm has
+    no real root; the value is reported with a warning naming both."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    w, u = np.linalg.eigh(b @ b.T)
+    w[0] = -0.05 * w[-1]
+    found = frechet(np.zeros(3), a @ a.T, np.zeros(3), (u * w) @ u.T)
+    assert not found.agree and found.adm is None and found.reported == found.value
+    assert f"{found.value!r} rooting sigma1, {found.check!r} rooting sigma2" in found.warning
+    with pytest.raises(ValueError, match="imaginary part"):
+        adm_trace_sqrt(a @ a.T, (u * w) @ u.T)
 
 
 SYMMETRIC = np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]])
@@ -275,6 +340,37 @@ def test_evaluate_against_an_adm_reference_batch(tmp_path, tiny, images, feature
     assert result["precision"] == 1.0 and result["recall"] < 1.0
     assert "20 images arr_0" in result["pr_reference"] and "ref.npz" in result["fid_reference"]
     assert result["num_samples"] == 10 and "RANDOM" in result["inception_weights"]
+    # the tiny preset's numbers say why they cannot sit beside the paper's
+    assert result["comparable"] is False and result["why"] == not_comparable(cfg)
+    assert any("evaluate.inception" in why for why in result["why"])
+    assert "fid_noise" not in result and "sets" not in result  # one set, no bootstrap
+
+
+def test_evaluate_scores_each_sample_set_and_the_noise_of_their_mean(tmp_path, tiny, images,
+                                                                      features):
+    """The 10 images as sample.seeds = 2 sets of 5, and 3 bootstrap resamples: each number is the
+    mean of the sets', its noise the larger of the bootstrap's and the sets' spread over sqrt(2)."""
+    (a, b, _), (fake, second, _) = images, features
+    np.savez(tmp_path / "ref.npz", arr_0=b, mu=statistics(second["pool"])[0],
+             sigma=statistics(second["pool"])[1], mu_s=statistics(second["spatial"])[0],
+             sigma_s=statistics(second["spatial"])[1])
+    np.savez(tmp_path / "samples.npz", arr_0=a)
+    cfg = with_overrides(tiny, sample={"num_samples": 5, "seeds": 2},
+                         evaluate={"reference": str(tmp_path / "ref.npz"), "batch_size": 10,
+                                   "inception_seed": 1, "bootstrap": 3})
+    result = evaluate(cfg, tmp_path / "samples.npz", tmp_path / "no-latents-needed")
+    first, other = result["sets"]
+    assert first["fid"] == frechet_distance(*statistics(fake["pool"][:5]),
+                                            *statistics(second["pool"]))
+    assert result["fid"] == pytest.approx((first["fid"] + other["fid"]) / 2, rel=1e-12)
+    assert result["num_samples"] == 5
+    for name in ("fid", "sfid", "inception_score"):
+        found = result[f"{name}_noise"]
+        seeds_sd = abs(first[name] - other[name]) / math.sqrt(2)  # the sd of two values
+        assert found["seeds_sd"] == pytest.approx(seeds_sd, rel=1e-9)
+        low, high = found["bootstrap_interval"]
+        assert low <= high and found["bootstrap_sd"] >= 0
+        assert found["sd"] == pytest.approx(max(found["bootstrap_sd"], seeds_sd) / math.sqrt(2))
 
 
 def test_evaluate_against_the_real_images_of_the_encoded_dataset(tmp_path, tiny, images, features,

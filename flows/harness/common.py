@@ -15,6 +15,7 @@ from flows.harness.pictures import Picture
 from flows.harness.progress import Watch
 from flows.harness.runner import outcome
 from sra2.config.params import Config, ConfigError, load
+from sra2.evaluate import protocol
 
 
 def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
@@ -41,6 +42,8 @@ def parse(stage: str, doc: str, paths: dict[str, tuple[str, str]],
         checks.check(cfg, stage, plan.nproc_per_node * plan.nnodes, args["params"], more)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    if line := protocol.reference_missing(cfg):
+        print(f"WARNING: {line}", file=sys.stderr)
     return cfg, args
 
 

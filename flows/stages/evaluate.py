@@ -19,7 +19,7 @@ from sra2.runtime import atomic
 
 @stage_flow("evaluate")
 def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
-    from sra2.evaluate.metrics import evaluate
+    from sra2.evaluate.scores import evaluate
 
     ec, mon = cfg.evaluate, current()
     mon.say(f"evaluate: preset {cfg.preset}, samples {samples} against "
@@ -42,11 +42,13 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
         result = evaluate(cfg, samples, latents, progress=progress)
     watch.finish()
     atomic.write_json(out, result)
-    table("metrics", result, result["inception_weights"])
+    verdict = ("comparable with the paper's numbers" if result["comparable"] else
+               "NOT comparable with the paper's numbers: " + "; ".join(result["why"]))
+    table("metrics", result, f"{result['inception_weights']}; {verdict}")
     mon.say(f"evaluate: FID {result['fid']:.3f}  sFID {result['sfid']:.3f}  "
             f"IS {result['inception_score']:.3f}  precision {result['precision']:.3f}  "
             f"recall {result['recall']:.3f} of {result['num_samples']} samples "
-            f"({result['inception_weights']}; FID against {result['fid_reference']})")
+            f"({result['inception_weights']}; FID against {result['fid_reference']}); {verdict}")
     return result
 
 

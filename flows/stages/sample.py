@@ -21,11 +21,11 @@ def sample_flow(cfg: Config, ema: str, out: str) -> dict:
 
     sc, mon = cfg.sample, current()
     steps = f"{sc.ralu.steps} steps" if sc.sampler == "ralu" else f"{sc.steps} steps"
-    mon.say(f"sample: preset {cfg.preset}, {sc.num_samples} images from {ema}, {sc.sampler} "
-            f"{steps}, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
+    mon.say(f"sample: preset {cfg.preset}, {sc.total} images ({sc.seeds} set(s)) from {ema}, "
+            f"{sc.sampler} {steps}, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
             f"batch {sc.batch_size}, shards of {sc.shard_size} -> {out}")
     result = run_workers("sample", sample_stage, cfg, {"ema_path": ema, "out": out},
-                         f"sampling {cfg.sample.num_samples} images", outputs=[out])
+                         f"sampling {cfg.sample.total} images", outputs=[out])
     if result is not None:
         # a VAE trained by the demo-data stage left real images beside what it gives back for
         # them: how good a sample can look through this VAE

@@ -367,7 +367,10 @@ class Ralu(Section):
 
 
 class Sample(Section):
-    num_samples: PositiveInt
+    num_samples: PositiveInt  # of one set
+    # sets of num_samples images, each with its own seeds (sample i of all seeds x num_samples
+    # depends on (seed, i)): evaluate scores each set, and their spread is the sampling noise
+    seeds: PositiveInt = 1
     batch_size: Annotated[PositiveInt, NotInResult()]  # images per network call
     shard_size: PositiveInt  # images per shard: the unit of resuming
     sampler: Literal["sde", "ode-euler", "ode-heun", "ralu"]
@@ -396,6 +399,11 @@ class Sample(Section):
     precision: Literal["fp32", "bf16"]  # network compute on a GPU (the sampler's state stays fp32)
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]
 
+    @property
+    def total(self) -> int:
+        """The images drawn: every set."""
+        return self.seeds * self.num_samples
+
     @field_validator("cfg_interval")
     @classmethod
     def _ordered(cls, value: list[float]) -> list[float]:
@@ -414,8 +422,10 @@ class Evaluate(Section):
     reference: str | None
     num_real: PositiveInt | None  # real images used where the reference is the dataset; None: all
     batch_size: PositiveInt  # images per Inception call
-    seed: Seed  # picks the num_real subset
+    seed: Seed  # picks the num_real subset, and the bootstrap's resamples
     device: Literal["auto", "cpu", "cuda"]
+    # resamples of the generated images' features behind each number's interval (0: none)
+    bootstrap: NonNegativeInt = 100
 
 
 class Config(Section):

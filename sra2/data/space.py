@@ -182,12 +182,12 @@ def sample_needs(cfg: Config, store: Path, pending: list[int] | None = None,
     the shards are removed once it is written)."""
     sc, side = cfg.sample, cfg.data.image_size
     arrays = {"images": ((side, side, 3), "uint8")}
-    shards = store_bytes(arrays, sc.num_samples, sc.shard_size, 1,  # one image a chunk
+    shards = store_bytes(arrays, sc.total, sc.shard_size, 1,  # one image a chunk
                          {"images": RATIO["samples"]}, {}, pending)
-    made = 0 if pending is not None else made_bytes(1, sc.num_samples, 0)
+    made = 0 if pending is not None else made_bytes(1, sc.total, 0)
     if npz is None:
         return [Need(store.parent, "sample shards", shards + made, shards + made)]
-    nbytes = sc.num_samples * side * side * 3 + NPZ_OVERHEAD
+    nbytes = sc.total * side * side * 3 + NPZ_OVERHEAD
     return [Need(store.parent, "sample shards, then samples.npz", shards + made + nbytes, nbytes)]
 
 

@@ -38,11 +38,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sra2.evaluate.noise import Z95
 from sra2.evaluate.plots import PALETTE, Series, font, line_panel
 from sra2.runtime import atomic
 
 # where the train stage writes them (dvc.yaml), as committed to each experiment
 FID_CSV, TIMES_CSV = "data/train/fid.csv", "data/train/times.csv"
+
+
+# what every curve is, said on the chart: the evaluations over training are small
+CAVEAT = ("FIDs over training: train.eval_samples images each, noisier than FID-50K (wider "
+          "intervals) and not comparable with the paper's numbers")
 
 
 class ConvergenceError(ValueError):
@@ -58,23 +64,27 @@ class Curve:
     fid: list[float]
     images: list[float] | None = None  # training images seen
     hours: list[float] | None = None  # process-hours
+    fid_sd: list[float] | None = None  # each FID's bootstrap standard deviation, where measured
     device: str = ""  # what the processes ran on: cuda, cpu, or both ("cpu+cuda")
 
 
 # --- reading the curves
 
-def parse_fid(text: str, source: str) -> tuple[list[int], list[float]]:
-    """Steps and FIDs of a ``fid.csv`` (sra2.train.fid_curve), by step."""
+def parse_fid(text: str, source: str) -> tuple[list[int], list[float], list[float] | None]:
+    """Steps, FIDs and (where every row has one) the FIDs' standard deviations of a ``fid.csv``
+    (sra2.train.fid_curve), by step."""
     reader = csv.DictReader(io.StringIO(text))
     if not {"step", "fid"} <= set(reader.fieldnames or []):
         raise ConvergenceError(f"{source}: not a fid.csv (no step and fid columns)")
     try:
-        points = sorted((int(r["step"]), float(r["fid"])) for r in reader)
+        points = sorted((int(r["step"]), float(r["fid"]), r.get("fid_sd") or None)
+                        for r in reader)
+        sds = [float(sd) for _, _, sd in points] if all(p[2] for p in points) else None
     except (TypeError, ValueError) as e:
         raise ConvergenceError(f"{source}: line {reader.line_num}: {e}") from None
-    if bad := [str(step) for step, fid in points if not math.isfinite(fid)]:
+    if bad := [str(step) for step, fid, _ in points if not math.isfinite(fid)]:
         raise ConvergenceError(f"{source}: FID is not a number at step(s) {', '.join(bad)}")
-    return [step for step, _ in points], [fid for _, fid in points]
+    return [p[0] for p in points], [p[1] for p in points], sds
 
 
 def make_curve(label: str, fid_text: str, source: str, times_text: str | None = None,
@@ -82,11 +92,11 @@ def make_curve(label: str, fid_text: str, source: str, times_text: str | None = 
     """A run's curve; images seen and process-hours come from training's ``times.csv``
     (sra2.train.checkpoints.TimeLog), images also from ``global_batch`` when that file is
     missing."""
-    steps, fids = parse_fid(fid_text, source)
+    steps, fids, sds = parse_fid(fid_text, source)
     if not steps:
         raise ConvergenceError(f"{label}: {source} has no FID rows (was it trained with "
                                "train.eval_every > 0, up to that step?)")
-    curve = Curve(label, steps, fids)
+    curve = Curve(label, steps, fids, fid_sd=sds)
     reader = csv.DictReader(io.StringIO(times_text or ""))
     try:
         at = {int(r["step"]): r for r in reader}
@@ -196,6 +206,9 @@ class SpeedUp:
     baseline_step: float
     method_step: float | None  # None: not reached
     lower_bound: bool  # the method was there at its first evaluation
+    # the ratios with the target moved by -+1.96 sd of the baseline's final FID
+    # (:func:`noise_interval`)
+    interval: tuple[float, float] | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -222,6 +235,10 @@ class SpeedUp:
               else f"at step {self.method_step:,.0f}")
         line = (f"{m} reaches {goal} {at}; {b} at step {self.baseline_step:,.0f}: "
                 f"{'at least ' if self.lower_bound else ''}{times_text(self.ratio)}")
+        if self.interval:
+            low, high = self.interval
+            line += (f" ({low:.1f}x to {high:.1f}x with the target moved by 1.96 sd of "
+                     f"{b}'s final FID, a bootstrap of train.eval_samples images)")
         if hours := self.hours():
             unit = hours_unit([self.baseline, self.method])
             line += (f" (in {unit}: {hours[1]:.3g} against {hours[0]:.3g}, "
@@ -240,7 +257,22 @@ def speedup(baseline: Curve, method: Curve) -> SpeedUp:
     own, _ = first_reach(baseline, target)
     reached = first_reach(method, target)
     return SpeedUp(baseline, method, target, own, reached[0] if reached else None,
-                   bool(reached and reached[1]))
+                   bool(reached and reached[1]), noise_interval(baseline, method))
+
+
+def noise_interval(baseline: Curve, method: Curve) -> tuple[float, float] | None:
+    """The speed-up's range over the noise of the target, the baseline's final FID: the method
+    read again at that FID -+ 1.96 of its bootstrap standard deviation, the baseline's step kept
+    (its final FID is where it is by definition). None without a measured deviation, or where the
+    method misses the lower target."""
+    if not baseline.fid_sd:
+        return None
+    own, _ = first_reach(baseline, baseline.fid[-1])
+    delta = Z95 * baseline.fid_sd[-1]
+    hard, easy = (first_reach(method, baseline.fid[-1] + d) for d in (-delta, delta))
+    if hard is None or easy is None:
+        return None
+    return tuple(own / step if step else math.inf for step in (hard[0], easy[0]))
 
 
 # --- the picture
@@ -322,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         cost = f", {c.hours[-1]:.3g} {hours_unit([c])}" if c.hours else ""
         print(f"{c.label}: {len(c.steps)} evaluation(s) up to step {c.steps[-1]:,}, final FID "
               f"{c.fid[-1]:.2f}{cost}")
-    lines = [speedup(base, c).text() for c in curves if c is not base]
+    lines = [speedup(base, c).text() for c in curves if c is not base] + [CAVEAT]
     print("\n".join(lines))
     img = draw(curves, lines)
     atomic.write_with(args.out, lambda f: img.save(f, format="PNG"))

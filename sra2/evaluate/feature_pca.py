@@ -27,9 +27,11 @@ What is computed, exactly:
   most of an early block's variance: ~98% for a SiT-Demo/2 trained 300 steps on the tiny
   preset's images, at t = 1, where the raw R^2 read 0.09 and the centred one 0.98); least squares
   (with an intercept) fitted on the first half, R^2 = 1 - SSE / SST on the second, summed over the
-  hidden state's dimensions. Unrelated features give about -(d + 1) / n_fit, slightly below 0; None
-  with fewer than 4 images, or where the fitting half has no more rows than the map has
-  coefficients. The picture's PCA is of the raw features, as the paper's figure is.
+  hidden state's dimensions. Unrelated features give about -(d + 1) / n_fit, slightly below 0.
+  Reported only where the fit has at least ``ROWS_PER_COEFFICIENT`` (10) independent rows per
+  coefficient, else "n/a" with the counts: with fewer a least-squares map fits noise and its
+  held-out R^2 means little (the tiny preset's 12 images, 20 rows for 17 coefficients, read -5.4).
+  The picture's PCA is of the raw features, as the paper's figure is.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from sra2.runtime import atomic, dist
 from sra2.sample.samplers import derived_seed, randn
 
 COMPONENTS = 3  # shown as R, G, B
+ROWS_PER_COEFFICIENT = 10  # an R^2 needs at least this many fitted rows per coefficient
 PERCENTILES = (1.0, 99.0)  # the colour range of each component
 DEFAULT_BLOCKS = (2, 4, 8)  # and the last block; those above the depth are left out
 BARELY_TRAINED = 10_000  # steps: the paper's runs train 400K-7M; below this a picture says so
@@ -127,18 +130,26 @@ def held_out_r2(x_fit: torch.Tensor, y_fit: torch.Tensor, x_test: torch.Tensor,
     return float(1.0 - residual.square().sum() / total)
 
 
+def fit_counts(vae_tokens: torch.Tensor) -> tuple[int, int]:
+    """(independent rows, coefficients) of :func:`alignment_r2`'s fit: L x (images in the fitting
+    half - 1) rows once each position is centred, d + 1 coefficients per output."""
+    images, length, d = vae_tokens.shape
+    return length * max(images // 2 - 1, 0), d + 1
+
+
 def alignment_r2(vae_tokens: torch.Tensor, hidden: torch.Tensor, seed: int) -> float | None:
     """R^2 of a linear map from ``vae_tokens`` (images, L, d) to ``hidden`` (images, L, D), fitted
     on a seeded half of the images and scored on the other half. Within each half, every token
     position's mean over the half's images is removed from both first: the position embedding
     (the same for every image, most of an early block's variance) is not what the VAE tokens are
-    asked to explain, and the halves share nothing. None with fewer than 2 images per half or no
-    more fitting rows (L x (images - 1)) than coefficients (d + 1)."""
-    images, length, d = vae_tokens.shape
+    asked to explain, and the halves share nothing. None where the fit has fewer than
+    ``ROWS_PER_COEFFICIENT`` rows per coefficient (:func:`fit_counts`)."""
+    images = len(vae_tokens)
+    rows, coefficients = fit_counts(vae_tokens)
+    if rows < ROWS_PER_COEFFICIENT * coefficients:
+        return None
     order = torch.randperm(images, generator=torch.Generator().manual_seed(seed))
     fit, test = order[:images // 2], order[images // 2:]
-    if len(fit) < 2 or length * (len(fit) - 1) <= d + 1:
-        return None
 
     def rows(tokens: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         picked = tokens[part].to(torch.float64)
@@ -304,8 +315,10 @@ def _title(cfg: Config, t: float, seed: int, store: Path) -> list[tuple[str, str
     return lines
 
 
-def _r2_text(r2: float | None) -> str:
-    return "R2 n/a" if r2 is None else f"R2 {r2:.3f}"
+def _r2_text(r2: float | None, counts: tuple[int, int]) -> str:
+    if r2 is not None:
+        return f"R2 {r2:.3f}"
+    return f"R2 n/a ({counts[0]} of {ROWS_PER_COEFFICIENT * counts[1]} rows)"
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -351,15 +364,18 @@ def feature_pca(cfg: Config, ema: str, latents: str | Path, out: str | Path, ima
         hidden = hidden_states(c.model.to(device), xt.to(device), t, y, c.blocks)
         c.model.cpu()
         r2 = {b: alignment_r2(vae_tokens, h.cpu(), seed) for b, h in hidden.items()}
+        counts = fit_counts(vae_tokens)
         rgb = {b: pca_rgb(h.cpu()) for b, h in hidden.items()}
         panels = [fixed[i] + [token_panel(rgb[b][i], panel) for b in c.blocks]
                   for i in range(len(rows))]
-        columns = ["image", "VAE latent"] + [f"block {b}\n{_r2_text(r2[b])}" for b in c.blocks]
+        columns = ["image", "VAE latent"] + [f"block {b}\n{_r2_text(r2[b], counts)}"
+                                             for b in c.blocks]
         groups.append((_ckpt_header(c), columns, panels))
         numbers.append({"label": c.label, "path": str(c.path), "name": c.name, "step": c.step,
-                        "blocks": [{"block": b, "r2": r2[b]} for b in c.blocks]})
+                        "blocks": [{"block": b, "r2": r2[b], "r2_rows": counts[0],
+                                    "r2_coefficients": counts[1]} for b in c.blocks]})
         log(f"feature-pca: {c.label} ({c.name}, step {c.step}): "
-            + ", ".join(f"block {b} {_r2_text(r2[b])}" for b in c.blocks))
+            + ", ".join(f"block {b} {_r2_text(r2[b], counts)}" for b in c.blocks))
 
     row_labels = [[f"row {r}", f"class {labels[r]}"] for r in rows]
     grid = draw_grid(_title(cfg, t, seed, store_path), row_labels, groups, panel)

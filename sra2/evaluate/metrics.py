@@ -14,11 +14,10 @@ the first 7 channels of that NHWC tensor and flattens it in H, W, C order: 17 * 
 from __future__ import annotations
 
 import functools
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from sra2.config.params import Config
 from sra2.data.encode import rejects
 from sra2.data.images import load_cropped
 from sra2.data.store import ShardedStore
-from sra2.runtime import atomic, dist
+from sra2.runtime import atomic
 from sra2.sample.outputs import DamagedFile, read_npz_images
 
 EXTRACTOR = "inception-v3-compat"
@@ -39,6 +38,7 @@ IS_SPLIT_SIZE = 5000  # ADM: contiguous chunks of 5000 samples, no shuffle
 NEAREST_K = 3  # ADM: the manifold of a set is the union of balls to each point's 3rd neighbour
 DISTANCE_BLOCK = 2 ** 25  # pairwise distances held at once (float64: 256 MiB)
 STATISTICS = ("mu", "sigma", "mu_s", "sigma_s")  # FID and sFID statistics of an ADM reference batch
+AGREEMENT = 1e-4  # relative: the two routes of a Frechet distance
 
 Statistics = tuple[np.ndarray, np.ndarray]  # mean and covariance
 
@@ -84,27 +84,79 @@ def _sqrtm(matrix: np.ndarray) -> np.ndarray:
         return linalg.sqrtm(matrix)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), with scipy's sqrtm as ADM:
-    ``eps`` on both diagonals if the root is not finite, the real part if it is complex with a
-    negligible imaginary diagonal."""
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"Frechet distance of statistics of different sizes: mean {mu1.shape} vs "
-                         f"{mu2.shape}, covariance {sigma1.shape} vs {sigma2.shape}")
-    covmean = _sqrtm(sigma1 @ sigma2)
+def trace_sqrt(a: np.ndarray, b: np.ndarray) -> float:
+    """tr (a b)^(1/2) of covariances a and b: the sum of the square roots of the eigenvalues of
+    a^(1/2) b a^(1/2), which are those of a b, from two symmetric eigendecompositions (no complex
+    arithmetic; 4.5x faster than sqrtm at 2048 dimensions). Eigenvalues below zero are rounding
+    around a null space: taken as zero."""
+    w, u = np.linalg.eigh(a)
+    root = (u * np.sqrt(np.clip(w, 0, None))) @ u.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ b @ root), 0, None)).sum())
+
+
+def adm_trace_sqrt(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
+    """tr (a b)^(1/2) as ADM's evaluator takes it: scipy's sqrtm of the product, ``eps`` on both
+    diagonals if the root is not finite, the real part if its imaginary diagonal is negligible."""
+    covmean = _sqrtm(a @ b)
     if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        offset = np.eye(len(a)) * eps
+        covmean = _sqrtm((a + offset) @ (b + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Frechet distance: the square root of sigma1 @ sigma2 has an "
                              f"imaginary part of {np.abs(covmean.imag).max():.3g}")
         covmean = covmean.real
+    return float(np.trace(covmean))
+
+
+class Frechet(NamedTuple):
+    """A Frechet distance computed two ways (:func:`trace_sqrt` rooting sigma1, then sigma2: two
+    independent decompositions of the same eigenvalues); where they disagree, also ADM's."""
+
+    value: float
+    check: float
+    agree: bool
+    adm: float | None = None  # ADM's sqrtm route on a disagreement (None: it has no real root)
+
+    @property
+    def reported(self) -> float:
+        """The checked value; on a disagreement ADM's, where it has one."""
+        return self.value if self.agree or self.adm is None else self.adm
+
+    @property
+    def warning(self) -> str | None:
+        if self.agree:
+            return None
+        adm = "has no real root" if self.adm is None else f"gives {self.adm!r}"
+        return (f"the two eigenvalue routes disagree ({self.value!r} rooting sigma1, "
+                f"{self.check!r} rooting sigma2); ADM's sqrtm {adm}; reported "
+                f"{self.reported!r}")
+
+
+def frechet(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> Frechet:
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), checked: the two routes of
+    :class:`Frechet` must agree to ``AGREEMENT`` of the distance (and 1e-4 absolute: FIDs are
+    printed to 2 decimals); otherwise ADM's sqrtm decides the value where it has one."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"Frechet distance of statistics of different sizes: mean {mu1.shape} vs "
+                         f"{mu2.shape}, covariance {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    base = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+    value, check = base - 2 * trace_sqrt(sigma1, sigma2), base - 2 * trace_sqrt(sigma2, sigma1)
+    if abs(value - check) <= AGREEMENT * max(abs(value), 1.0):
+        return Frechet(value, check, True)
+    try:
+        return Frechet(value, check, False, base - 2 * adm_trace_sqrt(sigma1, sigma2))
+    except ValueError:  # a complex root: not a covariance product (a damaged file)
+        return Frechet(value, check, False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+    """The Frechet distance (:func:`frechet`): ADM's number where the routes disagree."""
+    return frechet(mu1, sigma1, mu2, sigma2).reported
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
@@ -320,10 +372,17 @@ def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict
             "fid_reference": source, "pr_reference": source}
 
 
-def frechet_scores(fake: dict[str, np.ndarray], reference: dict) -> dict[str, float]:
-    """FID and sFID of sample features against a reference side's statistics."""
-    return {"fid": frechet_distance(*statistics(fake["pool"]), *reference["fid"]),
-            "sfid": frechet_distance(*statistics(fake["spatial"]), *reference["sfid"])}
+def frechet_scores(fake: dict[str, np.ndarray],
+                   reference: dict) -> tuple[dict[str, float], list[str]]:
+    """FID and sFID of sample features against a reference side's statistics, and a warning for
+    each whose two routes disagreed (:func:`frechet`)."""
+    scores, warned = {}, []
+    for name, features in (("fid", "pool"), ("sfid", "spatial")):
+        found = frechet(*statistics(fake[features]), *reference[name])
+        scores[name] = found.reported
+        if found.warning:
+            warned.append(f"{name}: {found.warning}")
+    return scores, warned
 
 
 def feature_function(cfg: Config, device: torch.device, scratch: Path, seen=None) -> Features:
@@ -338,47 +397,6 @@ def adm_metrics(fake: dict[str, np.ndarray], reference: dict,
                 device: torch.device) -> dict[str, float]:
     """The five numbers ADM's evaluator prints, for sample features against a reference side."""
     precision, recall = precision_recall(reference["pool"], fake["pool"], device=device)
-    return {**frechet_scores(fake, reference), "inception_score": inception_score(fake["logits"]),
-            "precision": precision, "recall": recall}
-
-
-def _reference_size(cfg: Config, latents: str | Path) -> int:
-    """How many images :func:`reference_side` sends through Inception (a progress total)."""
-    ec = cfg.evaluate
-    images = load_reference(ec.reference)["images"] if ec.reference else None
-    if images is not None:
-        return len(images)
-    return len(real_files(latents, cfg.data.root, ec.num_real, ec.seed))
-
-
-def _counter(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
-    """Adds up the images of each batch and calls ``progress(done, total)``; says 0 at once."""
-    done = 0
-
-    def seen(n: int) -> None:
-        nonlocal done
-        done += n
-        progress(done, total)
-
-    progress(0, total)
-    return seen
-
-
-def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """FID, sFID, Inception Score, precision and recall of the ADM ``.npz`` at ``samples``, against
-    ``evaluate.reference`` (an ADM reference batch) or the real images of the encoded dataset.
-    ``progress(done, total)`` counts the images (samples, then reference) through Inception."""
-    ec = cfg.evaluate
-    device = dist.device(ec.device)
-    fakes = ArrayImages(read_npz_images(samples))
-    seen = _counter(progress, len(fakes) + _reference_size(cfg, latents)) if progress else None
-    with tempfile.TemporaryDirectory() as scratch:
-        features = feature_function(cfg, device, Path(scratch), seen)
-        fake = features(fakes)
-        reference = reference_side(cfg, latents, features)
-    note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
-            if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")
-    return {**adm_metrics(fake, reference, device), "num_samples": len(fake["pool"]),
-            "fid_reference": reference["fid_reference"], "pr_reference": reference["pr_reference"],
-            "inception_weights": note, "preset": cfg.preset}
+    scores, warned = frechet_scores(fake, reference)
+    return {**scores, "inception_score": inception_score(fake["logits"]),
+            "precision": precision, "recall": recall, **({"warnings": warned} if warned else {})}

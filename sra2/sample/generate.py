@@ -36,12 +36,13 @@ from sra2.sample.samplers import Generators, derived_seed, guided_velocity, rand
 NPZ = "samples.npz"
 
 
-def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform") -> np.ndarray:
-    """Labels of samples 0..n-1 (sample.labels). ``uniform``: independent uniform draws, as SiT and
-    REPA sample. ``balanced``: n // num_classes of every class and one more for n % num_classes
-    distinct seeded classes, in a seeded random order (ADM's contiguous Inception Score splits of
-    5000 then see all classes, not a sorted tenth of them)."""
-    rng = np.random.default_rng([seed, n])
+def sample_labels(seed: int, n: int, num_classes: int, kind: str = "uniform",
+                  set_index: int = 0) -> np.ndarray:
+    """Labels of samples 0..n-1 of set ``set_index`` (sample.labels). ``uniform``: independent
+    uniform draws, as SiT and REPA sample. ``balanced``: n // num_classes of every class and one
+    more for n % num_classes distinct seeded classes, in a seeded random order (ADM's contiguous
+    Inception Score splits of 5000 then see all classes, not a sorted tenth of them)."""
+    rng = np.random.default_rng([seed, n, *([set_index] if set_index else [])])
     if kind == "uniform":
         return rng.integers(0, num_classes, n, dtype=np.int64)
     if kind == "balanced":
@@ -62,8 +63,12 @@ def _file_sha256(path: Path) -> str:
 def signature(cfg: Config, ema_sha256: str) -> dict:
     """What the images depend on: the weights (by digest), the VAE and the sample settings."""
     sc = cfg.sample
-    # ralu's settings change the images only when ralu samples
-    sample = result_settings(sc, exclude=() if sc.sampler == "ralu" else {"ralu"})
+    exclude = set()
+    if sc.sampler != "ralu":  # ralu's settings change the images only when ralu samples
+        exclude.add("ralu")
+    if sc.seeds == 1:  # what runs made before sets existed drew: their folders stay theirs
+        exclude.add("seeds")
+    sample = result_settings(sc, exclude=exclude)
     return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
 
 
@@ -111,9 +116,9 @@ def state_shape(model: torch.nn.Module) -> tuple[int, ...]:
 
 def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progress | None = None,
              npz: Path | None = None, sign: dict | None = None) -> Path:
-    """Fill ``out/<signature hash>`` with ``cfg.sample.num_samples`` images; returns the store's
-    path. ``npz``: where the caller then writes them as one file (the preflight counts it);
-    ``sign``: :func:`signature`, where the caller has it already."""
+    """Fill ``out/<signature hash>`` with ``cfg.sample.total`` images (every set); returns the
+    store's path. ``npz``: where the caller then writes them as one file (the preflight counts
+    it); ``sign``: :func:`signature`, where the caller has it already."""
     sc = cfg.sample
     rank, world = dist.init()
     device = dist.device(sc.device, rank)
@@ -130,9 +135,11 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
     path = Path(out) / digest(sign)
     if rank == 0:
         made = ShardedStore.open_or_create(
-            path, sc.num_samples, sc.shard_size, 1,  # one image a chunk: read one by one
+            path, sc.total, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
-            fixed={"labels": sample_labels(sc.seed, sc.num_samples, model.num_classes, sc.labels)},
+            fixed={"labels": np.concatenate([sample_labels(sc.seed, sc.num_samples,
+                                                           model.num_classes, sc.labels, j)
+                                             for j in range(sc.seeds)])},
             signature=sign)
         needs = space.sample_needs(cfg, path, made.pending_shards(), npz)
         space.ensure("sample", needs + space.dvc_share({npz.parent: needs[0].end} if npz else {}))

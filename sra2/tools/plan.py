@@ -128,16 +128,16 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
                   space.train_needs(cfg, data / "train", step, ema) + ([copy] if copy else [])
                   + space.dvc_share({data / "train": ema}))
 
-    sample_s, sample_gpu = gpu_time(sc.num_samples * per_sample, hw)
+    sample_s, sample_gpu = gpu_time(sc.total * per_sample, hw)
     store = data / "samples" / "shards" / "store"
     samples = space.sample_needs(cfg, store, None, store / "samples.npz")
-    sample = Stage("sample", f"{sc.num_samples:,} images x {sc.steps} steps, "
+    sample = Stage("sample", f"{sc.total:,} images x {sc.steps} steps, "
                              f"{per_sample / 1e9:.0f} GFLOPs per image",
                    sample_s, sample_gpu, PROCESS_RAM,
                    samples + space.dvc_share({data / "samples": samples[0].end}))
 
     real = cfg.evaluate.num_real or n
-    scored = sc.num_samples + min(real, n)
+    scored = sc.total + min(real, n)
     evaluate_s, evaluate_gpu = gpu_time(scored * INCEPTION_FLOPS, hw, processes=1)
     # features kept for the statistics: pool 2048, spatial 2023, logits 1008, float64
     features = scored * (2048 + 2023 + 1008) * 8

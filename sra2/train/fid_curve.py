@@ -15,6 +15,7 @@ run folder and cached in ``fid_reference.npz``.
 from __future__ import annotations
 
 import csv
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from sra2.config.params import Config
 from sra2.data.store import ShardedStore
+from sra2.evaluate import noise
 from sra2.evaluate.metrics import (
     ArrayImages,
     feature_function,
@@ -35,7 +37,8 @@ from sra2.sample.generate import generate
 from sra2.sample.outputs import write_grid
 from sra2.train.checkpoints import ema_export, step_file
 
-COLUMNS = ["step", "fid", "sfid", "inception_score"]
+# fid_sd: the FID's bootstrap standard deviation (evaluate.bootstrap resamples; empty without)
+COLUMNS = ["step", "fid", "sfid", "inception_score", "fid_sd"]
 
 
 def snapshot(cfg: Config, ema: torch.nn.Module, step: int, out: Path) -> Path:
@@ -66,7 +69,7 @@ def mirror(run: Path, path: Path, steps: int) -> None:
 def eval_config(cfg: Config) -> Config:
     """The sample settings of an evaluation: the configured sampler, ``eval_samples`` images."""
     n = cfg.train.eval_samples
-    sample = {**cfg.sample.model_dump(), "num_samples": n,
+    sample = {**cfg.sample.model_dump(), "num_samples": n, "seeds": 1,
               "shard_size": min(cfg.sample.shard_size, n)}
     return cfg.model_copy(update={"sample": cfg.sample.model_validate(sample)})
 
@@ -88,7 +91,13 @@ def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
         features = feature_function(cfg, device, Path(scratch))
         fake = features(ArrayImages(images))
         ref = reference(cfg, latents, out, features)
-    return {**frechet_scores(fake, ref), "inception_score": inception_score(fake["logits"])}
+    scores, warned = frechet_scores(fake, ref)
+    for line in warned:
+        print(f"WARNING: FID during training: {line}", file=sys.stderr)
+    ec = cfg.evaluate
+    sd = noise.bootstrap(fake, ref, ec.bootstrap, ec.seed, device)["fid"]["sd"] if ec.bootstrap \
+        else None
+    return {**scores, "inception_score": inception_score(fake["logits"]), "fid_sd": sd}
 
 
 def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
@@ -110,7 +119,7 @@ def evaluate_step(cfg: Config, ema: torch.nn.Module, step: int, run: str | Path,
         return None
     images = ShardedStore(path).array("images")
     scores = score(cfg, images, latents, run)
-    row = {"step": step, **{k: round(v, 6) for k, v in scores.items()}}
+    row = {"step": step, **{k: None if v is None else round(v, 6) for k, v in scores.items()}}
     write_rows(rows + [row], run / "fid.csv", Path(mirror_to))
     grid = run / "evals" / step_file(step) / "grid.png"  # what the monitor shows of the EMA
     write_grid(images[: cfg.sample.grid], grid)

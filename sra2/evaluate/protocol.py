@@ -1,0 +1,49 @@
+"""The protocol every published number of the papers compared here follows (FID-50K of ImageNet
+256x256 against ADM's reference batch with ADM's evaluator, SDE Euler-Maruyama with 250 steps,
+uniform random labels), and the reasons a run's numbers fall outside it.
+"""
+
+from __future__ import annotations
+
+from sra2.config.params import Config, preset_chain
+
+SAMPLES, SAMPLER, STEPS, IMAGE_SIZE = 50_000, "sde", 250, 256
+REFERENCE = "VIRTUAL_imagenet256_labeled.npz"  # ADM's ImageNet 256x256 reference batch
+REFERENCE_HOW = (f"download ADM's {REFERENCE} (guided-diffusion's evaluations README links it) "
+                 f"and set evaluate.reference to its path")
+
+
+def not_comparable(cfg: Config, guided: bool = False) -> list[str]:
+    """Every reason the numbers of a run with ``cfg`` cannot sit beside the paper's (none: they
+    can); ``guided``: whether the number it is compared with was measured with guidance."""
+    sc, ec = cfg.sample, cfg.evaluate
+    why = []
+    if ec.reference is None:
+        why.append(f"FID against our crops of the training set, not ADM's reference batch "
+                   f"(evaluate.reference: {REFERENCE})")
+    if ec.inception == "random":
+        why.append("random Inception weights (evaluate.inception: random)")
+    if sc.num_samples < SAMPLES:
+        why.append(f"{sc.num_samples:,} samples, not {SAMPLES:,} (sample.num_samples)")
+    if sc.labels != "uniform":
+        why.append(f"labels {sc.labels}, not uniform random (sample.labels)")
+    if (sc.sampler, sc.steps) != (SAMPLER, STEPS):
+        why.append(f"sampler {sc.sampler} with {sc.steps} steps, not {SAMPLER} with {STEPS} "
+                   f"(sample.sampler, sample.steps)")
+    if (sc.cfg_scale != 1.0) != guided:
+        why.append(f"guidance scale {sc.cfg_scale} against a number measured "
+                   f"{'with' if guided else 'without'} guidance (sample.cfg_scale)")
+    if cfg.vae.source == "random":
+        why.append("a random-weight VAE, not SD-VAE (vae.source: random)")
+    if cfg.data.image_size != IMAGE_SIZE:
+        why.append(f"{cfg.data.image_size} px images, not {IMAGE_SIZE} (data.image_size)")
+    return why
+
+
+def reference_missing(cfg: Config) -> str | None:
+    """One line for a paper preset (one made on the ImageNet base) without ADM's reference batch:
+    its FIDs will not be comparable, and how to make them so."""
+    if cfg.evaluate.reference is not None or "_imagenet" not in preset_chain(cfg.preset):
+        return None
+    return (f"preset {cfg.preset} has no evaluate.reference: its FIDs are against our crops of the "
+            f"training set, not comparable with the paper's; {REFERENCE_HOW}")
