@@ -38,7 +38,7 @@ def step(precision: str, compiled: bool) -> dict:
     batch = {"mean": torch.randn((BATCH, *SHAPE), generator=g),
              "std": 0.5 * torch.rand((BATCH, *SHAPE), generator=g),
              "labels": torch.randint(0, cfg.model.num_classes, (BATCH,), generator=g)}
-    values = train_step(tr, step_inputs(tr, batch, draws(cfg, 0, SHAPE, 0, 1, tr.device)))
+    values, _ = train_step(tr, step_inputs(tr, batch, draws(cfg, 0, SHAPE, 0, 1, tr.device)))
     return {"values": values, "names": tr.names, "lr": cfg.train.lr,
             "grads": [p.grad.clone() for p in tr.params],  # as clipped and applied
             "update": torch.cat([(p.detach() - b).flatten() for p, b in zip(tr.params, before)])}

@@ -191,7 +191,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tiny, latents)
     for size in (2, 8):
         cfg = with_overrides(tiny, train={"batch_per_gpu": size})
         tr = build_trainer(cfg, data.shape, cpu, world=1)
-        values = train_step(tr, step_inputs(tr, data[0], draws(cfg, 0, data.shape, 0, 1, cpu)))
+        values, _ = train_step(tr, step_inputs(tr, data[0], draws(cfg, 0, data.shape, 0, 1, cpu)))
         steps[size] = (tr.micro, values, {n: p.grad for n, p in tr.loss_fn.named_parameters()
                                           if p.grad is not None})
     (m2, v2, g2), (m8, v8, g8) = steps[2], steps[8]

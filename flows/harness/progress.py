@@ -148,8 +148,14 @@ class Watch:
                at: float | None = None) -> None:
         """One report: ``done`` of ``total``, the workers' ``info``, sent at time ``at``."""
         from prefect.artifacts import update_progress_artifact
+        from prefect.events import emit_event
 
         info = info or {}
+        if info.get("nonfinite"):  # a step training skipped: the log, and an event to act on
+            self.mon.say(f"{self.stage}: {info['nonfinite']}", logging.WARNING)
+            self.mon.call(emit_event, event=f"sra2.{self.stage}.nonfinite",
+                          resource={"prefect.resource.id": f"sra2.{self.stage}"},
+                          payload={"step": done, "message": info["nonfinite"]})
         eta = self.eta(time.time() if at is None else at, done, total)
         complete = done >= total
         is_row = any(isinstance(v, (int, float)) for k, v in info.items() if k != "step")

@@ -124,9 +124,10 @@ class Trainer:
     device: torch.device
     weights: tuple | None = None  # the scheduled terms' weights now: (floats, on the device)
 
-    def state(self, step: int, meter: dict) -> dict:
+    def state(self, step: int, meter: dict, skipped: list[int]) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict()}
+                "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict(),
+                **({"skipped": skipped} if skipped else {})}
 
     def load(self, state: dict) -> None:
         for name in ("model", "ema", "opt", "heads"):
@@ -195,10 +196,13 @@ def term_weights(tr: Trainer, step: int, dataset: int) -> torch.Tensor | None:
     return tr.weights[1]
 
 
-def train_step(tr: Trainer, inputs, weights: torch.Tensor | None = None) -> torch.Tensor:
+def train_step(tr: Trainer, inputs,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """One optimizer step over the micro-batches (with the terms' ``weights`` where scheduled);
-    returns the losses named ``tr.names`` and the grad norm, on the device. Gradients of all but
-    the last micro-batch stay local (DDP no_sync)."""
+    returns the losses named ``tr.names`` and the grad norm, on the device, and whether the update
+    was made: under ``train.nonfinite: skip`` a step whose values are not finite on any rank
+    leaves the weights, the optimizer and the EMA as they were (a host sync per step). Gradients
+    of all but the last micro-batch stay local (DDP no_sync)."""
     tr.opt.zero_grad(set_to_none=True)
     losses = torch.zeros(len(tr.names), device=tr.device)
     for i, args in enumerate(inputs):
@@ -209,11 +213,48 @@ def train_step(tr: Trainer, inputs, weights: torch.Tensor | None = None) -> torc
             (parts[0] / tr.micro).backward()
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
+    values = torch.cat([losses, grad_norm.reshape(1).float()])
+    if tr.cfg.train.nonfinite == "skip" and not finite_everywhere(values):
+        tr.opt.zero_grad(set_to_none=True)
+        return values, False
     tr.opt.step()
     with torch.no_grad():
         ema, live = list(tr.ema.parameters()), list(tr.model.parameters())
         torch._foreach_lerp_(ema, live, 1.0 - tr.cfg.train.ema_decay)
-    return torch.cat([losses, grad_norm.reshape(1).float()])
+    return values, True
+
+
+def finite_everywhere(values: torch.Tensor) -> bool:
+    """Whether ``values`` are finite on every rank (all ranks then skip or step together)."""
+    flag = torch.isfinite(values).all().float().reshape(1)
+    if tdist.is_initialized():
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class Skipped:
+    """The steps skipped under ``train.nonfinite: skip``: kept in every checkpoint (a resumed run
+    counts its window as an unbroken one does) and, on rank 0, one row each in ``nonfinite.csv``
+    (the step's losses and grad norm) beside metrics.csv. More than ``train.nonfinite_max`` within
+    the last ``train.nonfinite_window`` steps stops the run."""
+
+    def __init__(self, cfg: Config, steps: list[int], log: MetricsLog | None):
+        self.cfg, self.steps, self.log = cfg, list(steps), log
+
+    def record(self, step: int, columns: list[str], values: torch.Tensor) -> str:
+        """Count step ``step`` (1-based) as skipped; returns the line that says so."""
+        tc = self.cfg.train
+        self.steps.append(step)
+        found = dict(zip(columns, [step, *values.tolist()]))
+        if self.log is not None:
+            self.log.append(found)
+        recent = sum(s > step - tc.nonfinite_window for s in self.steps)
+        what = ", ".join(f"{k}={v:.6g}" for k, v in found.items() if k != "step")
+        line = (f"training step {step} is not finite ({what}): skipped, {recent} in the last "
+                f"{tc.nonfinite_window} steps (train.nonfinite_max {tc.nonfinite_max})")
+        if recent > tc.nonfinite_max:
+            raise NonFiniteError(f"{line}: too many, stopped; the last checkpoint is kept")
+        return line
 
 
 # --- values of the steps, and saving only finite ones
@@ -230,6 +271,11 @@ class Meter:
     def _reset(self) -> None:
         self.sums = torch.zeros(len(self.columns) - 1, dtype=torch.float64, device=self.device)
         self.count, self.timed, self.tick = 0, 0, time.perf_counter()
+
+    def skip(self) -> None:
+        """A step taken without an update (train.nonfinite: skip): counted, its values left out."""
+        self.step += 1
+        self.timed += 1
 
     def add(self, values: torch.Tensor) -> None:
         values = values.double()
@@ -283,14 +329,15 @@ def check_weights(tr: Trainer, step: int) -> None:
                              "before saving them; lower train.lr or raise train.grad_clip")
 
 
-def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, world: int) -> str:
+def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, world: int,
+         skipped: Skipped) -> str:
     """Checkpoint ``step`` (every rank calls this at the same step, rank 0 writes): never a
     non-finite state, and no rank runs ahead of a checkpoint being written."""
     meter.check()
     check_weights(tr, step)
     partial = meter.partial(world)
     if rank == 0:
-        ckpts.save(tr.state(step, partial))
+        ckpts.save(tr.state(step, partial, skipped.steps))
     dist.barrier()
     return str(ckpts.path(step))
 
@@ -398,13 +445,19 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     if state:
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
+    skipped_before = state.get("skipped", []) if state else []
     del state
     columns = ["step", *tr.names, "grad_norm"]
     log = None
     saved = max([start, *ckpts.steps()])  # the line's rows reach its newest checkpoint
+    skip_log = None
     if is_rank0:
         log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
                          saved)
+        if tc.nonfinite == "skip" or (ckpts.folder / "nonfinite.csv").exists():
+            skip_log = MetricsLog(ckpts.folder / "nonfinite.csv", out / "nonfinite.csv", columns,
+                                  tc.steps, saved)
+    skipped = Skipped(cfg, skipped_before, skip_log)
     # not in the run folder: wall times differ between runs of the same bytes
     # (sra2.train.checkpoints)
     times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
@@ -429,19 +482,28 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             drawn = draws(cfg, step, data.shape, rank, world, device)
             weights = term_weights(tr, step, len(data))
-            meter.add(train_step(tr, step_inputs(tr, batch, drawn), weights))
+            values, stepped = train_step(tr, step_inputs(tr, batch, drawn), weights)
             done = step + 1
+            if stepped:
+                meter.add(values)
+            else:
+                meter.skip()
+                line = skipped.record(done, columns, values)
+                if is_rank0:
+                    bar.write(f"WARNING: {line}")
+                    if progress:
+                        progress(done, tc.steps, {"nonfinite": line})
             bar.update(1)
             stop, timed = consensus(signals.received > 0, is_rank0 and clock.due())
             row = None
-            if done % tc.log_every == 0:
+            if done % tc.log_every == 0 and meter.count:  # a row of skipped steps only: none
                 row, rate = meter.row(done, tc.global_batch)
                 if is_rank0:  # before the checkpoint: rows after it are dropped on resume
                     log.append(row)
             saving = done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
             evaluating = tc.eval_every and done % tc.eval_every == 0
             if saving:
-                last_ckpt = save(tr, ckpts, meter, done, rank, world)
+                last_ckpt = save(tr, ckpts, meter, done, rank, world, skipped)
                 clock.reset()
             if saving or evaluating:
                 times.record(done)
@@ -474,6 +536,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
             progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
     final = (log.shown() or [{}])[-1] if is_rank0 else {}
+    counted = {"skipped_steps": len(skipped.steps)} if tc.nonfinite == "skip" else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
-            "processes": world, "micro_batches": tr.micro,
+            "processes": world, "micro_batches": tr.micro, **counted,
             **{k: float(v) for k, v in final.items() if k != "step"}}
