@@ -27,6 +27,7 @@ import yaml
 from sra2.evaluate.experiments import exp_show, newest
 from sra2.evaluate.noise import Z95, beyond_noise
 from sra2.evaluate.paper import TABLES, Row, Table
+from sra2.evaluate.protocol import not_comparable
 
 
 def value_text(value: Any) -> str:
@@ -168,10 +169,11 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
         else:
             m, cfg = entry["metrics"], _resolved(entry["params"])
             ours = (_fid(m), _versus(m, base), _number(m.get("inception_score"), 2))
-            comparable = {True: "yes", False: f"no [{len(notes) + 1}]"}.get(m.get("comparable"),
-                                                                           "?")
-            if m.get("comparable") is False:
-                notes.append(f"[{len(notes) + 1}] {row.name}: " + "; ".join(m.get("why", [])))
+            comparable = {True: "yes", False: f"no [{len(notes) + 1}]",
+                          None: "?" if "fid" in m else "-"}[m.get("comparable")]
+            if m.get("comparable") is False:  # why: from the run, else from its parameters
+                why = m.get("why") or ("; ".join(not_comparable(cfg)) if cfg else "?")
+                notes.append(f"[{len(notes) + 1}] {row.name}: {why}")
             gflops = _gflops(cfg)
             cost = (f"{gflops:.4g}" if gflops else "-",
                     _number(gflops / vanilla, 2) if gflops and vanilla else "-")

@@ -408,12 +408,12 @@ def test_table3_shows_each_rows_fid_and_cost_beside_vanillas():
                                                        "metrics": metrics}}]}
 
     shown = [{"rev": "HEAD", "experiments": [
-        experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}, ["10,000 samples", "x"],
+        experiment("table3-vanilla", 40.0, {"align": {"enabled": False}}, "10,000 samples; x",
                    0.5),
         experiment("table3-repa", 35.5, {"align": {"enabled": False}, "repa": {"enabled": True}},
-                   [], 0.5),
+                   "", 0.5),
         experiment("table3-sra", 39.0, {"align": {"enabled": False}, "sra": {"enabled": True}},
-                   [], 0.5)]}]
+                   "", 0.5)]}]
     table = render(collect(shown, "table3"), TABLES["3"])
     vanilla = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False}})) / 1e9
     repa = cost.train_flops(resolve({"preset": "sit-b2", "align": {"enabled": False},

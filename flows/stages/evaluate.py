@@ -43,7 +43,7 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
     watch.finish()
     atomic.write_json(out, result)
     verdict = ("comparable with the paper's numbers" if result["comparable"] else
-               "NOT comparable with the paper's numbers: " + "; ".join(result["why"]))
+               f"NOT comparable with the paper's numbers: {result['why']}")
     table("metrics", result, f"{result['inception_weights']}; {verdict}")
     mon.say(f"evaluate: FID {result['fid']:.3f}  sFID {result['sfid']:.3f}  "
             f"IS {result['inception_score']:.3f}  precision {result['precision']:.3f}  "

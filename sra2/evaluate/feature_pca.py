@@ -306,7 +306,8 @@ def _title(cfg: Config, t: float, seed: int, store: Path) -> list[tuple[str, str
     lines = [(f"t = {t} (0 noise, 1 data), seed {seed}, images of {store}", "black"),
              ("colours: first 3 principal components per panel type, "
               f"percentiles {low:g}-{high:g}; "
-              "R2: linear map from VAE tokens, held-out images, position means removed", "black")]
+              "R2: linear map from VAE tokens, held-out images, position means removed "
+              f"(n/a below {ROWS_PER_COEFFICIENT} fitted rows per coefficient)", "black")]
     if vae_lib.is_random(cfg.vae):
         lines.append((f"{vae_lib.describe(cfg.vae)}: not SD-VAE, its latents are a random local "
                        "map of the pixels", "red"))
@@ -315,10 +316,13 @@ def _title(cfg: Config, t: float, seed: int, store: Path) -> list[tuple[str, str
     return lines
 
 
-def _r2_text(r2: float | None, counts: tuple[int, int]) -> str:
+def _r2_text(r2: float | None, counts: tuple[int, int] | None = None) -> str:
+    """R^2 as shown; where it is not reported, with the rows it lacks if ``counts`` are given (the
+    log: a panel's header has room for "R2 n/a" only)."""
     if r2 is not None:
         return f"R2 {r2:.3f}"
-    return f"R2 n/a ({counts[0]} of {ROWS_PER_COEFFICIENT * counts[1]} rows)"
+    needed = f" ({counts[0]} of {ROWS_PER_COEFFICIENT * counts[1]} rows)" if counts else ""
+    return f"R2 n/a{needed}"
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -368,8 +372,7 @@ def feature_pca(cfg: Config, ema: str, latents: str | Path, out: str | Path, ima
         rgb = {b: pca_rgb(h.cpu()) for b, h in hidden.items()}
         panels = [fixed[i] + [token_panel(rgb[b][i], panel) for b in c.blocks]
                   for i in range(len(rows))]
-        columns = ["image", "VAE latent"] + [f"block {b}\n{_r2_text(r2[b], counts)}"
-                                             for b in c.blocks]
+        columns = ["image", "VAE latent"] + [f"block {b}\n{_r2_text(r2[b])}" for b in c.blocks]
         groups.append((_ckpt_header(c), columns, panels))
         numbers.append({"label": c.label, "path": str(c.path), "name": c.name, "step": c.step,
                         "blocks": [{"block": b, "r2": r2[b], "r2_rows": counts[0],

@@ -56,8 +56,8 @@ def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
     ``sample.num_samples`` images, one after the other), against ``evaluate.reference`` (an ADM
     reference batch) or the real images of the encoded dataset: each number the mean over the sets,
     its noise (``<number>_noise``), each set's numbers (``sets``, with several), and
-    ``comparable`` with the reasons ``why`` not. ``progress(done, total)`` counts the images
-    (samples, then reference) through Inception."""
+    ``comparable`` with the reasons ``why`` not (joined by "; "). ``progress(done, total)``
+    counts the images (samples, then reference) through Inception."""
     ec, sets = cfg.evaluate, cfg.sample.seeds
     device = dist.device(ec.device)
     fakes = ArrayImages(read_npz_images(samples))
@@ -79,7 +79,8 @@ def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
             if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")
     why = protocol.not_comparable(cfg)
     return {**result, **({"sets": scored} if sets > 1 else {}),
-            **({"warnings": warned} if warned else {}), "comparable": not why, "why": why,
+            **({"warnings": warned} if warned else {}), "comparable": not why,
+            "why": "; ".join(why),  # one string: dvc exp show and metrics show drop lists
             "num_samples": size, "fid_reference": reference["fid_reference"],
             "pr_reference": reference["pr_reference"], "inception_weights": note,
             "preset": cfg.preset}

@@ -6,7 +6,7 @@ dropout, the methods' own draws such as SRA's teacher time) comes from generator
 (seed, s) for the whole global batch, so a run resumed from a checkpoint, or run on another number
 of GPUs, takes the steps an unbroken run would take. Each process splits its part of the batch into
 micro-batches of ``train.batch_per_gpu`` whose gradients add up to the step's; per-step work stays
-on the device (one host sync per log row).
+on the device (one host sync per log row; one per step under ``train.nonfinite: skip``).
 
 Faults cost at most the time since the last save. SIGTERM or SIGINT (or the launching process gone,
 :mod:`sra2.runtime.worker`) ends the step in progress, saves it and raises
