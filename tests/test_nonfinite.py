@@ -118,3 +118,43 @@ def test_skip_stops_past_nonfinite_max_in_the_window(tmp_path, tiny, latents):
     kept = torch.load(next(Path(tmp_path, "checkpoints").glob("*/step-0000004.pt")),
                       weights_only=False)
     assert kept["skipped"] == [2]
+
+
+def test_rewind_goes_back_to_the_checkpoint_takes_other_draws_and_a_resume_replays_it(tmp_path,
+                                                                                      tiny,
+                                                                                      latents):
+    """NaN at step 6: back to step 4's checkpoint, steps 5 and 6 drawn again (finite now); the
+    row of step 6 in nonfinite.csv, metrics.csv finite; a run of 6 steps (which meets the NaN,
+    rewinds and saves) then resumed to 8 writes the bytes of the unbroken run."""
+    cfg = with_overrides(tiny, train={"steps": STEPS, "ckpt_every": 4, "log_every": 2,
+                                      "nonfinite": "rewind"})
+    probe = probe_at(cfg, [5])
+    summary = run(cfg, latents, tmp_path / "straight", probe)
+    assert np.isfinite(summary["loss"]) and summary["rewound_steps"] == 1
+    logged = (tmp_path / "straight" / "nonfinite.csv").read_text().splitlines()
+    assert len(logged) == 2 and logged[1].startswith("6,") and "nan" in logged[1]
+    metrics = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
+    values = [float(v) for row in metrics[1:] for v in row.split(",")]
+    assert np.isfinite(values).all() and len(metrics) == 1 + STEPS // 2
+    final = torch.load(next((tmp_path / "straight" / "checkpoints").glob("*/step-0000008.pt")),
+                       weights_only=False)
+    assert final["attempts"] == {4: 1, 5: 1}  # steps 5 and 6 (0-based 4, 5) taken again
+    run(with_overrides(cfg, train={"steps": 6}), latents, tmp_path / "resumed", probe)
+    run(cfg, latents, tmp_path / "resumed", probe)
+    for name in ("metrics.csv", "nonfinite.csv"):
+        assert ((tmp_path / "straight" / name).read_text()
+                == (tmp_path / "resumed" / name).read_text()), name
+    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
+            for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and differs from the run that skipped the step instead
+    skipped = run(with_overrides(cfg, train={"nonfinite": "skip"}), latents, tmp_path / "skip",
+                  probe)
+    assert skipped["loss"] != summary["loss"]
+
+
+def test_rewind_before_the_first_checkpoint_stops_naming_why(tmp_path, tiny, latents):
+    cfg = with_overrides(tiny, train={"steps": STEPS, "ckpt_every": 4, "log_every": 2,
+                                      "nonfinite": "rewind"})
+    with pytest.raises(NonFiniteError, match="no checkpoint to go back to"):
+        run(cfg, latents, tmp_path, probe_at(cfg, [1]))

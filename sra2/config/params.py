@@ -303,11 +303,12 @@ class Train(Section):
     eval_samples: Annotated[PositiveInt, NotInResult()] = 10000
     seed: Seed
     device: Annotated[Literal["auto", "cpu", "cuda"], NotInResult()]
-    # a step whose loss or gradient is not finite: stop the run before saving it, or skip its
-    # update (and its EMA step) and go on, stopping once nonfinite_max steps were skipped within
-    # the last nonfinite_window steps. Not in the signature: a run stopped by a NaN resumes, in its
-    # own folder, under skip; the skipped steps are recorded in the run (nonfinite.csv)
-    nonfinite: Annotated[Literal["stop", "skip"], NotInResult()] = "stop"
+    # a step whose loss or gradient is not finite: stop the run before saving it; skip its update
+    # (and its EMA step) and go on; or rewind to the last checkpoint and take the steps since with
+    # other draws (recorded in the checkpoints, so a resume replays them). Either stops once
+    # nonfinite_max steps met it within the last nonfinite_window steps. Not in the signature: a
+    # run stopped by a NaN resumes in its own folder under skip or rewind (nonfinite.csv: each)
+    nonfinite: Annotated[Literal["stop", "skip", "rewind"], NotInResult()] = "stop"
     nonfinite_max: Annotated[PositiveInt, NotInResult()] = 10
     nonfinite_window: Annotated[PositiveInt, NotInResult()] = 1000
     # processes reading latents ahead of the step

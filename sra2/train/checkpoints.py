@@ -204,6 +204,11 @@ class MetricsLog:
         self.rows[row["step"]] = row
         self.write()
 
+    def drop_after(self, step: int) -> None:
+        """Forget the rows after ``step`` (a rewind takes those steps again)."""
+        self.rows = {s: r for s, r in self.rows.items() if s <= step}
+        self.write()
+
     def shown(self) -> list[dict]:
         """This run's rows: the line's up to its steps, then its tail."""
         rows = [self.rows[step] for step in sorted(self.rows) if step <= self.steps]

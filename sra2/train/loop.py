@@ -49,7 +49,7 @@ from sra2.evaluate.plots import write_fid_plot, write_loss_plot
 from sra2.methods import objective, registry
 from sra2.methods.objective import Objective, build_heads
 from sra2.model.flops import PEAK_TFLOPS
-from sra2.model.sit import SiT, build
+from sra2.model.sit import SiT, build, read_checkpoint
 from sra2.runtime import atomic, dist
 from sra2.runtime.stopping import Consensus, SaveClock, StopSignals, stopped
 from sra2.runtime.worker import Progress
@@ -87,11 +87,12 @@ class Draws(NamedTuple):
 
 
 def draws(cfg: Config, step: int, shape: tuple, rank: int, world: int,
-          device: torch.device) -> Draws:
+          device: torch.device, attempt: int = 0) -> Draws:
     """Every random tensor of one step, drawn on the device for the whole global batch from a
     generator seeded by (seed, step), then sliced to this rank: the run does not depend on the
-    number of processes."""
-    g = torch.Generator(device).manual_seed(derived_seed(cfg.train.seed, step))
+    number of processes. ``attempt`` > 0: the step taken again after a rewind, other draws."""
+    seed = derived_seed(cfg.train.seed, step)
+    g = torch.Generator(device).manual_seed(derived_seed(seed, attempt) if attempt else seed)
     n = cfg.train.global_batch
     eps = torch.randn((n, *shape), generator=g, device=device)
     x0 = torch.randn((n, *shape), generator=g, device=device)
@@ -124,10 +125,11 @@ class Trainer:
     device: torch.device
     weights: tuple | None = None  # the scheduled terms' weights now: (floats, on the device)
 
-    def state(self, step: int, meter: dict, skipped: list[int]) -> dict:
+    def state(self, step: int, meter: dict, skipped: Skipped) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict(),
-                **({"skipped": skipped} if skipped else {})}
+                **({"skipped": skipped.steps} if skipped.steps else {}),
+                **({"attempts": skipped.attempts} if skipped.attempts else {})}
 
     def load(self, state: dict) -> None:
         for name in ("model", "ema", "opt", "heads"):
@@ -214,7 +216,7 @@ def train_step(tr: Trainer, inputs,
         losses += parts.detach() / tr.micro
     grad_norm = nn.utils.clip_grad_norm_(tr.params, tr.cfg.train.grad_clip, foreach=True)
     values = torch.cat([losses, grad_norm.reshape(1).float()])
-    if tr.cfg.train.nonfinite == "skip" and not finite_everywhere(values):
+    if tr.cfg.train.nonfinite != "stop" and not finite_everywhere(values):
         tr.opt.zero_grad(set_to_none=True)
         return values, False
     tr.opt.step()
@@ -233,16 +235,24 @@ def finite_everywhere(values: torch.Tensor) -> bool:
 
 
 class Skipped:
-    """The steps skipped under ``train.nonfinite: skip``: kept in every checkpoint (a resumed run
-    counts its window as an unbroken one does) and, on rank 0, one row each in ``nonfinite.csv``
-    (the step's losses and grad norm) beside metrics.csv. More than ``train.nonfinite_max`` within
-    the last ``train.nonfinite_window`` steps stops the run."""
+    """The steps that were not finite under ``train.nonfinite: skip`` or ``rewind``, and the
+    steps a rewind takes again (``attempts``: 0-based step -> times retaken): kept in every
+    checkpoint (a resumed run counts its window, and draws, as an unbroken one does) and, on rank
+    0, one row each in ``nonfinite.csv`` (the step's losses and grad norm) beside metrics.csv.
+    More than ``train.nonfinite_max`` within the last ``train.nonfinite_window`` steps stops the
+    run."""
 
-    def __init__(self, cfg: Config, steps: list[int], log: MetricsLog | None):
-        self.cfg, self.steps, self.log = cfg, list(steps), log
+    def __init__(self, cfg: Config, steps: list[int], attempts: dict[int, int],
+                 log: MetricsLog | None):
+        self.cfg, self.steps, self.attempts, self.log = cfg, list(steps), dict(attempts), log
+
+    def retake(self, first: int, last: int) -> None:
+        """Steps ``first``.. ``last`` - 1 (0-based) are taken again, with other draws."""
+        for step in range(first, last):
+            self.attempts[step] = self.attempts.get(step, 0) + 1
 
     def record(self, step: int, columns: list[str], values: torch.Tensor) -> str:
-        """Count step ``step`` (1-based) as skipped; returns the line that says so."""
+        """Count step ``step`` (1-based) as not finite; returns the line that says so."""
         tc = self.cfg.train
         self.steps.append(step)
         found = dict(zip(columns, [step, *values.tolist()]))
@@ -250,7 +260,8 @@ class Skipped:
             self.log.append(found)
         recent = sum(s > step - tc.nonfinite_window for s in self.steps)
         what = ", ".join(f"{k}={v:.6g}" for k, v in found.items() if k != "step")
-        line = (f"training step {step} is not finite ({what}): skipped, {recent} in the last "
+        action = "skipped" if tc.nonfinite == "skip" else "rewound"
+        line = (f"training step {step} is not finite ({what}): {action}, {recent} in the last "
                 f"{tc.nonfinite_window} steps (train.nonfinite_max {tc.nonfinite_max})")
         if recent > tc.nonfinite_max:
             raise NonFiniteError(f"{line}: too many, stopped; the last checkpoint is kept")
@@ -320,6 +331,19 @@ class Meter:
         self.sums, self.count = own.to(self.device, torch.float64), partial["count"]
 
 
+def rewind(tr: Trainer, ckpts: Checkpoints, step: int, columns: list[str], rank: int,
+           world: int) -> Meter:
+    """``tr`` as it was at its checkpoint of ``step``, and the meter of that moment."""
+    if not step:
+        raise NonFiniteError("train.nonfinite: rewind has no checkpoint to go back to before the "
+                             "first one (train.ckpt_every): stopped")
+    state = read_checkpoint(ckpts.path(step))
+    tr.load(state)
+    meter = Meter(tr.device, step, columns)
+    meter.restore(state.get("meter"), rank, world)
+    return meter
+
+
 def check_weights(tr: Trainer, step: int) -> None:
     """Raise unless every weight and optimizer moment is finite (a host sync, at saves only)."""
     moments = (t for s in tr.opt.state.values() for t in s.values() if torch.is_tensor(t))
@@ -337,7 +361,7 @@ def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, wo
     check_weights(tr, step)
     partial = meter.partial(world)
     if rank == 0:
-        ckpts.save(tr.state(step, partial, skipped.steps))
+        ckpts.save(tr.state(step, partial, skipped))
     dist.barrier()
     return str(ckpts.path(step))
 
@@ -446,6 +470,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
     skipped_before = state.get("skipped", []) if state else []
+    attempts_before = state.get("attempts", {}) if state else {}
     del state
     columns = ["step", *tr.names, "grad_norm"]
     log = None
@@ -454,10 +479,10 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     if is_rank0:
         log = MetricsLog(ckpts.folder / "metrics.csv", out / "metrics.csv", columns, tc.steps,
                          saved)
-        if tc.nonfinite == "skip" or (ckpts.folder / "nonfinite.csv").exists():
+        if tc.nonfinite != "stop" or (ckpts.folder / "nonfinite.csv").exists():
             skip_log = MetricsLog(ckpts.folder / "nonfinite.csv", out / "nonfinite.csv", columns,
                                   tc.steps, saved)
-    skipped = Skipped(cfg, skipped_before, skip_log)
+    skipped = Skipped(cfg, skipped_before, attempts_before, skip_log)
     # not in the run folder: wall times differ between runs of the same bytes
     # (sra2.train.checkpoints)
     times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
@@ -475,24 +500,37 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     last_ckpt = str(ckpts.path(start)) if start else ""
     meter.restore(resumed_meter, rank, world)
     clock, consensus = SaveClock(tc.ckpt_minutes), Consensus(world)
-    loader = stream(data, start, tc.steps, tc.workers, device)
+    step, saved_step = start, start
+    batches = iter(stream(data, start, tc.steps, tc.workers, device))
     bar = tqdm(total=tc.steps, initial=start, unit="step", desc="train", disable=not is_rank0)
     with StopSignals() as signals, bar:
-        for step, batch in zip(range(start, tc.steps), loader):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            drawn = draws(cfg, step, data.shape, rank, world, device)
+        while step < tc.steps:
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            drawn = draws(cfg, step, data.shape, rank, world, device,
+                          skipped.attempts.get(step, 0))
             weights = term_weights(tr, step, len(data))
             values, stepped = train_step(tr, step_inputs(tr, batch, drawn), weights)
             done = step + 1
             if stepped:
                 meter.add(values)
             else:
-                meter.skip()
                 line = skipped.record(done, columns, values)
                 if is_rank0:
                     bar.write(f"WARNING: {line}")
                     if progress:
                         progress(done, tc.steps, {"nonfinite": line})
+                if tc.nonfinite == "rewind":  # back to the last checkpoint, other draws since
+                    skipped.retake(saved_step, done)
+                    meter = rewind(tr, ckpts, saved_step, columns, rank, world)
+                    if is_rank0:
+                        log.drop_after(saved_step)
+                    del batches  # its readers end with it
+                    batches = iter(stream(data, saved_step, tc.steps, tc.workers, device))
+                    step = saved_step
+                    bar.n = step
+                    bar.refresh()
+                    continue
+                meter.skip()
             bar.update(1)
             stop, timed = consensus(signals.received > 0, is_rank0 and clock.due())
             row = None
@@ -500,10 +538,13 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
                 row, rate = meter.row(done, tc.global_batch)
                 if is_rank0:  # before the checkpoint: rows after it are dropped on resume
                     log.append(row)
-            saving = done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
             evaluating = tc.eval_every and done % tc.eval_every == 0
+            # under rewind an evaluation is a checkpoint too: a rewind never abandons one
+            saving = (done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
+                      or (evaluating and tc.nonfinite == "rewind"))
             if saving:
                 last_ckpt = save(tr, ckpts, meter, done, rank, world, skipped)
+                saved_step = done
                 clock.reset()
             if saving or evaluating:
                 times.record(done)
@@ -521,6 +562,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             if stop and done < tc.steps:
                 consensus.close()
                 raise stopped(signals, done, last_ckpt)
+            step = done
     consensus.close()
 
     # --- the last row off the cadence, from the sums the final checkpoint keeps (a checkpoint
@@ -536,7 +578,8 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             speed = {"images_per_s": round(rate, 1)} if start < tc.steps else {}
             progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
     final = (log.shown() or [{}])[-1] if is_rank0 else {}
-    counted = {"skipped_steps": len(skipped.steps)} if tc.nonfinite == "skip" else {}
+    action = "skipped" if tc.nonfinite == "skip" else "rewound"
+    counted = {f"{action}_steps": len(skipped.steps)} if tc.nonfinite != "stop" else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
             "processes": world, "micro_batches": tr.micro, **counted,
             **{k: float(v) for k, v in final.items() if k != "step"}}
