@@ -117,7 +117,7 @@ def test_skip_stops_past_nonfinite_max_in_the_window(tmp_path, tiny, latents):
     # the checkpoint before it stays, with the first skip counted for a resume
     kept = torch.load(next(Path(tmp_path, "checkpoints").glob("*/step-0000004.pt")),
                       weights_only=False)
-    assert kept["skipped"] == [2]
+    assert kept["nonfinite_steps"] == [2]
 
 
 def test_rewind_goes_back_to_the_checkpoint_takes_other_draws_and_a_resume_replays_it(tmp_path,

@@ -125,11 +125,11 @@ class Trainer:
     device: torch.device
     weights: tuple | None = None  # the scheduled terms' weights now: (floats, on the device)
 
-    def state(self, step: int, meter: dict, skipped: Skipped) -> dict:
+    def state(self, step: int, meter: dict, bad: NonFiniteSteps) -> dict:
         return {"step": step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(), "meter": meter, "heads": self.heads.state_dict(),
-                **({"skipped": skipped.steps} if skipped.steps else {}),
-                **({"attempts": skipped.attempts} if skipped.attempts else {})}
+                **({"nonfinite_steps": bad.steps} if bad.steps else {}),
+                **({"attempts": bad.attempts} if bad.attempts else {})}
 
     def load(self, state: dict) -> None:
         for name in ("model", "ema", "opt", "heads"):
@@ -234,7 +234,7 @@ def finite_everywhere(values: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-class Skipped:
+class NonFiniteSteps:
     """The steps that were not finite under ``train.nonfinite: skip`` or ``rewind``, and the
     steps a rewind takes again (``attempts``: 0-based step -> times retaken): kept in every
     checkpoint (a resumed run counts its window, and draws, as an unbroken one does) and, on rank
@@ -354,14 +354,14 @@ def check_weights(tr: Trainer, step: int) -> None:
 
 
 def save(tr: Trainer, ckpts: Checkpoints, meter: Meter, step: int, rank: int, world: int,
-         skipped: Skipped) -> str:
+         bad: NonFiniteSteps) -> str:
     """Checkpoint ``step`` (every rank calls this at the same step, rank 0 writes): never a
     non-finite state, and no rank runs ahead of a checkpoint being written."""
     meter.check()
     check_weights(tr, step)
     partial = meter.partial(world)
     if rank == 0:
-        ckpts.save(tr.state(step, partial, skipped))
+        ckpts.save(tr.state(step, partial, bad))
     dist.barrier()
     return str(ckpts.path(step))
 
@@ -469,7 +469,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
     if state:
         tr.load(state)
     resumed_meter = state.get("meter") if state else None
-    skipped_before = state.get("skipped", []) if state else []
+    bad_before = state.get("nonfinite_steps", []) if state else []
     attempts_before = state.get("attempts", {}) if state else {}
     del state
     columns = ["step", *tr.names, "grad_norm"]
@@ -482,7 +482,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         if tc.nonfinite != "stop" or (ckpts.folder / "nonfinite.csv").exists():
             skip_log = MetricsLog(ckpts.folder / "nonfinite.csv", out / "nonfinite.csv", columns,
                                   tc.steps, saved)
-    skipped = Skipped(cfg, skipped_before, attempts_before, skip_log)
+    bad = NonFiniteSteps(cfg, bad_before, attempts_before, skip_log)
     # not in the run folder: wall times differ between runs of the same bytes
     # (sra2.train.checkpoints)
     times = TimeLog(out / "timing" / f"{ckpts.folder.name}.csv", start, saved, tc.global_batch,
@@ -507,20 +507,20 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         while step < tc.steps:
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             drawn = draws(cfg, step, data.shape, rank, world, device,
-                          skipped.attempts.get(step, 0))
+                          bad.attempts.get(step, 0))
             weights = term_weights(tr, step, len(data))
             values, stepped = train_step(tr, step_inputs(tr, batch, drawn), weights)
             done = step + 1
             if stepped:
                 meter.add(values)
             else:
-                line = skipped.record(done, columns, values)
+                line = bad.record(done, columns, values)
                 if is_rank0:
                     bar.write(f"WARNING: {line}")
                     if progress:
                         progress(done, tc.steps, {"nonfinite": line})
                 if tc.nonfinite == "rewind":  # back to the last checkpoint, other draws since
-                    skipped.retake(saved_step, done)
+                    bad.retake(saved_step, done)
                     meter = rewind(tr, ckpts, saved_step, columns, rank, world)
                     if is_rank0:
                         log.drop_after(saved_step)
@@ -543,7 +543,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             saving = (done % tc.ckpt_every == 0 or done == tc.steps or stop or timed
                       or (evaluating and tc.nonfinite == "rewind"))
             if saving:
-                last_ckpt = save(tr, ckpts, meter, done, rank, world, skipped)
+                last_ckpt = save(tr, ckpts, meter, done, rank, world, bad)
                 saved_step = done
                 clock.reset()
             if saving or evaluating:
@@ -579,7 +579,7 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
             progress(tc.steps, tc.steps, {**tail, **speed, "checkpoint": last_ckpt, **fid})
     final = (log.shown() or [{}])[-1] if is_rank0 else {}
     action = "skipped" if tc.nonfinite == "skip" else "rewound"
-    counted = {f"{action}_steps": len(skipped.steps)} if tc.nonfinite != "stop" else {}
+    counted = {f"{action}_steps": len(bad.steps)} if tc.nonfinite != "stop" else {}
     return {"steps": tc.steps, "parameters": n_params, "projector_parameters": n_proj,
             "processes": world, "micro_batches": tr.micro, **counted,
             **{k: float(v) for k, v in final.items() if k != "step"}}
