@@ -13,6 +13,7 @@ from PIL import Image
 
 import flows.harness.prefect_defaults  # noqa: F401  (the test server's too)
 from sra2.config.params import Config, resolve
+from sra2.methods.method import Method
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -108,3 +109,32 @@ def encoded_tiny(root: Path, **sections) -> tuple[Config, Path]:
 def one_thread(monkeypatch):
     """The same intra-op thread count in every process: results are then bitwise comparable."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+class Probe(Method):
+    """A method known to the tests alone, always on: a Linear(D, 1) head on block 1's tokens, one
+    uniform draw per sample (``u``) handed to its loss, weight ``weight``; a subclass writes
+    ``losses``."""
+
+    weight = 1.0
+
+    def on(self, cfg):
+        return True
+
+    def settings(self, cfg):
+        return {}
+
+    def terms(self, cfg, epoch=0):
+        return {self.name: self.weight}
+
+    def blocks(self, cfg):
+        return {"probe.block": 1}
+
+    def head(self, model, cfg):
+        return torch.nn.Linear(model.hidden_size, 1)
+
+    def draws(self, cfg, g, n, shape, device):
+        return {"u": torch.rand(n, generator=g, device=device)}
+
+    def inputs(self, cfg, aid, batch, common, drawn):
+        return {"u": drawn["u"]}

@@ -9,44 +9,21 @@ import pytest
 import torch
 
 from sra2.methods import registry
-from sra2.methods.method import Method
 from sra2.train.loop import NonFiniteError, draws, train
 
-from conftest import encoded_tiny, with_overrides
+from conftest import Probe, encoded_tiny, with_overrides
 
 STEPS = 8
 
 
-class NaNAt(Method):
-    """Block 1 through a Linear(D, 1), times NaN where one of its own draws is among ``marks``
-    (else times 0): a NaN in the loss and in every gradient of the step, the weights untouched
-    otherwise."""
+class NaNAt(Probe):
+    """Its head's output times NaN where one of its draws is among ``marks`` (else times 0): a NaN
+    in the loss and in every gradient of the step, the weights untouched otherwise."""
 
     name, title = "nanprobe", "NaN probe"
 
     def __init__(self, marks: list[float]):
         self.marks = torch.tensor(marks)
-
-    def on(self, cfg):
-        return True
-
-    def settings(self, cfg):
-        return {}
-
-    def terms(self, cfg, epoch=0):
-        return {"nanprobe": 1.0}
-
-    def blocks(self, cfg):
-        return {"probe.block": 1}
-
-    def head(self, model, cfg):
-        return torch.nn.Linear(model.hidden_size, 1)
-
-    def draws(self, cfg, g, n, shape, device):
-        return {"u": torch.rand(n, generator=g, device=device)}
-
-    def inputs(self, cfg, aid, batch, common, drawn):
-        return {"u": drawn["u"]}
 
     def losses(self, cfg, aid, head, step, inputs):
         scale = torch.where(torch.isin(inputs["u"], self.marks).any(), torch.nan, 0.0)
@@ -75,6 +52,21 @@ def run(cfg, latents, out, probe):
         return train(cfg, latents, out)
 
 
+def assert_finite_rows(out: Path) -> None:
+    """metrics.csv holds a finite row every log_every (2) steps: a bad step is left out."""
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    values = [float(v) for row in metrics[1:] for v in row.split(",")]
+    assert np.isfinite(values).all() and len(metrics) == 1 + STEPS // 2
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    """Two runs' metrics.csv, nonfinite.csv and EMA weights are the same."""
+    for name in ("metrics.csv", "nonfinite.csv"):
+        assert (a / name).read_text() == (b / name).read_text(), name
+    x, y = (torch.load(d / "ema.pt", weights_only=True)["ema"] for d in (a, b))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_a_nan_stops_the_run_before_saving_it_by_default(tmp_path, tiny, latents):
     cfg = with_overrides(tiny, train={"steps": STEPS, "ckpt_every": 2, "log_every": 2})
     probe = probe_at(cfg, [2])  # step 3 (1-based): checked at the row of step 4, not saved
@@ -93,17 +85,10 @@ def test_skip_goes_on_counts_logs_and_resumes_to_the_same_bytes(tmp_path, tiny, 
     logged = (tmp_path / "straight" / "nonfinite.csv").read_text().splitlines()
     assert logged[0].startswith("step,loss,loss_velocity,loss_align,loss_nanprobe,")
     assert len(logged) == 2 and logged[1].startswith(f"{STEPS - 2},") and "nan" in logged[1]
-    metrics = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
-    values = [float(v) for row in metrics[1:] for v in row.split(",")]
-    assert np.isfinite(values).all() and len(metrics) == 1 + STEPS // 2  # the skip left out
+    assert_finite_rows(tmp_path / "straight")
     run(with_overrides(cfg, train={"steps": 4}), latents, tmp_path / "resumed", probe)
     run(cfg, latents, tmp_path / "resumed", probe)
-    for name in ("metrics.csv", "nonfinite.csv"):
-        assert ((tmp_path / "straight" / name).read_text()
-                == (tmp_path / "resumed" / name).read_text()), name
-    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
-            for d in ("straight", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_bytes(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_skip_stops_past_nonfinite_max_in_the_window(tmp_path, tiny, latents):
@@ -133,20 +118,13 @@ def test_rewind_goes_back_to_the_checkpoint_takes_other_draws_and_a_resume_repla
     assert np.isfinite(summary["loss"]) and summary["rewound_steps"] == 1
     logged = (tmp_path / "straight" / "nonfinite.csv").read_text().splitlines()
     assert len(logged) == 2 and logged[1].startswith("6,") and "nan" in logged[1]
-    metrics = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()
-    values = [float(v) for row in metrics[1:] for v in row.split(",")]
-    assert np.isfinite(values).all() and len(metrics) == 1 + STEPS // 2
+    assert_finite_rows(tmp_path / "straight")
     final = torch.load(next((tmp_path / "straight" / "checkpoints").glob("*/step-0000008.pt")),
                        weights_only=False)
     assert final["attempts"] == {4: 1, 5: 1}  # steps 5 and 6 (0-based 4, 5) taken again
     run(with_overrides(cfg, train={"steps": 6}), latents, tmp_path / "resumed", probe)
     run(cfg, latents, tmp_path / "resumed", probe)
-    for name in ("metrics.csv", "nonfinite.csv"):
-        assert ((tmp_path / "straight" / name).read_text()
-                == (tmp_path / "resumed" / name).read_text()), name
-    a, b = (torch.load(tmp_path / d / "ema.pt", weights_only=True)["ema"]
-            for d in ("straight", "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_bytes(tmp_path / "straight", tmp_path / "resumed")
     # and differs from the run that skipped the step instead
     skipped = run(with_overrides(cfg, train={"nonfinite": "skip"}), latents, tmp_path / "skip",
                   probe)

@@ -10,11 +10,10 @@ from sra2.data.latents import StepBatches, batch_indices, step_loader, write_syn
 from sra2.data.store import ShardedStore
 from sra2.evaluate.plots import PALETTE
 from sra2.methods import registry
-from sra2.methods.method import Method
 from sra2.sample.generate import generate
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
-from conftest import encoded_tiny, with_overrides
+from conftest import Probe, encoded_tiny, with_overrides
 
 
 @pytest.fixture(scope="module")
@@ -63,36 +62,14 @@ def test_resume_ends_where_an_unbroken_run_ends(tmp_path, tiny, latents):
             == (tmp_path / "resumed" / "metrics.csv").read_text())
 
 
-class TimeProbe(Method):
-    """A method known to this test alone: a Linear(D, 1) on block 1's tokens, averaged, predicts
-    t x s, with s a draw of its own."""
+class TimeProbe(Probe):
+    """Its head's output, averaged over block 1's tokens, predicts t x u."""
 
-    name, title = "probe", "time probe"
-
-    def on(self, cfg):
-        return True
-
-    def settings(self, cfg):
-        return {"weight": 0.5}
-
-    def terms(self, cfg):
-        return {"probe": 0.5}
-
-    def blocks(self, cfg):
-        return {"probe.block": 1}
-
-    def head(self, model, cfg):
-        return torch.nn.Linear(model.hidden_size, 1)
-
-    def draws(self, cfg, g, n, shape, device):
-        return {"s": torch.rand(n, generator=g, device=device)}
-
-    def inputs(self, cfg, aid, batch, common, drawn):
-        return {"s": drawn["s"]}
+    name, title, weight = "probe", "time probe", 0.5
 
     def losses(self, cfg, aid, head, step, inputs):
         guess = head(step.patches(1)).mean(dim=(1, 2))
-        return [(guess - step.t * inputs["s"]).square().mean()]
+        return [(guess - step.t * inputs["u"]).square().mean()]
 
 
 def test_a_method_of_a_test_trains_through_the_loop_and_resumes(tmp_path, tiny, latents):

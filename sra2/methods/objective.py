@@ -52,10 +52,16 @@ def inputs(cfg: Config, aids: dict, batch: dict, common: dict[str, torch.Tensor]
     :meth:`Objective.forward` takes beside the ``common`` inputs (``x1``, ``y``, ``t``, ``x0``)."""
     found = {}
     for m in registry.active(cfg):
-        own = {k.split("/", 1)[1]: v for k, v in drawn.items() if k.startswith(f"{m.name}/")}
-        for key, value in m.inputs(cfg, aids.get(m.name), batch, common, own).items():
+        for key, value in m.inputs(cfg, aids.get(m.name), batch, common,
+                                   own(drawn, m.name)).items():
             found[f"{m.name}/{key}"] = value
     return found
+
+
+def own(tensors: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """The tensors ``<method>/<name>`` of ``tensors``, by their own names."""
+    prefix = f"{method}/"
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class Objective(nn.Module):
@@ -68,6 +74,10 @@ class Objective(nn.Module):
         self.model, self.heads, self.cfg = model, heads, cfg
         self.methods, self.names = registry.active(cfg), names(cfg)
         self._aids = [aids or {}]  # a list: not submodules
+        # what every step asks the SiT for, and the terms' weights where none is scheduled
+        self.blocks = tuple(sorted({next(iter(m.blocks(cfg).values()))
+                                    for m in self.methods if m.blocks(cfg)}))
+        self.constant = [w for m in self.methods for w in m.terms(cfg).values()]
 
     def forward(self, batch: dict[str, torch.Tensor],
                 weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,19 +85,15 @@ class Objective(nn.Module):
         (:func:`inputs`); ``weights``: the terms' weights of this step, where they are scheduled
         (:func:`weights`; a tensor, so that a compiled objective is not compiled again)."""
         x1, y, t, x0 = batch["x1"], batch["y"], batch["t"], batch["x0"]
-        own = {m.name: {k.split("/", 1)[1]: v for k, v in batch.items()
-                        if k.startswith(f"{m.name}/")} for m in self.methods}
-        blocks = tuple(sorted({next(iter(m.blocks(self.cfg).values()))
-                               for m in self.methods if m.blocks(self.cfg)}))
-        options = {k: v for m in self.methods for k, v in m.forward_options(own[m.name]).items()}
+        inputs = {m.name: own(batch, m.name) for m in self.methods}
+        options = {k: v for m in self.methods
+                   for k, v in m.forward_options(inputs[m.name]).items()}
         xt, u = interpolate(x0, x1, t)
-        step = Pass(self.model, x1, x0, t, y, self.model.run(xt, t, y, blocks, **options))
+        step = Pass(self.model, x1, x0, t, y, self.model.run(xt, t, y, self.blocks, **options))
         values = [(step.out.v.float() - u.float()).square().flatten(1).mean(1).mean()]
-        constant = []
         for m in self.methods:
             values += m.losses(self.cfg, self._aids[0].get(m.name), self.heads[m.name], step,
-                               own[m.name])
-            constant += m.terms(self.cfg).values()
-        scale = constant if weights is None else weights.unbind()
+                               inputs[m.name])
+        scale = self.constant if weights is None else weights.unbind()
         total = values[0] + sum(w * v for w, v in zip(scale, values[1:]))
         return torch.stack([total, *values])

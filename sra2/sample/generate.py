@@ -76,19 +76,16 @@ def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.
             noise: torch.Tensor, generator: Generators) -> torch.Tensor:
     """The configured sampler (with guidance) from ``noise`` (of :func:`state_shape`) to latents
     at t = 1."""
-    sc = cfg.sample
-    if isinstance(model, Joint):
-        guide = (y, sc.cfg_scale, None, sc.cfg_interval)  # the latent's channels and the token
-        z = sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
-                   sc.last_step)
-        return model.split(z)[0]
-    guide = (y, sc.cfg_scale, sc.cfg_channels, sc.cfg_interval)
-    if sc.sampler == "ralu":
+    sc, joint = cfg.sample, isinstance(model, Joint)
+    # a joint state is guided whole: the latent's channels and the class token
+    guide = (y, sc.cfg_scale, None if joint else sc.cfg_channels, sc.cfg_interval)
+    if sc.sampler == "ralu":  # never joint (for_sampling)
         return ralu.sample(guided_velocity(model, *guide, tokens=True), noise, generator,
                            sc.ralu, model.patch_size, model.hidden_size,
                            decode=lambda z: vae_lib.decode(vae, z, cfg.vae.scale))
-    return sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
-                  sc.last_step)
+    z = sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
+               sc.last_step)
+    return model.split(z)[0] if joint else z
 
 
 def for_sampling(cfg: Config, model: torch.nn.Module) -> torch.nn.Module:
