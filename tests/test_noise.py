@@ -57,6 +57,16 @@ def test_the_bootstrap_interval_covers_the_fid_of_a_new_sample_95_percent_of_the
     assert 176 <= inside <= 200, inside
 
 
+def test_the_fid_alone_is_the_fid_of_the_full_bootstrap():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 4))
+    fake = {"pool": x, "spatial": x, "logits": rng.normal(size=(50, 3))}
+    reference = {"fid": (np.zeros(4), np.eye(4)), "sfid": (np.zeros(4), np.eye(4))}
+    alone = bootstrap(fake, reference, 5, seed=0, device=CPU, numbers=("fid",))
+    assert alone.keys() == {"fid"}
+    assert alone["fid"] == bootstrap(fake, reference, 5, seed=0, device=CPU)["fid"]
+
+
 def test_noise_of_a_mean_and_the_verdict():
     # the larger measure of one set's noise, over the square root of the sets
     assert noise_of_mean(0.3, 0.4, 4) == pytest.approx(0.2)

@@ -36,7 +36,6 @@ class FixedReference:
     :func:`sra2.evaluate.metrics.trace_sqrt`, rooted on the reference side)."""
 
     def __init__(self, mu: np.ndarray, sigma: np.ndarray, device: torch.device):
-        self.device = device
         self.mu = torch.as_tensor(mu, dtype=torch.float64, device=device)
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=device)
         w, u = torch.linalg.eigh(sigma)
@@ -60,23 +59,24 @@ def weighted_statistics(x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Te
 
 
 def bootstrap(fake: dict[str, np.ndarray], reference: dict, draws: int, seed: int,
-              device: torch.device) -> dict[str, dict]:
-    """Per number of :data:`BOOTSTRAPPED`: its values over ``draws`` resamples of the generated
-    images (rows drawn with replacement from a generator seeded ``seed``), summarised as ``sd``
-    and the 95% ``interval``."""
+              device: torch.device, numbers: tuple[str, ...] = BOOTSTRAPPED) -> dict[str, dict]:
+    """Per number of ``numbers`` (of :data:`BOOTSTRAPPED`): its values over ``draws`` resamples of
+    the generated images (rows drawn with replacement from a generator seeded ``seed``),
+    summarised as ``sd`` and the 95% ``interval``."""
     rng = np.random.default_rng(seed)
     n = len(fake["pool"])
     sides = {name: (torch.as_tensor(fake[key], dtype=torch.float64, device=device),
                     FixedReference(*reference[name], device))
-             for name, key in (("fid", "pool"), ("sfid", "spatial"))}
-    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAPPED}
+             for name, key in (("fid", "pool"), ("sfid", "spatial")) if name in numbers}
+    values: dict[str, list[float]] = {name: [] for name in numbers}
     for _ in range(draws):
         rows = rng.integers(0, n, n)
         counts = torch.as_tensor(np.bincount(rows, minlength=n), dtype=torch.float64,
                                  device=device)
         for name, (x, ref) in sides.items():
             values[name].append(ref.distance(*weighted_statistics(x, counts)))
-        values["inception_score"].append(inception_score(fake["logits"][rows]))
+        if "inception_score" in numbers:
+            values["inception_score"].append(inception_score(fake["logits"][rows]))
     return {name: summary(v) for name, v in values.items()}
 
 

@@ -99,9 +99,9 @@ def noise_of(scored: list[dict], first: dict, reference: dict, ec, device) -> di
     for name in noise.BOOTSTRAPPED:
         values = [s[name] for s in scored]
         seeds_sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
-        own = boot.get(name, {"sd": 0.0, "interval": None})
+        own = boot.get(name, {"sd": None, "interval": None})
         out[f"{name}_noise"] = {
-            "sd": noise.noise_of_mean(own["sd"], seeds_sd, len(values)),
-            "bootstrap_sd": own["sd"] if ec.bootstrap else None,
-            "bootstrap_interval": own["interval"], "seeds_sd": seeds_sd}
+            "sd": noise.noise_of_mean(own["sd"] or 0.0, seeds_sd, len(values)),
+            "bootstrap_sd": own["sd"], "bootstrap_interval": own["interval"],
+            "seeds_sd": seeds_sd}
     return out

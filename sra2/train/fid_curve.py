@@ -95,8 +95,8 @@ def score(cfg: Config, images, latents: str | Path, out: Path) -> dict:
     for line in warned:
         print(f"WARNING: FID during training: {line}", file=sys.stderr)
     ec = cfg.evaluate
-    sd = noise.bootstrap(fake, ref, ec.bootstrap, ec.seed, device)["fid"]["sd"] if ec.bootstrap \
-        else None
+    sd = (noise.bootstrap(fake, ref, ec.bootstrap, ec.seed, device, ("fid",))["fid"]["sd"]
+          if ec.bootstrap else None)  # FID's alone: the curve has no other noise column
     return {**scores, "inception_score": inception_score(fake["logits"]), "fid_sd": sd}
 
 
