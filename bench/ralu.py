@@ -35,7 +35,8 @@ from sra2.config.params import VAE, Config, Ralu, load
 from sra2.data.store import pointed_store
 from sra2.model import vae as vae_lib
 from sra2.model.flops import count_flops, token_flops
-from sra2.model.sit import build, load_checkpoint, read_checkpoint
+from sra2.model.networks import load_checkpoint
+from sra2.model.sit import build, read_checkpoint
 from sra2.sample import ralu
 from sra2.sample.generate import latents, sample_labels
 from sra2.sample.samplers import derived_seed, randn

@@ -15,13 +15,13 @@ import torch
 from pydantic import ValidationError
 
 from sra2.data.store import ShardedStore
+from sra2.model.networks import load_checkpoint
 from sra2.model.sit import (
     CheckpointError,
     ReversedTime,
     SiT,
     build,
     detect_convention,
-    load_checkpoint,
     read_checkpoint,
 )
 from sra2.sample.generate import generate

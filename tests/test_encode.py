@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sra2.data.captions import listing
 from sra2.data.demo import write_demo_dataset
 from sra2.data.encode import encode_dataset, settings_store
 from sra2.data.images import BadImage, list_images, load_cropped
@@ -78,7 +79,7 @@ def test_each_setting_gets_its_own_store_and_going_back_reuses_it(tmp_path, tiny
     cfg = with_overrides(tiny, data={"root": str(awkward), "demo": None})
     first = encode_dataset(cfg, tmp_path / "latents", per_settings=True)
     store = Path(first["store"])
-    assert store == settings_store(cfg, tmp_path / "latents", list_images(awkward))
+    assert store == settings_store(cfg, tmp_path / "latents", listing(cfg))
     assert store.parent == tmp_path / "latents" and first["encoded_now"] == 10
     files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file()}
 

@@ -13,11 +13,11 @@ from torch import nn
 
 from sra2.config.params import Align
 from sra2.methods.align import build_projector, projector_for
+from sra2.model.networks import load_checkpoint
 from sra2.model.sit import (
     ReversedTime,
     TimestepEmbedder,
     build,
-    load_checkpoint,
     patchify,
     unpatchify,
 )

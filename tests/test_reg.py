@@ -12,7 +12,8 @@ import torch
 from sra2.config.params import ConfigError, resolve
 from sra2.methods import checks, registry
 from sra2.methods.objective import Objective, build_heads, inputs, model_options
-from sra2.model.sit import ReversedTime, build, load_checkpoint, unpatchify
+from sra2.model.networks import load_checkpoint
+from sra2.model.sit import ReversedTime, build, unpatchify
 from sra2.sample.generate import for_sampling, state_shape
 from sra2.sample.joint import Joint
 from sra2.sample.samplers import guided_velocity, randn, sample

@@ -32,10 +32,11 @@ def train_vae(cfg: Config) -> None:
     """Train the demo's VAE on the drawn images, save it at vae.source with training.json (how it
     was made) and reconstructions.png (real images above what it gives back for them)."""
     from sra2.data import demo
+    from sra2.data.captions import listing
     from sra2.data.images import load_crops
 
-    knobs, folder = cfg.data.demo.vae, Path(cfg.vae.source)
-    images = load_crops(cfg.data.root, cfg.data.image_size)
+    knobs, folder, listed = cfg.data.demo.vae, Path(cfg.vae.source), listing(cfg).images
+    images = load_crops(listed, cfg.data.image_size)
     print(f"training the demo VAE on {len(images)} images: {knobs.steps} steps, of "
           f"{knobs.batch_size} crops of {knobs.crop} px, the last {knobs.whole_steps} of whole "
           "images")
@@ -50,8 +51,7 @@ def train_vae(cfg: Config) -> None:
                            "(not SD-VAE)", "steps": knobs.steps, "images": len(images),
             "architecture": cfg.vae.random.model_dump(), "training": knobs.model_dump(), **stats}
     demo.save_trained_vae(vae, folder, round(stats["suggested_scale"], 4), info)
-    grid = demo.reconstruction_grid(vae, load_crops(cfg.data.root, cfg.data.image_size,
-                                                       GRID_IMAGES))
+    grid = demo.reconstruction_grid(vae, load_crops(listed, cfg.data.image_size, GRID_IMAGES))
     atomic.write_bytes(folder / "reconstructions.png", _png(grid))
     print(f"trained in {seconds:.0f} s: reconstruction error {stats['l1_grey_levels']:.1f} grey "
           f"levels (PSNR {stats['psnr_db']:.1f} dB), latent std {stats['latent_std']:.3f}; "
@@ -61,6 +61,25 @@ def train_vae(cfg: Config) -> None:
         print(f"WARNING: vae.scale ({cfg.vae.scale}) gives latents of std {scaled:.2f}; the SiT "
               f"expects about 1: set vae.scale to {stats['suggested_scale']:.4f}")
     table("demo-vae", {"seconds": round(seconds, 1), **stats}, info["description"])
+
+
+def write_captioned_demo(cfg: Config) -> None:
+    """The text-to-image demo: its train and val splits in COCO's layout, and its text encoder
+    (random weights) at text.source."""
+    from sra2.data.captions import demo_vocabulary, write_demo_split
+    from sra2.model.text import describe, write_demo_encoder
+
+    data, demo = cfg.data, cfg.data.demo
+    for split, root, captions, count in (("train", data.root, data.captions, demo.per_class),
+                                          ("val", data.val_root, data.val_captions,
+                                           demo.val_per_class)):
+        n = write_demo_split(root, captions, demo.classes, count, demo.min_side, demo.max_side,
+                             demo.seed, split)
+        print(f"wrote {n} captioned JPEG files ({split}) under {root}, captions in {captions}")
+    knobs = demo.text
+    write_demo_encoder(cfg.text.source, demo_vocabulary(), knobs.hidden_size, knobs.layers,
+                       knobs.heads, cfg.text.max_length, knobs.seed)
+    print(f"wrote the {describe(cfg.text.source)} at {cfg.text.source}")
 
 
 @stage_flow("demo-data")
@@ -74,9 +93,12 @@ def demo_data_flow(cfg: Config, out: str) -> None:
                           f"preset {cfg.preset} reads data.root={cfg.data.root}; no demo data\n")
         print(f"preset {cfg.preset} has no demo dataset; encode reads {cfg.data.root}")
         return
-    n = write_demo_dataset(cfg.data.root, demo.classes, demo.per_class, demo.min_side,
-                           demo.max_side, demo.seed)
-    print(f"wrote {n} JPEG files in {demo.classes} classes under {cfg.data.root}")
+    if cfg.data.kind == "coco":
+        write_captioned_demo(cfg)
+    else:
+        n = write_demo_dataset(cfg.data.root, demo.classes, demo.per_class, demo.min_side,
+                               demo.max_side, demo.seed)
+        print(f"wrote {n} JPEG files in {demo.classes} classes under {cfg.data.root}")
     if demo.vae is not None:
         train_vae(cfg)
 
@@ -97,6 +119,22 @@ def _check_vae_target(cfg: Config, out: str) -> None:
                          "must not overlap: saving the VAE replaces its folder")
 
 
+def _check_captioned_demo(cfg: Config, out: str) -> None:
+    """A captioned demo writes both splits, their captions and the text encoder inside ``out``."""
+    data = cfg.data
+    if data.demo.text is None:
+        raise SystemExit("error: data.kind is coco and data.demo is set, but data.demo.text (the "
+                         "shape of the demo's text encoder) is not")
+    if data.demo.val_per_class == 0:
+        raise SystemExit("error: data.demo.val_per_class is 0: the captioned demo's val split "
+                         "(the captions sampled, the images FID compares with) would be empty")
+    for key, path in (("data.val_root", data.val_root), ("data.captions", data.captions),
+                      ("data.val_captions", data.val_captions), ("text.source", cfg.text.source)):
+        if not Path(path).resolve().is_relative_to(Path(out).resolve()):
+            raise SystemExit(f"error: {key} ({path}) must lie inside {out} when data.demo is "
+                             "set, so that DVC tracks what the demo stage writes there")
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse("demo_data", __doc__, {
         "out": ("data/demo", "folder the demo images are drawn into")}, argv)
@@ -106,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                          "when data.demo is set, so that DVC tracks the images it draws")
     if cfg.data.demo is not None and cfg.data.demo.vae is not None:
         _check_vae_target(cfg, args["out"])
+    if cfg.data.demo is not None and cfg.data.kind == "coco":
+        _check_captioned_demo(cfg, args["out"])
     run_stage(demo_data_flow, cfg.preset, cfg=cfg, out=args["out"])
 
 

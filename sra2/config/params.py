@@ -29,8 +29,8 @@ from pydantic import (
 )
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("launch", "data", "vae", "encode", "model", "align", "repa", "sra", "reg", "train",
-            "sample", "evaluate")
+SECTIONS = ("launch", "data", "vae", "text", "encode", "model", "align", "repa", "sra", "reg",
+            "train", "sample", "evaluate")
 
 
 class ConfigError(ValueError):
@@ -113,13 +113,25 @@ class DemoVAE(Section):
         return value
 
 
+class DemoText(Section):
+    hidden_size: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+    seed: Seed
+
+
 class DemoData(Section):
-    classes: Annotated[int, Field(ge=1, le=10)]  # one drawn shape or texture per class
-    per_class: PositiveInt  # JPEG files per class
+    # one drawn shape or texture per class; data.kind coco: shapes of named colours, at most 6
+    classes: Annotated[int, Field(ge=1, le=10)]
+    per_class: PositiveInt  # JPEG files per class (coco: per shape)
     min_side: PositiveInt  # image sides are drawn from [min_side, max_side] pixels
     max_side: PositiveInt
     seed: Seed
     vae: DemoVAE | None = None  # when set, the demo stage also trains the demo's VAE on the images
+    val_per_class: NonNegativeInt = 0  # data.kind coco: the val split's images per shape
+    # data.kind coco: the demo stage writes a CLIP text tower of this shape with seeded RANDOM
+    # weights, and a tokenizer of the demo's words, at text.source
+    text: DemoText | None = None
 
     @field_validator("max_side")
     @classmethod
@@ -128,11 +140,25 @@ class DemoData(Section):
 
 
 class Data(Section):
-    # ImageFolder: root/<class>/<image>; class index = rank of the folder name. It must exist for
-    # the encode stage unless `demo` is set (sra2.methods.checks)
+    # imagefolder: root/<class>/<image>, class index = rank of the folder name (class-conditional,
+    # SiT). coco: MS-COCO's layout, root the folder of images and `captions` its captions file
+    # (text-to-image, MMDiT); `val_root` and `val_captions` the val split (the captions sampled,
+    # the images FID compares with). root must exist for encode unless `demo` is set
+    kind: Literal["imagefolder", "coco"] = "imagefolder"
     root: Annotated[str, Field(min_length=1)]
+    captions: str | None = None
+    val_root: str | None = None
+    val_captions: str | None = None
     image_size: PositiveInt  # side of the ADM centre crop the VAE sees (latents are 1/8 of it)
     demo: DemoData | None = None  # when set, the demo stage draws this dataset into `root`
+
+    @model_validator(mode="after")
+    def _captions_for_coco(self):
+        missing = [k for k in ("captions", "val_root", "val_captions")
+                   if self.kind == "coco" and getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"data.kind coco needs data.{', data.'.join(missing)}")
+        return self
 
 
 class RandomVAE(Section):
@@ -163,6 +189,18 @@ class VAE(Section):
         if self.source == "random" and self.random is None:
             raise ValueError("vae.source is 'random' but vae.random (the architecture) is not set")
         return self
+
+
+class Text(Section):
+    """The text encoder of captioned data (data.kind coco): its last hidden state over
+    ``max_length`` tokens is a caption's context (U-ViT's and REPA's: CLIP ViT-L/14, 77 x 768)."""
+
+    source: str = "openai/clip-vit-large-patch14"  # hub id or local folder (save_pretrained's)
+    max_length: PositiveInt = 77
+    captions_per_image: PositiveInt = 5  # the first ones of each image (COCO has 5 to 7)
+    # of the stored features; training computes in fp32 (float16 rounds CLIP's features by
+    # 2^-11 of their size: tests/test_text.py measures what that moves)
+    dtype: Literal["float32", "float16"] = "float16"
 
 
 class Encode(Section):
@@ -201,10 +239,13 @@ class Encode(Section):
 
 
 class Model(Section):
-    name: str  # a key of sra2.model.sit.SiT_models, e.g. "SiT-B/2"
+    # a key of sra2.model.sit.SiT_models ("SiT-B/2", class labels) or of
+    # sra2.model.mmdit.MMDiT_models ("MMDiT-B/2", caption contexts): the family goes with the data
+    name: str
     num_classes: PositiveInt  # label num_classes is the null class of classifier-free guidance
     learn_sigma: bool  # 8 output channels as in the official SiT (the second half is unused)
-    class_dropout: Annotated[float, Field(ge=0, lt=1)]  # probability of training on the null label
+    # probability of training on the null label (MMDiT: on the empty caption's context)
+    class_dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
 class Align(Section):
@@ -441,6 +482,7 @@ class Config(Section):
     launch: Launch = Launch()
     data: Data
     vae: VAE
+    text: Text = Text()
     encode: Encode
     model: Model
     align: Align

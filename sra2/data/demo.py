@@ -4,8 +4,6 @@ same arguments), and the small VAE trained on it so that its decoded samples sho
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,14 +20,16 @@ _SHAPES = ("disc", "square", "triangle", "hstripes", "vstripes", "checker", "rin
            "gradient", "dots")
 
 
-def _draw(kind: str, w: int, h: int, rng: np.random.Generator) -> Image.Image:
+def draw(kind: str, w: int, h: int, rng: np.random.Generator, bg: tuple | None = None,
+         fg: tuple | None = None) -> Image.Image:
+    """One picture of ``kind`` on a ``bg`` field in ``fg`` (colours drawn where not given)."""
     colour = lambda: tuple(int(c) for c in rng.integers(0, 256, 3))  # noqa: E731
-    img = Image.new("RGB", (w, h), colour())
+    img = Image.new("RGB", (w, h), bg or colour())
     d = ImageDraw.Draw(img)
     s = min(w, h)
     cx, cy = w / 2 + rng.uniform(-0.15, 0.15) * w, h / 2 + rng.uniform(-0.15, 0.15) * h
     r = s * rng.uniform(0.2, 0.4)
-    fg = colour()
+    fg = fg or colour()
     period = max(2, int(s * rng.uniform(0.05, 0.15)))
     if kind == "disc":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
@@ -77,7 +77,7 @@ def write_demo_dataset(root: str | Path, classes: int, per_class: int, min_side:
         for i in range(per_class):
             rng = np.random.default_rng([seed, c, i])
             w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-            _draw(_SHAPES[c], w, h, rng).save(folder / f"img{i:0{width}d}.JPEG", quality=90)
+            draw(_SHAPES[c], w, h, rng).save(folder / f"img{i:0{width}d}.JPEG", quality=90)
     return classes * per_class
 
 
@@ -205,15 +205,7 @@ def save_trained_vae(vae: torch.nn.Module, folder: str | Path, scale: float, inf
     scaling_factor (as SD-VAE's config records 0.18215; the pipeline reads vae.scale), ``info``
     as training.json beside it; written under a temporary name and renamed, so ``folder`` is
     complete or absent."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     vae.register_to_config(scaling_factor=scale)
-    vae.save_pretrained(tmp)
-    atomic.write_json(tmp / TRAINING_INFO, info)
-    for f in tmp.iterdir():  # on disk before the rename; safetensors writes 0600, open() would not
-        os.chmod(f, atomic.FILE_MODE)
-        with open(f, "rb") as opened:
-            os.fsync(opened.fileno())
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic.temporary_folder(folder) as tmp:
+        vae.save_pretrained(tmp)
+        atomic.write_json(tmp / TRAINING_INFO, info)

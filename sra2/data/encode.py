@@ -19,8 +19,10 @@ from tqdm import tqdm
 
 from sra2.config.params import Config, result_settings
 from sra2.data import space
-from sra2.data.images import BadImage, ImageList, center_crop_arr, list_images, load_rgb, oddity
+from sra2.data.captions import Captioned, listing
+from sra2.data.images import BadImage, ImageList, center_crop_arr, load_rgb, oddity
 from sra2.data.store import ShardedStore, attributes, digest
+from sra2.model import text as text_lib
 from sra2.model import vae as vae_lib
 from sra2.runtime import dist, dvc_cache
 from sra2.runtime.worker import Progress
@@ -71,46 +73,63 @@ class _CroppedFiles(Dataset):
         return i, torch.from_numpy(arr.transpose(2, 0, 1).copy()), size, "", odd
 
 
-def _signature(cfg: Config, images: ImageList) -> dict:
+def _signature(cfg: Config, split: Captioned) -> dict:
     # a retrained VAE at the same path, or drawn demo images under the same names, are other
     # bytes: their weights' digest (which stands for demo.vae, its training) and the drawing
     # settings name the store too. Left out here only: vae.scale, which multiplies the latents
     # after they are stored (it changes training's results, not the store's), and shard_size,
     # which the store's attributes record beside this signature. pixels and odd_images only where
     # not at their defaults: stores encoded before these settings existed keep their folders
-    weights, demo = vae_lib.weights_digest(cfg.vae), cfg.data.demo
+    # captioned data: the captions and the text encoder (and its files' digest) name it too
+    weights, demo, images = vae_lib.weights_digest(cfg.vae), cfg.data.demo, split.images
     defaults = {"pixels": False, "odd_images": "accept"}
     left_out = {"shard_size", *(k for k, v in defaults.items() if getattr(cfg.encode, k) == v)}
+    listed = {"files": images.files, "labels": images.labels}
+    text = {}
+    if split.captions is not None:
+        listed["captions"] = split.captions
+        text = {"text": cfg.text.model_dump(),
+                **({"text_weights": w} if (w := text_lib.weights_digest(cfg.text.source)) else {})}
     return {"vae": result_settings(cfg.vae, exclude={"scale"}), "image_size": cfg.data.image_size,
-            "files": digest({"files": images.files, "labels": images.labels}),
-            **result_settings(cfg.encode, exclude=left_out),
-            **({"vae_weights": weights} if weights else {}),
-            **({"demo": result_settings(demo, exclude={"vae"})} if demo else {})}
+            "files": digest(listed), **result_settings(cfg.encode, exclude=left_out),
+            **({"vae_weights": weights} if weights else {}), **text,
+            **({"demo": result_settings(demo, exclude={"vae", "text"})} if demo else {})}
 
 
-def settings_store(cfg: Config, folder: str | Path, images: ImageList) -> Path:
+def settings_store(cfg: Config, folder: str | Path, split: Captioned) -> Path:
     """``folder/<digest>``: the store for these settings and files, named by the digest of the
     attributes the store records (so it is the one store that would open without a mismatch)."""
-    attrs = attributes(len(images), cfg.encode.shard_size, _signature(cfg, images))
+    attrs = attributes(len(split.images), cfg.encode.shard_size, _signature(cfg, split))
     return Path(folder) / digest(attrs)
 
 
-def latent_arrays(cfg: Config, latent_shape: tuple[int, ...]) -> dict[str, tuple]:
-    """(item shape, dtype) of each array written shard by shard: the latents, and with
-    ``encode.pixels`` the uint8 (H, W, 3) ADM crops they were encoded from (``images``)."""
+def latent_arrays(cfg: Config, latent_shape: tuple[int, ...],
+                  text_width: int | None = None) -> dict[str, tuple]:
+    """(item shape, dtype) of each array written shard by shard: the latents, with
+    ``encode.pixels`` the uint8 (H, W, 3) ADM crops they were encoded from (``images``), and for
+    captioned data each caption's context (``context``: captions x tokens x ``text_width``)."""
     names = ["mean", "std"] + (["mean_flip", "std_flip"] if cfg.encode.flip else [])
-    size = cfg.data.image_size
+    size, tc = cfg.data.image_size, cfg.text
+    context = (tc.captions_per_image, tc.max_length, text_width)
     return {**{n: (latent_shape, cfg.encode.dtype) for n in names},
-            **({"images": ((size, size, 3), "uint8")} if cfg.encode.pixels else {})}
+            **({"images": ((size, size, 3), "uint8")} if cfg.encode.pixels else {}),
+            **({"context": (context, tc.dtype)} if text_width else {})}
 
 
-def open_store(cfg: Config, out: str | Path, images: ImageList, latent_shape) -> ShardedStore:
+def open_store(cfg: Config, out: str | Path, split: Captioned, latent_shape,
+               text: text_lib.TextEncoder | None = None) -> ShardedStore:
+    """The store of ``split``; for captioned data with the captions (``captions``: images x
+    captions) and the empty caption's context (``empty_context``: 1 x tokens x width)."""
+    images = split.images
+    fixed = {"labels": np.asarray(images.labels, np.int64),
+             "files": np.asarray(images.files, dtype=np.dtypes.StringDType())}
+    if text is not None:
+        fixed["captions"] = np.asarray(split.captions, dtype=np.dtypes.StringDType())
+        fixed["empty_context"] = text([""]).cpu().numpy().astype(cfg.text.dtype)
     return ShardedStore.open_or_create(
         out, len(images), cfg.encode.shard_size, cfg.encode.chunk_size,
-        latent_arrays(cfg, latent_shape),
-        fixed={"labels": np.asarray(images.labels, np.int64),
-               "files": np.asarray(images.files, dtype=np.dtypes.StringDType())},
-        signature=_signature(cfg, images))
+        latent_arrays(cfg, latent_shape, text and text.width), fixed=fixed,
+        signature=_signature(cfg, split))
 
 
 def _batches(store: ShardedStore, shards: list[int], batch_size: int) -> list[list[int]]:
@@ -196,28 +215,31 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
     ``out/<digest of the settings>``, :func:`settings_store`); returns a summary of the whole
     store, with its path (``store``) and the images this call encoded (``encoded_now``)."""
     rank, world = dist.init()
-    images = list_images(cfg.data.root)
+    split = listing(cfg)
+    images, captions = split.images, split.captions
     written = Path(out)  # the folder of stores, or the one store: what DVC records
     if per_settings:
-        out = settings_store(cfg, out, images)
+        out = settings_store(cfg, out, split)
     device = dist.device(cfg.encode.device, rank)
     vae = vae_lib.load_vae(cfg.vae, device)
+    text = None if captions is None else text_lib.load_text_encoder(
+        cfg.text.source, cfg.text.max_length, device)
     side = cfg.data.image_size // vae_lib.downsampling(vae)
     latent_shape = (vae.config.latent_channels, side, side)
+    arrays = latent_arrays(cfg, latent_shape, text and text.width)
     if rank == 0:
         # DVC copied the stores it caches out of its cache before this stage: links, not copies
         dvc_cache.relink(written)
-        store = open_store(cfg, out, images, latent_shape)
+        store = open_store(cfg, out, split, latent_shape, text)
         # every rank's share, counted before any rank starts writing
         pending = sum(stop - start
                       for start, stop in map(store.shard_range, store.pending_shards()))
-        needs = space.encode_needs(cfg, latent_arrays(cfg, latent_shape), store.path,
-                                   store.num_items, store.pending_shards())
+        needs = space.encode_needs(cfg, arrays, store.path, store.num_items,
+                                   store.pending_shards())
         space.ensure("encode", needs + space.dvc_share({store.path.parent: needs[0].end}))
     dist.barrier()
     store = ShardedStore(out) if rank else store
     shards = store.pending_shards(rank, world)
-    arrays = latent_arrays(cfg, latent_shape)
     todo = sum(stop - start for start, stop in map(store.shard_range, shards))
     if rank == 0:
         per_image = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -261,6 +283,9 @@ def encode_dataset(cfg: Config, out: str | Path, progress: Progress | None = Non
             staged = [t.to("cpu", non_blocking=True) for t in outputs]
             if cfg.encode.pixels:  # the crops the VAE saw (zeros for a rejected file), HWC
                 staged.append(pixels.permute(0, 2, 3, 1))
+            if text is not None:  # every caption of the batch's images, in their order
+                said = [c for i in idx.tolist() for c in captions[i]]
+                staged.append(text(said).unflatten(0, (len(idx), -1)).to("cpu", non_blocking=True))
             ready = torch.cuda.Event() if device.type == "cuda" else None
             if ready is not None:
                 ready.record()

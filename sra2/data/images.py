@@ -98,10 +98,10 @@ def load_cropped(path: str | Path, size: int) -> np.ndarray:
     return center_crop_arr(load_rgb(path), size)
 
 
-def load_crops(root: str | Path, size: int, count: int | None = None) -> np.ndarray:
-    """uint8 NHWC crops of every file under ``root``, or of ``count`` files spread evenly over the
-    sorted listing (so that every class shows)."""
-    listed = list_images(root)
+def load_crops(root: str | Path | ImageList, size: int, count: int | None = None) -> np.ndarray:
+    """uint8 NHWC crops of every file of ``root`` (an ImageFolder or a listing), or of ``count``
+    files spread evenly over the sorted listing (so that every class shows)."""
+    listed = root if isinstance(root, ImageList) else list_images(root)
     n = len(listed) if count is None else min(count, len(listed))
     picked = np.linspace(0, len(listed) - 1, n).round().astype(int)
     return np.stack([load_cropped(listed.root / listed.files[i], size) for i in picked])

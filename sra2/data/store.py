@@ -195,7 +195,8 @@ class ShardedStore:
                                compressors=CODECS)
         for name, values in (fixed or {}).items():
             arr = group.create_array(name, shape=values.shape, dtype=values.dtype,
-                                     chunks=(min(len(values), 65536),), compressors=CODECS)
+                                     chunks=(min(len(values), 65536), *values.shape[1:]),
+                                     compressors=CODECS)
             arr[:] = values
         group.attrs.update(attrs)
         (tmp / "done").mkdir()

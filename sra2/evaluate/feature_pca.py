@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw
 from sra2.config.params import Config
 from sra2.data.store import ShardedStore, pointed_store
 from sra2.model import vae as vae_lib
-from sra2.model.sit import ReversedTime, load_checkpoint, patchify, read_checkpoint
+from sra2.model.networks import load_checkpoint
+from sra2.model.sit import ReversedTime, patchify, read_checkpoint
 from sra2.model.transport import interpolate
 from sra2.runtime import atomic, dist
 from sra2.sample.samplers import derived_seed, randn

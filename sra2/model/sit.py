@@ -439,24 +439,9 @@ class ReversedTime(nn.Module):
         return -self.net.tokens(patches, 1 - t, y, pos)
 
 
-def load_checkpoint(name: str, path_or_state, *, convention: str = "auto",
-                    source: str | None = None, **kwargs) -> nn.Module:
-    """Build ``name``, load the weights and return a velocity network in SiT time: the SiT
-    itself, or wrapped in :class:`ReversedTime` when the weights are in REPA time. ``auto``
-    reads the convention off the layout. ``learn_sigma`` follows the checkpoint's output width."""
-    ckpt = path_or_state
-    if not isinstance(ckpt, dict):
-        ckpt = read_checkpoint(path_or_state)
-        source = source or str(path_or_state)
-    if convention == "auto":
-        convention = detect_convention(ckpt, source or "checkpoint")
-    if convention not in ("sit", "repa"):
-        raise ValueError(f"convention must be auto, sit or repa, got {convention!r}")
-    model = _build_and_load(name, inference_state_dict(ckpt), **kwargs)
-    return ReversedTime(model) if convention == "repa" else model
-
-
-def _build_and_load(name: str, state: dict[str, torch.Tensor], **kwargs) -> SiT:
+def from_state(name: str, state: dict[str, torch.Tensor], **kwargs) -> SiT:
+    """``name`` with the weights ``state`` (ours, SiT's, REPA's, REG's), its class count, output
+    width, class token and grid read off them."""
     kwargs.setdefault("learn_sigma", _learns_sigma(state, kwargs.get("in_channels", 4)))
     kwargs.setdefault("num_classes", state["y_embedder.embedding_table.weight"].shape[0] - 1)
     if "cls_projectors2.weight" in state:  # REG's class token: one more position

@@ -7,9 +7,11 @@ import errno
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 def _file_mode() -> int:
@@ -169,3 +171,23 @@ def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 
     write_with(path, lambda f: torch.save(obj, f))
+
+
+@contextmanager
+def temporary_folder(folder: str | Path) -> Iterator[Path]:
+    """A fresh folder to fill, which replaces ``folder`` whole once the block ends without an
+    error (its files made readable as open() would and on disk first): ``folder`` is complete or
+    as it was."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_folder(tmp)
+    yield tmp
+    for f in tmp.rglob("*"):  # safetensors writes 0600
+        if f.is_file():
+            os.chmod(f, FILE_MODE)
+            with open(f, "rb") as opened:
+                os.fsync(opened.fileno())
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)

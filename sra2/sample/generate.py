@@ -25,7 +25,8 @@ from sra2.config.params import Config, result_settings
 from sra2.data import space
 from sra2.data.store import ShardedStore, digest, quarantine_folder
 from sra2.model import vae as vae_lib
-from sra2.model.sit import load_checkpoint, read_checkpoint
+from sra2.model.networks import load_checkpoint
+from sra2.model.sit import read_checkpoint
 from sra2.runtime import atomic, dist, dvc_cache
 from sra2.runtime.worker import Progress
 from sra2.sample import ralu
