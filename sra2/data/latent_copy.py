@@ -50,6 +50,7 @@ from sra2.runtime.lock import EXCLUSIVE, SHARED, FileLock
 
 ARRAYS = ("mean", "std")  # what training reads
 IMAGES = "images"  # and, for REPA, the pixels the store holds with encode.pixels
+CONTEXT = "context"  # and, for captioned data, every caption's text features
 MANIFEST, BUILDING = "manifest.json", "building.json"
 HEADROOM = 1 << 30  # free bytes a copy must leave on its disk
 MAX_BUILDERS = 16  # processes that copy shards at once
@@ -57,6 +58,13 @@ MAX_BUILDERS = 16  # processes that copy shards at once
 
 class CopyDamaged(RuntimeError):
     """A copy's bytes differ from the checksums recorded when it was built."""
+
+
+def trained_arrays(store: ShardedStore, images: bool = False) -> tuple[str, ...]:
+    """What training reads of ``store``: the latents, the caption contexts where it has them,
+    and the images where ``images``."""
+    return (ARRAYS + ((CONTEXT,) if CONTEXT in store.group else ())
+            + ((IMAGES,) if images else ()))
 
 
 def copy_root(copy_dir: str | None = None) -> Path:
@@ -97,7 +105,7 @@ class LatentCopy:
     :meth:`check` says whether it can be read as it is; ``with`` lets go of its lock."""
 
     def __init__(self, store: ShardedStore, root: Path, images: bool = False):
-        self.names = ARRAYS + ((IMAGES,) if images else ())
+        self.names = trained_arrays(store, images)
         self.store, self.source = store, source(store, self.names)
         self.key = digest(self.source)
         self.folder, self.arrays = root / self.key, layout(store, self.names)

@@ -67,7 +67,7 @@ class StepBatches(Dataset):
                                f"{store.num_shards} shards): run the encode stage to the end first")
         if images:
             require_images(store, "this run")
-        self.names = latent_copy.ARRAYS + ((latent_copy.IMAGES,) if images else ())
+        self.names = latent_copy.trained_arrays(store, images)
         if copy is not None and copy.names != self.names:
             raise ValueError(f"the latent copy {copy.folder} holds {copy.names}, the batches read "
                              f"{self.names}")
@@ -76,6 +76,11 @@ class StepBatches(Dataset):
         self.rows = np.array([i for i in range(store.num_items) if i not in rejected], np.int64)
         self.labels = store.array("labels")[:][self.rows]
         self.shape = tuple(store.array("mean").shape[1:])
+        # captioned data: captions per image, and the empty caption's context (the null condition)
+        self.captions, self.empty_context = None, None
+        if latent_copy.CONTEXT in self.names:
+            self.captions = store.array(latent_copy.CONTEXT).shape[1]
+            self.empty_context = store.array("empty_context")[:].astype(np.float32)
         self.signature = store.attrs["signature"]
         self.path, self.global_batch, self.seed, self.rank, self.world = (
             str(path), global_batch, seed, rank, world)
@@ -96,7 +101,7 @@ class StepBatches(Dataset):
         memory), or one sorted read from the zarr store."""
         if self._arrays is None:
             if self.files:
-                self._arrays = {name: np.load(f, mmap_mode="r").__getitem__
+                self._arrays = {name: functools.partial(_mapped_read, np.load(f, mmap_mode="r"))
                                 for name, f in self.files.items()}
             else:  # opened by the constructor, which checked the files
                 store = ShardedStore(self.path, check=False)
@@ -104,21 +109,45 @@ class StepBatches(Dataset):
                                 for name in self.names}
         return self._arrays
 
+    def caption_picks(self, step: int) -> np.ndarray:
+        """Which caption of each of this rank's images step ``step`` trains on: uniform draws for
+        the global batch from (seed, step), as REPA draws one per image each time it is read."""
+        picks = np.random.default_rng([self.seed, step, CAPTION_DRAWS]).integers(
+            0, self.captions, self.global_batch)
+        per_rank = self.global_batch // self.world
+        return picks[self.rank * per_rank:(self.rank + 1) * per_rank]
+
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         picked = batch_indices(step, self.global_batch, len(self.rows), self.seed, self.rank,
                                self.world)
         rows = self.rows[picked]
-        out = {name: torch.from_numpy(read(rows) if name == latent_copy.IMAGES
-                                      else read(rows).astype(np.float32, copy=False))
-               for name, read in self._readers().items()}
+        out = {}
+        for name, read in self._readers().items():
+            if name == latent_copy.IMAGES:
+                out[name] = torch.from_numpy(read(rows))
+                continue
+            picks = self.caption_picks(step) if name == latent_copy.CONTEXT else None
+            out[name] = torch.from_numpy(read(rows, picks).astype(np.float32, copy=False))
         out["labels"] = torch.from_numpy(self.labels[picked])
         return out
 
 
-def _sorted_read(array: StoredArray, rows: np.ndarray) -> np.ndarray:
+# the caption draws' own stream beside (seed, step): no other draw of a step is seeded so
+CAPTION_DRAWS = 0x636170
+
+
+def _mapped_read(array: np.ndarray, rows: np.ndarray,
+                 picks: np.ndarray | None = None) -> np.ndarray:
+    """Rows of a memory-mapped array; with ``picks``, caption ``picks[i]`` of row ``rows[i]``."""
+    return array[rows] if picks is None else array[rows, picks]
+
+
+def _sorted_read(array: StoredArray, rows: np.ndarray,
+                 picks: np.ndarray | None = None) -> np.ndarray:
     # one sorted read per array (a batch spanning two epochs may hold an item twice)
     stored, back = np.unique(rows, return_inverse=True)
-    return array[stored][back]
+    values = array[stored][back]
+    return values if picks is None else values[np.arange(len(rows)), picks]
 
 
 def read_rate(batches: StepBatches, steps: int = 3) -> float:

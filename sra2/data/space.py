@@ -27,9 +27,11 @@ from sra2.config.params import Config
 # compressed / raw bytes assumed before a store has a shard to measure (then its own ratio is
 # used): the latents' mantissas barely compress, their exponents do (the posterior std's more than
 # the mean's: 0.80 and 0.92 measured on the tiny preset's random-weight VAE); ADM crops of
-# photographs 0.71 (measured, README); samples raw (what a barely trained model draws is noise)
+# photographs 0.71 (measured, README); samples raw (what a barely trained model draws is noise);
+# caption contexts barely (float16 features of a transformer; their padding tokens differ by
+# position): assumed 0.95 until a store begun says
 RATIO = {"mean": 0.92, "std": 0.80, "mean_flip": 0.92, "std_flip": 0.80, "images": 0.75,
-         "samples": 1.0}
+         "samples": 1.0, "context": 0.95}
 FIXED_RATIO = 0.2  # labels and file names, compressed
 CHUNK_OVERHEAD = 16 + 4 + 16  # Blosc's header, the chunk's CRC32C, its shard index entry
 SHARD_OVERHEAD = 4  # the shard index's own CRC32C

@@ -26,13 +26,20 @@ def model_problems(cfg: Config) -> list[str]:
     (``more``), so that no other stage depends on the methods' code."""
     # the registry itself, not a copy of its table, so that a size added there is known here;
     # its torch import is paid anyway where launch counts the GPUs
-    from sra2.model.sit import SiT_models
+    from sra2.model.networks import MODELS, family
 
-    if cfg.model.name not in SiT_models:
-        return [_problem("model.name", f"not a known SiT; choose one of {sorted(SiT_models)}",
+    if cfg.model.name not in MODELS:
+        return [_problem("model.name", f"not a known network; choose one of {sorted(MODELS)}",
                          cfg.model.name)]
-    arch = SiT_models[cfg.model.name].keywords  # depth, patch_size, ...
+    arch = MODELS[cfg.model.name].keywords  # depth, patch_size, ...
     problems = []
+    # captions condition an MMDiT, class labels a SiT
+    wanted = {"coco": "mmdit", "imagefolder": "sit"}[cfg.data.kind]
+    if family(cfg.model.name) != wanted:
+        problems.append(_problem("model.name", f"data.kind {cfg.data.kind} trains "
+                                 f"{'an MMDiT' if wanted == 'mmdit' else 'a SiT'}; choose one of "
+                                 f"{sorted(n for n in MODELS if family(n) == wanted)}",
+                                 cfg.model.name))
     # the VAE turns an image_size crop into image_size / downsampling latent pixels, which the
     # SiT cuts into patch_size squares
     vae = cfg.vae.random

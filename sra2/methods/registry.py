@@ -11,7 +11,7 @@ from typing import Iterator
 from sra2.config.params import Config
 from sra2.methods import align, reg, repa, sra
 from sra2.methods.method import Method
-from sra2.model.sit import SiT_models
+from sra2.model.networks import MODELS
 
 METHODS: list[Method] = [align.METHOD, sra.METHOD, repa.METHOD, reg.METHOD]
 
@@ -35,9 +35,9 @@ def problems(cfg: Config) -> list[str]:
     """What is wrong with the methods on: the blocks they read that model.name lacks (one place
     checks a block range), and each method's own checks across sections; nothing while model.name
     itself is unknown (sra2.methods.checks names that)."""
-    if cfg.model.name not in SiT_models:
+    if cfg.model.name not in MODELS:
         return []
-    depth = SiT_models[cfg.model.name].keywords["depth"]
+    depth = MODELS[cfg.model.name].keywords["depth"]
     found = []
     for m in active(cfg):
         found += [f"{key}: must be in [1, {depth}], the blocks of {cfg.model.name} (got {block!r})"

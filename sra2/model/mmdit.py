@@ -12,6 +12,8 @@ state after block k the image stream's, which the alignment heads read.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,7 @@ class MMDiT(nn.Module):
     # what the samplers, the sample stage and REPA-time wrapping read off a network
     num_classes = None
     cls_dim = None
+    extra_tokens = 0  # before the image's tokens in its stream
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  depth: int = 24, hidden_size: int | None = None, num_heads: int | None = None,
@@ -150,13 +153,13 @@ class MMDiT(nn.Module):
 # REPA's MMDiT is depth 24 (D24); the rest keep its width 32 x depth and its 32-wide heads, but
 # the small ones for the CPU demo and the tests
 _SIZES = {"D24": (24, 768, 24), "D12": (12, 384, 12), "Demo": (4, 96, 4), "Micro": (2, 32, 2)}
-MMDiT_models = {f"MMDiT-{name}/{p}": (depth, width, heads, p)
+MMDiT_models = {f"MMDiT-{name}/{p}": partial(MMDiT, depth=depth, hidden_size=width,
+                                             num_heads=heads, patch_size=p)
                 for name, (depth, width, heads) in _SIZES.items() for p in (2, 4)}
 
 
 def build(name: str, **kwargs) -> MMDiT:
-    depth, width, heads, patch = MMDiT_models[name]
-    return MMDiT(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch, **kwargs)
+    return MMDiT_models[name](**kwargs)
 
 
 def from_state(name: str, state: dict[str, torch.Tensor], **kwargs) -> MMDiT:

@@ -8,6 +8,9 @@ from torch import nn
 
 from sra2.model import mmdit, sit
 
+# every network by name: a constructor whose keywords say its depth and patch size
+MODELS = {**sit.SiT_models, **mmdit.MMDiT_models}
+
 
 def family(name: str) -> str:
     """``sit`` or ``mmdit``; a name of neither is refused with the names there are."""

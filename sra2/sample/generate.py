@@ -24,6 +24,7 @@ from tqdm import tqdm
 from sra2.config.params import Config, result_settings
 from sra2.data import space
 from sra2.data.store import ShardedStore, digest, quarantine_folder
+from sra2.model import text as text_lib
 from sra2.model import vae as vae_lib
 from sra2.model.networks import load_checkpoint
 from sra2.model.sit import read_checkpoint
@@ -31,7 +32,14 @@ from sra2.runtime import atomic, dist, dvc_cache
 from sra2.runtime.worker import Progress
 from sra2.sample import ralu
 from sra2.sample.joint import Joint
-from sra2.sample.outputs import npz_damage, read_npz_images, write_grid, write_npz
+from sra2.sample.outputs import (
+    npz_damage,
+    read_npz_captions,
+    read_npz_images,
+    write_grid,
+    write_npz,
+)
+from sra2.sample.prompts import Prompts
 from sra2.sample.samplers import Generators, derived_seed, guided_velocity, randn, sample
 
 NPZ = "samples.npz"
@@ -61,8 +69,9 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def signature(cfg: Config, ema_sha256: str) -> dict:
-    """What the images depend on: the weights (by digest), the VAE and the sample settings."""
+def signature(cfg: Config, ema_sha256: str, prompts: Prompts | None = None) -> dict:
+    """What the images depend on: the weights (by digest), the VAE, the sample settings and the
+    captions sampled for (``prompts``, text-to-image)."""
     sc = cfg.sample
     exclude = set()
     if sc.sampler != "ralu":  # ralu's settings change the images only when ralu samples
@@ -70,21 +79,23 @@ def signature(cfg: Config, ema_sha256: str) -> dict:
     if sc.seeds == 1:  # what runs made before sets existed drew: their folders stay theirs
         exclude.add("seeds")
     sample = result_settings(sc, exclude=exclude)
-    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample}
+    return {"ema_sha256": ema_sha256, "vae": result_settings(cfg.vae), "sample": sample,
+            **({"prompts": prompts.signature()} if prompts else {})}
 
 
 def latents(cfg: Config, model: torch.nn.Module, vae: torch.nn.Module, y: torch.Tensor,
-            noise: torch.Tensor, generator: Generators) -> torch.Tensor:
+            noise: torch.Tensor, generator: Generators,
+            null: torch.Tensor | None = None) -> torch.Tensor:
     """The configured sampler (with guidance) from ``noise`` (of :func:`state_shape`) to latents
-    at t = 1."""
+    at t = 1; ``null``: the unconditional contexts of caption contexts ``y``."""
     sc, joint = cfg.sample, isinstance(model, Joint)
     # a joint state is guided whole: the latent's channels and the class token
     guide = (y, sc.cfg_scale, None if joint else sc.cfg_channels, sc.cfg_interval)
     if sc.sampler == "ralu":  # never joint (for_sampling)
-        return ralu.sample(guided_velocity(model, *guide, tokens=True), noise, generator,
-                           sc.ralu, model.patch_size, model.hidden_size,
+        return ralu.sample(guided_velocity(model, *guide, tokens=True, null=null), noise,
+                           generator, sc.ralu, model.patch_size, model.hidden_size,
                            decode=lambda z: vae_lib.decode(vae, z, cfg.vae.scale))
-    z = sample(sc.sampler, guided_velocity(model, *guide), noise, generator, sc.steps,
+    z = sample(sc.sampler, guided_velocity(model, *guide, null=null), noise, generator, sc.steps,
                sc.last_step)
     return model.split(z)[0] if joint else z
 
@@ -127,23 +138,26 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
                                               convention=sc.convention,
                                               source=str(ema_path)).to(device).eval())
     vae = vae_lib.load_vae(cfg.vae, device)
+    prompts = Prompts(cfg, device) if cfg.data.kind == "coco" else None
     side, state = cfg.data.image_size, state_shape(model)
-    sign = sign or signature(cfg, _file_sha256(Path(ema_path)))
+    sign = sign or signature(cfg, _file_sha256(Path(ema_path)), prompts)
     # one folder per signature: new weights or settings start afresh, old samples stay put
     path = Path(out) / digest(sign)
     if rank == 0:
         made = ShardedStore.open_or_create(
             path, sc.total, sc.shard_size, 1,  # one image a chunk: read one by one
             {"images": ((side, side, 3), "uint8")},
-            fixed={"labels": np.concatenate([sample_labels(sc.seed, sc.num_samples,
-                                                           model.num_classes, sc.labels, j)
-                                             for j in range(sc.seeds)])},
+            fixed=prompts.fixed(sc.seed, sc.total) if prompts else {
+                "labels": np.concatenate([sample_labels(sc.seed, sc.num_samples,
+                                                        model.num_classes, sc.labels, j)
+                                          for j in range(sc.seeds)])},
             signature=sign)
         needs = space.sample_needs(cfg, path, made.pending_shards(), npz)
         space.ensure("sample", needs + space.dvc_share({npz.parent: needs[0].end} if npz else {}))
     dist.barrier()
     store = ShardedStore(path)
     labels = store.array("labels")[:]
+    captions = store.array("captions")[:] if prompts else None
     shards = store.pending_shards(rank, world)
     todo = sum(stop - start for start, stop in map(store.shard_range, shards))
     bar = tqdm(total=todo, unit="img", desc="sample", disable=rank != 0 or not todo)
@@ -154,9 +168,14 @@ def generate(cfg: Config, ema_path: str | Path, out: str | Path, progress: Progr
         for b in range(start, stop, sc.batch_size):
             index = range(b, min(b + sc.batch_size, stop))
             gens = [torch.Generator().manual_seed(derived_seed(sc.seed, i)) for i in index]
-            y = torch.from_numpy(labels[index.start:index.stop]).to(device)
+            if prompts:  # the captions' contexts, the empty caption's for guidance
+                y = prompts.contexts(captions[index.start:index.stop])
+                null = prompts.null(len(index))
+            else:
+                y, null = torch.from_numpy(labels[index.start:index.stop]).to(device), None
             with dist.autocast(device, sc.precision):
-                z = latents(cfg, model, vae, y, randn((len(index), *state), gens, device), gens)
+                z = latents(cfg, model, vae, y, randn((len(index), *state), gens, device), gens,
+                            null)
             images.append(vae_lib.decode(vae, z, cfg.vae.scale).cpu().numpy())
             done += len(index)
             bar.update(len(index))
@@ -178,7 +197,8 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
     ``samples.npz`` (the shards then removed), linked to ``out/samples.npz``; (rank 0)
     ``grid.png``."""
     out = Path(out)
-    sign = signature(cfg, _file_sha256(Path(ema_path)))
+    prompts = Prompts(cfg) if cfg.data.kind == "coco" else None
+    sign = signature(cfg, _file_sha256(Path(ema_path)), prompts)
     folder = out / "shards" / digest(sign)
     kept, npz = folder / NPZ, out / NPZ
     rank = dist.init()[0]
@@ -196,10 +216,14 @@ def sample_stage(cfg: Config, ema_path: str | Path, out: str | Path,
         return None
     _remove_shards(folder)  # also what a stage killed right after the npz left behind
     atomic.link(kept, npz)
-    images = read_npz_images(npz)
+    images, n = read_npz_images(npz), cfg.sample.grid
     # demo weights say what they are on the picture itself
-    caption = f"DEMO: {vae_lib.describe(cfg.vae)}" if cfg.data.demo is not None else ""
-    write_grid(images[: cfg.sample.grid], out / "grid.png", caption)
+    caption = ""
+    if cfg.data.demo is not None:
+        text = f"; {text_lib.describe(cfg.text.source)}" if prompts else ""
+        caption = f"DEMO: {vae_lib.describe(cfg.vae)}{text}"
+    said = read_npz_captions(npz)
+    write_grid(images[:n], out / "grid.png", caption, None if said is None else said[:n])
     return {"samples": len(images), "npz": str(npz), "grid": str(out / "grid.png"),
             "kept": str(kept)}
 

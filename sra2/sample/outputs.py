@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sra2.runtime import atomic
 
 def write_npz(store: ShardedStore, path: str | Path) -> None:
     """``arr_0`` uint8 [N, H, W, 3], streamed shard by shard (50K images do not fit in memory
-    twice)."""
+    twice), and where the samples have captions, ``captions`` (N strings)."""
     images = store.array("images")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": tuple(images.shape)}
@@ -28,6 +29,9 @@ def write_npz(store: ShardedStore, path: str | Path) -> None:
                 np.lib.format.write_array_header_2_0(member, header)
                 for shard in range(store.num_shards):
                     member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
+            if "captions" in store.group:  # fixed-width unicode: read without pickle
+                with zf.open("captions.npy", "w", force_zip64=True) as member:
+                    np.save(member, np.array(store.array("captions")[:].tolist()), allow_pickle=False)
 
     atomic.write_with(path, write)
 
@@ -41,6 +45,12 @@ def npz_damage(path: str | Path) -> str | None:
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         return f"not a readable zip ({type(e).__name__}: {e})"
     return f"{bad}'s bytes fail its CRC32" if bad else None
+
+
+def read_npz_captions(path: str | Path) -> list[str] | None:
+    """The captions of the samples in the ``.npz`` at ``path``; None for class-conditional ones."""
+    with np.load(path, allow_pickle=False) as found:
+        return found["captions"].tolist() if "captions" in found.files else None
 
 
 class DamagedFile(ValueError):
@@ -79,15 +89,30 @@ def read_npz_images(path: str | Path, remedy: str = SAMPLES_REMEDY) -> np.ndarra
                           f"{remedy}") from e
 
 
-def write_grid(images: np.ndarray, path: str | Path, caption: str = "") -> None:
-    """A square PNG grid of uint8 NHWC images, with an optional caption strip on top."""
+CELL = 128  # px: the least width of a captioned grid's cells (its text needs the room)
+
+
+def write_grid(images: np.ndarray, path: str | Path, caption: str = "",
+               said: list[str] | None = None) -> None:
+    """A square PNG grid of uint8 NHWC images, with an optional caption strip on top; with
+    ``said``, each image's own caption under it (the images enlarged, without smoothing, to at
+    least :data:`CELL` px wide)."""
     n, h, w, _ = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    top = 14 if caption else 0
-    canvas = Image.new("RGB", (cols * w, rows * h + top), "white")
+    zoom = max(1, math.ceil(CELL / w)) if said is not None else 1
+    lines = [textwrap.wrap(s, width=w * zoom // 6) or [""] for s in said or []]
+    text_h = 11 * max(map(len, lines), default=0) + (4 if said is not None else 0)
+    cell_w, cell_h = w * zoom, h * zoom + text_h
+    heading = textwrap.wrap(caption, width=max(20, cols * cell_w // 6))
+    top = 12 * len(heading) + 2 * bool(heading)
+    canvas = Image.new("RGB", (cols * cell_w, rows * cell_h + top), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, img in enumerate(images):
-        canvas.paste(Image.fromarray(img), ((i % cols) * w, top + (i // cols) * h))
-    if caption:
-        ImageDraw.Draw(canvas).text((2, 1), caption, fill="red")
+        x, y = (i % cols) * cell_w, top + (i // cols) * cell_h
+        canvas.paste(Image.fromarray(img).resize((cell_w, h * zoom), Image.NEAREST), (x, y))
+        for k, line in enumerate(lines[i] if said is not None else []):
+            draw.text((x + 2, y + h * zoom + 2 + 11 * k), line, fill="black")
+    for k, line in enumerate(heading):
+        draw.text((2, 1 + 12 * k), line, fill="red")
     atomic.write_with(path, lambda f: canvas.save(f, format="PNG"))

@@ -88,12 +88,14 @@ def sample(kind: str, velocity: Velocity, x: torch.Tensor, generator: Generators
 
 def guided_velocity(model: torch.nn.Module, y: torch.Tensor, scale: float = 1.0,
                     channels: int | None = None, interval: Sequence[float] = (0.0, 1.0),
-                    tokens: bool = False) -> Velocity:
+                    tokens: bool = False, null: torch.Tensor | None = None) -> Velocity:
     """Classifier-free guidance: v = v_u + scale (v_c - v_u) on the first ``channels`` channels
     (None: all), for t inside ``interval``; elsewhere, or with scale 1, one conditional batch.
-    With ``tokens`` the velocity of a token set, ``velocity(patches, t, pos)`` (``model.tokens``:
-    channels last), both halves on the same tokens."""
-    null = torch.full_like(y, model.num_classes)
+    The unconditional half takes ``null``: the null class where None (labels ``y``), the empty
+    caption's contexts for caption contexts ``y``. With ``tokens`` the velocity of a token set,
+    ``velocity(patches, t, pos)`` (``model.tokens``: channels last), both halves on the same
+    tokens."""
+    null = torch.full_like(y, model.num_classes) if null is None else null
     low, high = interval
     call, axis = (model.tokens, -1) if tokens else (model, 1)
 

@@ -17,6 +17,7 @@ from sra2.config.params import Config
 from sra2.methods import objective, registry
 from sra2.methods.align import build_projector
 from sra2.methods.objective import build_heads
+from sra2.model import networks
 from sra2.model.flops import PEAK_TFLOPS, count_flops
 from sra2.model.sit import SiT, SiT_models, build
 
@@ -116,11 +117,13 @@ def train_flops(cfg: Config) -> int:
 def _train_flops(cfg: Config, device: str) -> int:
     side = cfg.data.image_size // 8
     with torch.device(device):
-        model = build(cfg.model.name, input_size=side, num_classes=cfg.model.num_classes,
-                      learn_sigma=False, **objective.model_options(cfg)).eval()
+        # an MMDiT's contexts as wide as CLIP ViT-L/14's (the context embedder is a sliver)
+        model = networks.build(cfg.model.name, input_size=side, num_classes=cfg.model.num_classes,
+                               learn_sigma=False, **objective.model_options(cfg)).eval()
         heads = build_heads(model, cfg)
         x, t = torch.zeros(1, model.in_channels, side, side), torch.zeros(1)
-        y = torch.zeros(1, dtype=torch.long)
+        y = (torch.zeros(1, dtype=torch.long) if networks.family(cfg.model.name) == "sit"
+             else torch.zeros(1, cfg.text.max_length, model.context_dim))
     trained, frozen = count_flops(model, x, t, y), 0
     for m in registry.active(cfg):
         own, without_grad = m.flops(cfg, model, heads[m.name])

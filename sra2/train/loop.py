@@ -49,7 +49,8 @@ from sra2.evaluate.plots import write_fid_plot, write_loss_plot
 from sra2.methods import objective, registry
 from sra2.methods.objective import Objective, build_heads
 from sra2.model.flops import PEAK_TFLOPS
-from sra2.model.sit import SiT, build, read_checkpoint
+from sra2.model.networks import build, family
+from sra2.model.sit import SiT, read_checkpoint
 from sra2.runtime import atomic, dist
 from sra2.runtime.stopping import Consensus, SaveClock, StopSignals, stopped
 from sra2.runtime.worker import Progress
@@ -123,6 +124,7 @@ class Trainer:
     params: list[nn.Parameter]
     micro: int  # micro-batches per step on this process
     device: torch.device
+    null: torch.Tensor | None  # the empty caption's context (1, tokens, width); None: labels
     weights: tuple | None = None  # the scheduled terms' weights now: (floats, on the device)
 
     def state(self, step: int, meter: dict, bad: NonFiniteSteps) -> dict:
@@ -136,9 +138,11 @@ class Trainer:
             getattr(self, name).load_state_dict(state[name])
 
 
-def build_model(cfg: Config, latent_side: int) -> SiT:
+def build_model(cfg: Config, latent_side: int, context_dim: int | None = None) -> torch.nn.Module:
+    """The network of model.name; an MMDiT reads contexts of ``context_dim`` (None: REPA's 768)."""
     return build(cfg.model.name, input_size=latent_side, num_classes=cfg.model.num_classes,
-                 learn_sigma=cfg.model.learn_sigma, **objective.model_options(cfg))
+                 learn_sigma=cfg.model.learn_sigma, context_dim=context_dim,
+                 **objective.model_options(cfg))
 
 
 def micro_batches(cfg: Config, world: int) -> int:
@@ -150,10 +154,13 @@ def micro_batches(cfg: Config, world: int) -> int:
     return per_rank // size
 
 
-def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world: int) -> Trainer:
+def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world: int,
+                  null: np.ndarray | None = None) -> Trainer:
+    """``null``: the empty caption's context, for captioned data."""
     tc = cfg.train
     torch.manual_seed(tc.seed)  # weight init only; every later draw uses its own generator
-    model = build_model(cfg, latent_shape[-1]).to(device)
+    context_dim = None if null is None else null.shape[-1]
+    model = build_model(cfg, latent_shape[-1], context_dim).to(device)
     heads = build_heads(model, cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     aids = {m.name: m.prepare(cfg, model, ema, device) for m in registry.active(cfg)}
@@ -169,7 +176,8 @@ def build_trainer(cfg: Config, latent_shape: tuple, device: torch.device, world:
     if tc.compile:
         loss_fn = torch.compile(loss_fn)
     return Trainer(cfg, model, ema, heads, aids, whole.names, loss_fn, opt, params,
-                   micro_batches(cfg, world), device)
+                   micro_batches(cfg, world), device,
+                   None if null is None else torch.from_numpy(null).to(device))
 
 
 def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
@@ -178,12 +186,19 @@ def step_inputs(tr: Trainer, batch: dict, drawn: Draws) -> list[dict]:
     cfg, micro = tr.cfg, tr.micro
     mean, std = batch["mean"], batch["std"]
     x1 = (mean + std * drawn.eps) * cfg.vae.scale
-    y = torch.where(drawn.drop, torch.full_like(batch["labels"], cfg.model.num_classes),
-                    batch["labels"])
-    common = {"x1": x1, "y": y, "t": drawn.t, "x0": drawn.x0}
+    common = {"x1": x1, "y": condition(tr, batch, drawn.drop), "t": drawn.t, "x0": drawn.x0}
     inputs = {**common, **objective.inputs(cfg, tr.aids, batch, common, drawn.methods)}
     parts = {k: v.chunk(micro) for k, v in inputs.items()}
     return [{k: v[i] for k, v in parts.items()} for i in range(micro)]
+
+
+def condition(tr: Trainer, batch: dict, drop: torch.Tensor) -> torch.Tensor:
+    """What the network is conditioned on: the labels, the null class where ``drop``; or the
+    picked captions' contexts, the empty caption's where ``drop``."""
+    if tr.null is None:
+        labels = batch["labels"]
+        return torch.where(drop, torch.full_like(labels, tr.cfg.model.num_classes), labels)
+    return torch.where(drop[:, None, None], tr.null, batch["context"])
 
 
 def term_weights(tr: Trainer, step: int, dataset: int) -> torch.Tensor | None:
@@ -456,12 +471,12 @@ def train(cfg: Config, latents: str | Path, out: str | Path,
         f"{m.name}.enabled" for m in registry.active(cfg) if m.needs_images(cfg)])
     if tc.read_from == "copy" and data.copy is None and is_rank0:
         warn_reading_the_store(cfg, data)
-    if int(data.labels.max()) >= cfg.model.num_classes:
+    if family(cfg.model.name) == "sit" and int(data.labels.max()) >= cfg.model.num_classes:
         raise ValueError(f"the dataset has {int(data.labels.max()) + 1} classes but "
                          f"model.num_classes is {cfg.model.num_classes}")
 
     # --- model, optimizer and resume
-    tr = build_trainer(cfg, data.shape, device, world)
+    tr = build_trainer(cfg, data.shape, device, world, data.empty_context)
     ckpts = Checkpoints(out / "checkpoints", signature(cfg, data.signature), tc.keep_checkpoints)
     # rank 0 quarantines and repoints; all pick one file, at or below tc.steps
     state = ckpts.load(tc.steps, repair=is_rank0)
