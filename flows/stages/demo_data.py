@@ -64,10 +64,10 @@ def train_vae(cfg: Config) -> None:
 
 
 def write_captioned_demo(cfg: Config) -> None:
-    """The text-to-image demo: its train and val splits in COCO's layout, and its text encoder
-    (random weights) at text.source."""
+    """The text-to-image demo: its train and val splits in COCO's layout, its text encoder at
+    text.source and a CLIP at evaluate.clip (random weights both)."""
     from sra2.data.captions import demo_vocabulary, write_demo_split
-    from sra2.model.text import describe, write_demo_encoder
+    from sra2.model.text import describe, write_demo_clip, write_demo_encoder
 
     data, demo = cfg.data, cfg.data.demo
     for split, root, captions, count in (("train", data.root, data.captions, demo.per_class),
@@ -76,10 +76,14 @@ def write_captioned_demo(cfg: Config) -> None:
         n = write_demo_split(root, captions, demo.classes, count, demo.min_side, demo.max_side,
                              demo.seed, split)
         print(f"wrote {n} captioned JPEG files ({split}) under {root}, captions in {captions}")
-    knobs = demo.text
-    write_demo_encoder(cfg.text.source, demo_vocabulary(), knobs.hidden_size, knobs.layers,
-                       knobs.heads, cfg.text.max_length, knobs.seed)
+    knobs, words = demo.text, demo_vocabulary()
+    write_demo_encoder(cfg.text.source, words, knobs.hidden_size, knobs.layers, knobs.heads,
+                       cfg.text.max_length, knobs.seed)
     print(f"wrote the {describe(cfg.text.source)} at {cfg.text.source}")
+    # what the CLIP score and PickScore read: the same shape, random weights too
+    write_demo_clip(cfg.evaluate.clip, words, knobs.hidden_size, knobs.layers, knobs.heads,
+                    data.image_size, knobs.seed)
+    print(f"wrote the {describe(cfg.evaluate.clip)} at {cfg.evaluate.clip}")
 
 
 @stage_flow("demo-data")
@@ -129,7 +133,8 @@ def _check_captioned_demo(cfg: Config, out: str) -> None:
         raise SystemExit("error: data.demo.val_per_class is 0: the captioned demo's val split "
                          "(the captions sampled, the images FID compares with) would be empty")
     for key, path in (("data.val_root", data.val_root), ("data.captions", data.captions),
-                      ("data.val_captions", data.val_captions), ("text.source", cfg.text.source)):
+                      ("data.val_captions", data.val_captions), ("text.source", cfg.text.source),
+                      ("evaluate.clip", cfg.evaluate.clip)):
         if not Path(path).resolve().is_relative_to(Path(out).resolve()):
             raise SystemExit(f"error: {key} ({path}) must lie inside {out} when data.demo is "
                              "set, so that DVC tracks what the demo stage writes there")

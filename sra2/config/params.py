@@ -475,6 +475,11 @@ class Evaluate(Section):
     device: Literal["auto", "cpu", "cuda"]
     # resamples of the generated images' features behind each number's interval (0: none)
     bootstrap: NonNegativeInt = 100
+    # text to image (data.kind coco): the CLIP of the CLIP score (model and processor), and
+    # PickScore's model and processor; hub ids or local folders
+    clip: str = "openai/clip-vit-large-patch14"
+    pickscore: str = "yuvalkirstain/PickScore_v1"
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 class Config(Section):

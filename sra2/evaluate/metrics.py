@@ -26,6 +26,7 @@ from scipy.special import log_softmax
 from torch.utils.data import Dataset
 
 from sra2.config.params import Config
+from sra2.data.captions import listing
 from sra2.data.encode import rejects
 from sra2.data.images import load_cropped
 from sra2.data.store import ShardedStore
@@ -303,10 +304,11 @@ def inception_features(images: Dataset, weights: str | Path | None, batch_size: 
 
 # --- what the samples are compared with -------------------------------------------------------
 
-def load_reference(path: str | Path) -> dict:
+def load_reference(path: str | Path, needed: tuple[str, ...] = STATISTICS) -> dict:
     """An ADM reference batch (VIRTUAL_imagenet256_labeled.npz): ``fid`` and ``sfid`` statistics
     from mu, sigma, mu_s, sigma_s, and ``images`` (arr_0, memory-mapped) when it holds them. A batch
-    with none of the statistics but with arr_0 gets them from its images, as ADM does."""
+    with none of the statistics but with arr_0 gets them from its images, as ADM does. ``needed``
+    ("mu", "sigma"): FID's alone suffice (U-ViT's fid_stats_mscoco256_val.npz)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"evaluate.reference: no reference batch at {str(path)!r}")
@@ -325,23 +327,34 @@ def load_reference(path: str | Path) -> dict:
         raise DamagedFile(f"evaluate.reference {str(path)!r} is not an ADM reference batch .npz "
                           f"({why}; one holds plain arrays mu, sigma, mu_s, sigma_s and/or arr_0, "
                           f"as VIRTUAL_imagenet256_labeled.npz does): {remedy}") from e
-    missing = [k for k in STATISTICS if k not in found]
-    if len(missing) == len(STATISTICS) and "arr_0" not in keys:
+    missing = [k for k in needed if k not in found]
+    if len(missing) == len(needed) and "arr_0" not in keys:
         raise ValueError(f"evaluate.reference {str(path)!r} holds neither statistics "
-                         f"{list(STATISTICS)} nor images arr_0 (it has {sorted(keys)})")
-    if 0 < len(missing) < len(STATISTICS):
+                         f"{list(needed)} nor images arr_0 (it has {sorted(keys)})")
+    if 0 < len(missing) < len(needed):
         raise ValueError(f"evaluate.reference {str(path)!r} lacks {missing}: an ADM reference "
                          f"batch holds mu, sigma (FID) and mu_s, sigma_s (sFID)")
-    stats = None if missing else {"fid": (found["mu"], found["sigma"]),
-                                  "sfid": (found["mu_s"], found["sigma_s"])}
+    stats = None
+    if not missing:
+        stats = {"fid": (found["mu"], found["sigma"])}
+        if "mu_s" in found and "sigma_s" in found:
+            stats["sfid"] = (found["mu_s"], found["sigma_s"])
     return {"stats": stats, "images": read_npz_images(path, remedy) if "arr_0" in keys else None}
 
 
-def real_files(latents: str | Path, root: str | Path, num: int | None, seed: int) -> list[Path]:
-    """The encoded dataset's accepted files (rejects left out), a seeded subset of ``num``."""
-    store = ShardedStore(latents)
-    rejected = {r["index"] for r in rejects(store)}
-    files = [f for i, f in enumerate(store.array("files")[:]) if i not in rejected]
+def real_files(cfg: Config, latents: str | Path) -> list[Path]:
+    """The real images the samples are compared with, a seeded subset of ``evaluate.num_real``:
+    the encoded dataset's accepted files (rejects left out), or for captioned data the val
+    split's images."""
+    num, seed = cfg.evaluate.num_real, cfg.evaluate.seed
+    if cfg.data.kind == "coco":
+        val = listing(cfg, "val").images
+        files, root = val.files, val.root
+    else:
+        store = ShardedStore(latents)
+        rejected = {r["index"] for r in rejects(store)}
+        files = [f for i, f in enumerate(store.array("files")[:]) if i not in rejected]
+        root = Path(cfg.data.root)
     if num is not None and num < len(files):
         pick = np.sort(np.random.default_rng(seed).choice(len(files), num, replace=False))
         files = [files[i] for i in pick]
@@ -356,20 +369,30 @@ def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict
     ``evaluate.reference``'s statistics and images arr_0 where it has them, else the real images of
     the encoded dataset at ``latents``."""
     ec = cfg.evaluate
-    batch = load_reference(ec.reference) if ec.reference else {"stats": None, "images": None}
+    batch = (load_reference(ec.reference, reference_keys(cfg)) if ec.reference
+             else {"stats": None, "images": None})
     if batch["images"] is not None:
         ref = features(ArrayImages(batch["images"]))
         source = f"{len(ref['pool'])} images arr_0 of {ec.reference}"
     else:
-        files = real_files(latents, cfg.data.root, ec.num_real, ec.seed)
+        files = real_files(cfg, latents)
         real = CroppedFiles(files, cfg.data.image_size)
         ref = features(real)
-        source = f"{len(real)} real images of {cfg.data.root}"
-    if batch["stats"] is not None:
-        return {**batch["stats"], "pool": ref["pool"], "fid_reference": f"mu, sigma, mu_s, sigma_s "
-                f"of {ec.reference}", "pr_reference": source}
-    return {"fid": statistics(ref["pool"]), "sfid": statistics(ref["spatial"]), "pool": ref["pool"],
-            "fid_reference": source, "pr_reference": source}
+        source = f"{len(real)} real images of {files[0].parent if files else cfg.data.root}"
+    stats = batch["stats"] or {}
+    found = {"fid": stats.get("fid") or statistics(ref["pool"]),
+             "sfid": stats.get("sfid") or statistics(ref["spatial"])}
+    if not stats:
+        return {**found, "pool": ref["pool"], "fid_reference": source, "pr_reference": source}
+    keys = "mu, sigma" + (", mu_s, sigma_s" if "sfid" in stats else f" (sFID: {source})")
+    return {**found, "pool": ref["pool"], "fid_reference": f"{keys} of {ec.reference}",
+            "pr_reference": source}
+
+
+def reference_keys(cfg: Config) -> tuple[str, ...]:
+    """What a reference file must hold: ADM's four statistics, or for captioned data FID's two
+    (U-ViT's fid_stats_mscoco256_val.npz; sFID then comes from the val images)."""
+    return ("mu", "sigma") if cfg.data.kind == "coco" else STATISTICS
 
 
 def frechet_scores(fake: dict[str, np.ndarray],

@@ -1,6 +1,7 @@
 """The protocol every published number of the papers compared here follows (FID-50K of ImageNet
 256x256 against ADM's reference batch with ADM's evaluator, SDE Euler-Maruyama with 250 steps,
-uniform random labels), and the reasons a run's numbers fall outside it.
+uniform random labels; for the text-to-image run, REPA's MS-COCO protocol), and the reasons a
+run's numbers fall outside it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ REFERENCE_HOW = (f"download ADM's {REFERENCE} (guided-diffusion's evaluations RE
 
 def not_comparable(cfg: Config, guided: bool = False) -> list[str]:
     """Every reason the numbers of a run with ``cfg`` cannot sit beside the paper's (none: they
-    can); ``guided``: whether the number it is compared with was measured with guidance."""
+    can); ``guided``: whether the number it is compared with was measured with guidance. Its
+    text-to-image numbers follow their own protocol (:func:`text_to_image`)."""
     sc, ec = cfg.sample, cfg.evaluate
     why = []
+    if ec.inception == "random":
+        why.append("random Inception weights (evaluate.inception: random)")
+    if cfg.vae.source == "random":
+        why.append("a random-weight VAE, not SD-VAE (vae.source: random)")
+    if cfg.data.image_size != IMAGE_SIZE:
+        why.append(f"{cfg.data.image_size} px images, not {IMAGE_SIZE} (data.image_size)")
+    if cfg.data.kind == "coco":
+        return why + text_to_image(cfg)
     if ec.reference is None:
         why.append(f"FID against our crops of the training set, not ADM's reference batch "
                    f"(evaluate.reference: {REFERENCE})")
-    if ec.inception == "random":
-        why.append("random Inception weights (evaluate.inception: random)")
     if sc.num_samples < SAMPLES:
         why.append(f"{sc.num_samples:,} samples, not {SAMPLES:,} (sample.num_samples)")
     if sc.labels != "uniform":
@@ -33,10 +41,35 @@ def not_comparable(cfg: Config, guided: bool = False) -> list[str]:
     if (sc.cfg_scale != 1.0) != guided:
         why.append(f"guidance scale {sc.cfg_scale} against a number measured "
                    f"{'with' if guided else 'without'} guidance (sample.cfg_scale)")
-    if cfg.vae.source == "random":
-        why.append("a random-weight VAE, not SD-VAE (vae.source: random)")
-    if cfg.data.image_size != IMAGE_SIZE:
-        why.append(f"{cfg.data.image_size} px images, not {IMAGE_SIZE} (data.image_size)")
+    return why
+
+
+# REPA's text-to-image protocol (its generate_t2i.py), which the paper's MS-COCO run follows: one
+# random caption of each val image, 40,192 of them, Euler ODE with 50 steps, guidance 1.5 on every
+# channel at every step; CLIP ViT-L/14's text features; PickScore's own model
+T2I = {"samples": 40_192, "sampler": "ode-euler", "steps": 50, "cfg_scale": 1.5,
+       "text": "openai/clip-vit-large-patch14", "pickscore": "yuvalkirstain/PickScore_v1"}
+
+
+def text_to_image(cfg: Config) -> list[str]:
+    """The reasons a text-to-image run's numbers fall outside :data:`T2I`."""
+    sc, ec = cfg.sample, cfg.evaluate
+    why = []
+    if ec.reference is None and ec.num_real is not None:
+        why.append(f"FID against {ec.num_real:,} val images, not all of them (evaluate.num_real)")
+    if sc.num_samples < T2I["samples"]:
+        why.append(f"{sc.num_samples:,} samples, not {T2I['samples']:,} (sample.num_samples)")
+    if (sc.sampler, sc.steps) != (T2I["sampler"], T2I["steps"]):
+        why.append(f"sampler {sc.sampler} with {sc.steps} steps, not {T2I['sampler']} with "
+                   f"{T2I['steps']} (sample.sampler, sample.steps)")
+    if (sc.cfg_scale, sc.cfg_channels, sc.cfg_interval) != (T2I["cfg_scale"], 4, [0.0, 1.0]):
+        why.append(f"guidance {sc.cfg_scale} on {sc.cfg_channels} channels in {sc.cfg_interval}, "
+                   f"not {T2I['cfg_scale']} on all 4 at every step (sample.cfg_scale, "
+                   "cfg_channels, cfg_interval)")
+    if cfg.text.source != T2I["text"]:
+        why.append(f"text encoder {cfg.text.source}, not {T2I['text']} (text.source)")
+    if ec.pickscore != T2I["pickscore"]:
+        why.append(f"PickScore from {ec.pickscore}, not {T2I['pickscore']} (evaluate.pickscore)")
     return why
 
 

@@ -20,10 +20,13 @@ from sra2.evaluate.metrics import (
     feature_function,
     load_reference,
     real_files,
+    reference_keys,
     reference_side,
 )
+from sra2.evaluate.text_scores import caption_scores
+from sra2.model import text as text_lib
 from sra2.runtime import dist
-from sra2.sample.outputs import read_npz_images
+from sra2.sample.outputs import read_npz_captions, read_npz_images
 
 NUMBERS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -31,10 +34,10 @@ NUMBERS = ("fid", "sfid", "inception_score", "precision", "recall")
 def _reference_size(cfg: Config, latents: str | Path) -> int:
     """How many images :func:`reference_side` sends through Inception (a progress total)."""
     ec = cfg.evaluate
-    images = load_reference(ec.reference)["images"] if ec.reference else None
+    images = load_reference(ec.reference, reference_keys(cfg))["images"] if ec.reference else None
     if images is not None:
         return len(images)
-    return len(real_files(latents, cfg.data.root, ec.num_real, ec.seed))
+    return len(real_files(cfg, latents))
 
 
 def _counter(progress: Callable[[int, int], None], total: int) -> Callable[[int], None]:
@@ -75,6 +78,11 @@ def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
     result = {k: float(np.mean([s[k] for s in scored])) for k in NUMBERS}
     warned = [line for s in scored for line in s.get("warnings", [])]
     result.update(noise_of(scored, parts[0], reference, ec, device))
+    said = read_npz_captions(samples)
+    if said is not None:  # text to image: how well each set shows its captions
+        result.update(caption_means(caption_scores(cfg, fakes.images, said, device), sets))
+        result["caption_scorers"] = (f"CLIP score: {text_lib.describe(ec.clip)}; PickScore: "
+                                     f"{text_lib.describe(ec.pickscore)}")
     note = (f"RANDOM Inception weights (seed {ec.inception_seed}): not comparable to any paper"
             if ec.inception == "random" else "torch-fidelity InceptionV3 (TF-ported) weights")
     why = protocol.not_comparable(cfg)
@@ -84,6 +92,22 @@ def evaluate(cfg: Config, samples: str | Path, latents: str | Path,
             "num_samples": size, "fid_reference": reference["fid_reference"],
             "pr_reference": reference["pr_reference"], "inception_weights": note,
             "preset": cfg.preset}
+
+
+def caption_means(per_sample: dict[str, np.ndarray], sets: int) -> dict:
+    """Each caption score's mean over the samples (the mean of the sets' means) and
+    ``<name>_noise``: the sd of that mean, from the first set's standard error and the sets'
+    spread (:func:`sra2.evaluate.noise.noise_of_mean`)."""
+    out = {}
+    for name, values in per_sample.items():
+        means = values.reshape(sets, -1).mean(1)
+        first = values[: len(values) // sets]
+        error = float(first.std(ddof=1) / np.sqrt(len(first)))
+        seeds_sd = float(np.std(means, ddof=1)) if sets > 1 else None
+        out[name] = float(means.mean())
+        out[f"{name}_noise"] = {"sd": noise.noise_of_mean(error, seeds_sd, sets),
+                                "standard_error": error, "seeds_sd": seeds_sd}
+    return out
 
 
 def noise_of(scored: list[dict], first: dict, reference: dict, ec, device) -> dict:

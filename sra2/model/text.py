@@ -46,7 +46,9 @@ def load_text_encoder(source: str, max_length: int,
                       device: torch.device | str = "cpu") -> TextEncoder:
     """The tokenizer and text tower at ``source`` (hub id or folder), in eval mode, fp32."""
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # a bar per load, in every stage's log
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source)
         model = CLIPTextModel.from_pretrained(source, torch_dtype=torch.float32)
@@ -110,28 +112,66 @@ def demo_vocabulary_files(words: Sequence[str]) -> tuple[dict[str, int], list[st
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
+def _demo_tokenizer(folder: Path, words: Sequence[str], max_length: int):
+    """A CLIP tokenizer holding ``words`` whole, its files written in ``folder``; with the ids of
+    its vocabulary's size and its start, end and padding tokens (CLIP pads with the end token)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = demo_vocabulary_files(words)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              model_max_length=max_length)
+    ids = {"vocab_size": len(vocab), "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS],
+           "pad_token_id": vocab[EOS]}
+    return tokenizer, ids
+
+
+def _text_config(ids: dict, hidden_size: int, layers: int, heads: int, max_length: int) -> dict:
+    return {**ids, "hidden_size": hidden_size, "intermediate_size": 4 * hidden_size,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "max_position_embeddings": max_length}
+
+
+def _describe(tmp: Path, what: str, seed: int, words: Sequence[str]) -> None:
+    description = f"{what}, RANDOM weights (seed {seed}), over the demo's {len(words)} words"
+    (tmp / DEMO_INFO).write_text(json.dumps({"description": description}))
+
+
 def write_demo_encoder(folder: str | Path, words: Sequence[str], hidden_size: int, layers: int,
                        heads: int, max_length: int, seed: int) -> None:
     """A CLIP tokenizer holding ``words`` whole and a seeded random CLIP text tower, saved at
     ``folder`` in save_pretrained's layout (what :func:`load_text_encoder` reads)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = Path(folder)
-    vocab, merges = demo_vocabulary_files(words)
     with atomic.temporary_folder(folder) as tmp:
-        (tmp / "vocab.json").write_text(json.dumps(vocab))
-        (tmp / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-        tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"),
-                                  model_max_length=max_length)
-        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size,
-                                intermediate_size=4 * hidden_size, num_hidden_layers=layers,
-                                num_attention_heads=heads, max_position_embeddings=max_length,
-                                bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
-                                pad_token_id=vocab[EOS])
+        tokenizer, ids = _demo_tokenizer(tmp, words, max_length)
         torch.manual_seed(seed)
-        model = CLIPTextModel(config).eval()
+        model = CLIPTextModel(CLIPTextConfig(**_text_config(ids, hidden_size, layers, heads,
+                                                            max_length))).eval()
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        description = (f"demo text encoder: a CLIP text tower of width {hidden_size}, {layers} "
-                       f"layers, RANDOM weights (seed {seed}), over the demo's {len(words)} words")
-        (tmp / DEMO_INFO).write_text(json.dumps({"description": description}))
+        _describe(tmp, f"demo text encoder: a CLIP text tower of width {hidden_size}, {layers} "
+                       "layers", seed, words)
+
+
+def write_demo_clip(folder: str | Path, words: Sequence[str], hidden_size: int, layers: int,
+                    heads: int, image_size: int, seed: int) -> None:
+    """A whole CLIP (text and image towers, width ``hidden_size``, images of ``image_size`` px in
+    patches of 8) with seeded random weights and its processor, at ``folder``: what the CLIP score
+    and PickScore load offline (their numbers then mean nothing)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    with atomic.temporary_folder(folder) as tmp:
+        tokenizer, ids = _demo_tokenizer(tmp, words, 77)
+        vision = {"hidden_size": hidden_size, "intermediate_size": 4 * hidden_size,
+                  "num_hidden_layers": layers, "num_attention_heads": heads,
+                  "image_size": image_size, "patch_size": 8}
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=_text_config(ids, hidden_size, layers, heads, 77),
+                                     vision_config=vision, projection_dim=hidden_size)).eval()
+        images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size})
+        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        _describe(tmp, f"demo CLIP of width {hidden_size}, {layers} layers", seed, words)

@@ -30,8 +30,9 @@ def write_npz(store: ShardedStore, path: str | Path) -> None:
                 for shard in range(store.num_shards):
                     member.write(np.ascontiguousarray(images[slice(*store.shard_range(shard))]).tobytes())
             if "captions" in store.group:  # fixed-width unicode: read without pickle
+                said = np.array(store.array("captions")[:].tolist())
                 with zf.open("captions.npy", "w", force_zip64=True) as member:
-                    np.save(member, np.array(store.array("captions")[:].tolist()), allow_pickle=False)
+                    np.save(member, said, allow_pickle=False)
 
     atomic.write_with(path, write)
 
