@@ -460,11 +460,12 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
     from types import SimpleNamespace
 
     from sra2.data import encode
+    from sra2.data.captions import Captioned
     from sra2.data.store import digest
     from sra2.sample import generate
     from sra2.train import loop as train
 
-    images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
+    images = Captioned(SimpleNamespace(files=["a/1.JPEG"], labels=[0]), None)
 
     def digests(cfg):
         return (digest(train.signature(cfg, {})), digest(encode._signature(cfg, images)),
@@ -479,3 +480,22 @@ def test_settings_not_in_result_leave_the_folders_of_results_alone(tiny):
     changed = with_overrides(tiny, train={"lr": 0.5}, encode={"flip": not tiny.encode.flip},
                              sample={"seed": 9})
     assert all(a != b for a, b in zip(digests(changed), digests(tiny)))
+
+
+def test_every_preset_file_holds_every_section_dvc_tracks_of_it():
+    """DVC refuses to run a stage whose tracked section a preset's file lacks (even where the
+    preset's base has it)."""
+    from sra2.config.params import PRESETS_DIR
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    tracked: dict[str, set] = {}
+    for stage in stages.values():
+        for p in stage["params"]:
+            if isinstance(p, dict):
+                for file, sections in p.items():
+                    tracked.setdefault(file, set()).update(sections)
+    for name in ["_imagenet", *available_presets()]:
+        file = f"sra2/config/presets/{name}.yaml"
+        held = set(yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text()))
+        wanted = tracked.get(file, tracked["sra2/config/presets/${preset}.yaml"])
+        assert wanted <= held, f"{file} lacks {sorted(wanted - held)}"

@@ -65,7 +65,7 @@ def train_vae(cfg: Config) -> None:
 
 def write_captioned_demo(cfg: Config) -> None:
     """The text-to-image demo: its train and val splits in COCO's layout, its text encoder at
-    text.source and a CLIP at evaluate.clip (random weights both)."""
+    text.source and a CLIP at data.demo.text.clip (random weights both)."""
     from sra2.data.captions import demo_vocabulary, write_demo_split
     from sra2.model.text import describe, write_demo_clip, write_demo_encoder
 
@@ -81,9 +81,9 @@ def write_captioned_demo(cfg: Config) -> None:
                        cfg.text.max_length, knobs.seed)
     print(f"wrote the {describe(cfg.text.source)} at {cfg.text.source}")
     # what the CLIP score and PickScore read: the same shape, random weights too
-    write_demo_clip(cfg.evaluate.clip, words, knobs.hidden_size, knobs.layers, knobs.heads,
+    write_demo_clip(knobs.clip, words, knobs.hidden_size, knobs.layers, knobs.heads,
                     data.image_size, knobs.seed)
-    print(f"wrote the {describe(cfg.evaluate.clip)} at {cfg.evaluate.clip}")
+    print(f"wrote the {describe(knobs.clip)} at {knobs.clip}")
 
 
 @stage_flow("demo-data")
@@ -134,7 +134,7 @@ def _check_captioned_demo(cfg: Config, out: str) -> None:
                          "(the captions sampled, the images FID compares with) would be empty")
     for key, path in (("data.val_root", data.val_root), ("data.captions", data.captions),
                       ("data.val_captions", data.val_captions), ("text.source", cfg.text.source),
-                      ("evaluate.clip", cfg.evaluate.clip)):
+                      ("data.demo.text.clip", data.demo.text.clip)):
         if not Path(path).resolve().is_relative_to(Path(out).resolve()):
             raise SystemExit(f"error: {key} ({path}) must lie inside {out} when data.demo is "
                              "set, so that DVC tracks what the demo stage writes there")

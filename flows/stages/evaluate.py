@@ -1,5 +1,6 @@
 """evaluate stage: FID and IS of the samples; FID against ADM-format reference statistics
-(evaluate.reference) or against the encoded dataset's real images with the same crop.
+(evaluate.reference) or against the encoded dataset's real images with the same crop (captioned
+data: the val split's images), and for captioned samples their CLIP score and PickScore.
 
 Writes a metrics JSON for `dvc metrics show`. With evaluate.inception=random (the offline demo)
 the Inception network has seeded random weights, and the JSON says so.
@@ -22,8 +23,9 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
     from sra2.evaluate.scores import evaluate
 
     ec, mon = cfg.evaluate, current()
+    real = cfg.data.val_root if cfg.data.kind == "coco" else latents  # captioned: the val split
     mon.say(f"evaluate: preset {cfg.preset}, samples {samples} against "
-            f"{ec.reference or f'the real images of {latents}'} ({ec.num_real or 'all'}), "
+            f"{ec.reference or f'the real images of {real}'} ({ec.num_real or 'all'}), "
             f"Inception {ec.inception}, batch {ec.batch_size}, device {ec.device}")
     watch = Watch(mon, "evaluate", "images", "Inception features of the samples, then of the "
                   "reference images")
@@ -47,9 +49,18 @@ def evaluate_flow(cfg: Config, samples: str, latents: str, out: str) -> dict:
     table("metrics", result, f"{result['inception_weights']}; {verdict}")
     mon.say(f"evaluate: FID {result['fid']:.3f}  sFID {result['sfid']:.3f}  "
             f"IS {result['inception_score']:.3f}  precision {result['precision']:.3f}  "
-            f"recall {result['recall']:.3f} of {result['num_samples']} samples "
+            f"recall {result['recall']:.3f}{captions_line(result)} of {result['num_samples']} "
+            f"samples "
             f"({result['inception_weights']}; FID against {result['fid_reference']}); {verdict}")
     return result
+
+
+def captions_line(result: dict) -> str:
+    """The caption scores of a text-to-image run, for the log line ("" for class labels)."""
+    if "clip_score" not in result:
+        return ""
+    return (f"  CLIP score {result['clip_score']:.2f}  PickScore {result['pickscore']:.2f} "
+            f"({result['caption_scorers']})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,6 +118,9 @@ class DemoText(Section):
     layers: PositiveInt
     heads: PositiveInt
     seed: Seed
+    # where the demo stage also writes a whole CLIP of this shape (random weights), which
+    # evaluate.clip and evaluate.pickscore may name
+    clip: Annotated[str, Field(min_length=1)]
 
 
 class DemoData(Section):

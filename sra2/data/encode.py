@@ -93,7 +93,9 @@ def _signature(cfg: Config, split: Captioned) -> dict:
     return {"vae": result_settings(cfg.vae, exclude={"scale"}), "image_size": cfg.data.image_size,
             "files": digest(listed), **result_settings(cfg.encode, exclude=left_out),
             **({"vae_weights": weights} if weights else {}), **text,
-            **({"demo": result_settings(demo, exclude={"vae", "text"})} if demo else {})}
+            # the val split, and the text encoder's shape (its files' digest is in), are not
+            **({"demo": result_settings(demo, exclude={"vae", "text", "val_per_class"})}
+               if demo else {})}
 
 
 def settings_store(cfg: Config, folder: str | Path, split: Captioned) -> Path:

@@ -58,7 +58,7 @@ def model_problems(cfg: Config) -> list[str]:
 
 def data_problems(cfg: Config) -> list[str]:
     demo = cfg.data.demo
-    if demo is not None and demo.classes > cfg.model.num_classes:
+    if demo is not None and cfg.data.kind == "imagefolder" and demo.classes > cfg.model.num_classes:
         # a label beyond num_classes would index past the class embedding
         return [_problem("data.demo.classes", f"must be at most model.num_classes "
                          f"({cfg.model.num_classes})", demo.classes)]
