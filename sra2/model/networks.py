@@ -4,6 +4,7 @@ labels, :mod:`sra2.model.sit`) and MMDiT (``MMDiT-D24/2``: caption contexts,
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sra2.model import mmdit, sit
@@ -28,6 +29,14 @@ def build(name: str, context_dim: int | None = None, **kwargs) -> nn.Module:
         kwargs.pop("num_classes", None)
         return mmdit.build(name, **kwargs, **({"context_dim": context_dim} if context_dim else {}))
     return sit.build(name, **kwargs)
+
+
+def example_condition(model: nn.Module, length: int = 77) -> torch.Tensor:
+    """One condition of the kind ``model`` takes (zeros): a label, or a caption context of
+    ``length`` tokens (FLOP counts)."""
+    if getattr(model, "context_dim", None) is None:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.zeros(1, length, model.context_dim)
 
 
 def load_checkpoint(name: str, path_or_state, *, convention: str = "auto",

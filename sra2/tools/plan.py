@@ -30,6 +30,7 @@ from sra2.train import cost
 from sra2.train.loop import checkpoint_bytes
 
 IMAGENET_TRAIN = 1_281_167
+COCO_TRAIN = 82_783  # MS-COCO 2014 train images
 DECODE_PER_CORE = 190  # ImageNet-like JPEGs decoded and cropped per core-second (bench/decode.py)
 MFU = 0.4  # assumed where no bench/gpu.py table says otherwise
 INCEPTION_FLOPS = 11.4e9  # InceptionV3 at 299 x 299: 5.7 GMACs
@@ -64,10 +65,21 @@ def images_in(cfg: Config, given: int | None) -> tuple[int, str]:
         return cfg.data.demo.classes * cfg.data.demo.per_class, "the demo's"
     root = Path(cfg.data.root)
     if root.is_dir():
-        from sra2.data.images import list_images
+        from sra2.data.captions import listing
 
-        return len(list_images(root)), f"counted in {root}"
+        return len(listing(cfg).images), f"counted in {root}"
+    if cfg.data.kind == "coco":
+        return COCO_TRAIN, f"MS-COCO 2014's train split ({root} not found)"
     return IMAGENET_TRAIN, f"ImageNet's train split ({root} not found)"
+
+
+def text_width(cfg: Config) -> int | None:
+    """The width of a caption context's vectors (None: class labels): the demo's encoder, or CLIP
+    ViT-L/14's 768."""
+    if cfg.data.kind != "coco":
+        return None
+    demo = cfg.data.demo
+    return demo.text.hidden_size if demo is not None and demo.text is not None else 768
 
 
 def measured_mfu(table: Path | None) -> tuple[float, str] | None:
@@ -105,14 +117,15 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
     views = 2 if cfg.encode.flip else 1
     gpu_s, gpus_s = gpu_time(n * views * encoder, hw)
     decode_s = decoding_seconds(cfg, n, hw.gpus, hw.cores)
-    arrays = latent_arrays(cfg, space.latent_shape(cfg))
+    arrays = latent_arrays(cfg, space.latent_shape(cfg), text_width(cfg))
     store = space.encode_needs(cfg, arrays, data / "latents" / "store", n)
     encode = Stage("encode", f"{n:,} images, VAE encoder {encoder / 1e9:.0f} GFLOPs x {views}",
                    max(gpu_s, decode_s), gpus_s, PROCESS_RAM, store)
 
     per_image = cost.train_flops(cfg)
     train_s, train_gpu = gpu_time(tc.steps * tc.global_batch * per_image, hw)
-    copied = [*latent_copy.ARRAYS, *([latent_copy.IMAGES] if registry.needs_images(cfg) else [])]
+    copied = [*latent_copy.ARRAYS, *([latent_copy.CONTEXT] if cfg.data.kind == "coco" else []),
+              *([latent_copy.IMAGES] if registry.needs_images(cfg) else [])]
     raw = space.item_bytes(arrays)
     copy = (space.copy_need(n * sum(raw[name] for name in copied),
                             latent_copy.copy_root(tc.copy_dir)) if tc.read_from == "copy" else None)

@@ -19,7 +19,6 @@ from sra2.methods.align import build_projector
 from sra2.methods.objective import build_heads
 from sra2.model import networks
 from sra2.model.flops import PEAK_TFLOPS, count_flops
-from sra2.model.sit import SiT, SiT_models, build
 
 # the SRA 2 paper: the alignment layer (1-based block) of the paper for each model
 PAPER_LAYERS = {"SiT-B/2": 2, "SiT-L/2": 8, "SiT-XL/2": 8}
@@ -56,20 +55,19 @@ def default_layer(name: str) -> int:
     """The paper's layer where it gives one, else 8 (or the last block of a shallower model)."""
     if name in PAPER_LAYERS:
         return PAPER_LAYERS[name]
-    if name not in SiT_models:
-        build(name)  # raises the helpful "unknown model" error
-    return min(8, SiT_models[name].keywords["depth"])
+    networks.family(name)  # raises the helpful "unknown model" error
+    return min(8, networks.MODELS[name].keywords["depth"])
 
 
 def _measure(name: str, input_size: int, depth: int, width: int | None, device: str):
     with torch.device(device):
-        model: SiT = build(name, input_size=input_size, num_classes=1000, learn_sigma=False).eval()
+        model = networks.build(name, input_size=input_size, num_classes=1000,
+                               learn_sigma=False).eval()
         width = width or 2 * model.hidden_size
         out = model.patch_size ** 2 * model.in_channels
         projector = build_projector(model.hidden_size, out, depth, width).eval()
         x = torch.zeros(1, model.in_channels, input_size, input_size)
-        t = torch.zeros(1)
-        y = torch.zeros(1, dtype=torch.long)
+        t, y = torch.zeros(1), networks.example_condition(model)
         tokens = (input_size // model.patch_size) ** 2
         hidden = torch.zeros(1, tokens, model.hidden_size)
     return model, projector, width, count_flops(model, x, t, y), count_flops(projector, hidden)
@@ -82,9 +80,8 @@ def report(name: str, input_size: int = 32, align_layer: int | None = None, dept
     valid block: the projector's cost does not depend on where it reads."""
     if align_layer is None:
         align_layer = default_layer(name)
-    if name not in SiT_models:
-        build(name)  # raises the helpful "unknown model" error
-    blocks = SiT_models[name].keywords["depth"]
+    networks.family(name)  # raises the helpful "unknown model" error
+    blocks = networks.MODELS[name].keywords["depth"]
     if not 1 <= align_layer <= blocks:
         raise ValueError(f"align layer must be in [1, {blocks}] for {name}, got {align_layer}")
     try:
@@ -122,8 +119,7 @@ def _train_flops(cfg: Config, device: str) -> int:
                                learn_sigma=False, **objective.model_options(cfg)).eval()
         heads = build_heads(model, cfg)
         x, t = torch.zeros(1, model.in_channels, side, side), torch.zeros(1)
-        y = (torch.zeros(1, dtype=torch.long) if networks.family(cfg.model.name) == "sit"
-             else torch.zeros(1, cfg.text.max_length, model.context_dim))
+        y = networks.example_condition(model, cfg.text.max_length)
     trained, frozen = count_flops(model, x, t, y), 0
     for m in registry.active(cfg):
         own, without_grad = m.flops(cfg, model, heads[m.name])
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
                     "(measured with torch's FlopCounterMode at batch 1; a multiply-add counts as 2 "
                     "FLOPs, so GMACs, the unit of the DiT/SiT papers, are half). Without --model: "
                     "SiT-B/2 (layer 2), SiT-L/2 (layer 8) and SiT-XL/2 (layer 8).")
-    parser.add_argument("--model", action="append", choices=sorted(SiT_models), metavar="NAME",
+    parser.add_argument("--model", action="append", choices=sorted(networks.MODELS), metavar="NAME",
                         help="a SiT name such as SiT-XL/2; repeat for several "
                              "(default: B/2, L/2, XL/2)")
     parser.add_argument("--layer", type=int, default=None,
