@@ -76,7 +76,8 @@ def text_to_image(cfg: Config) -> list[str]:
 def reference_missing(cfg: Config) -> str | None:
     """One line for a paper preset (one made on the ImageNet base) without ADM's reference batch:
     its FIDs will not be comparable, and how to make them so."""
-    if cfg.evaluate.reference is not None or "_imagenet" not in preset_chain(cfg.preset):
+    if (cfg.evaluate.reference is not None or cfg.data.kind != "imagefolder"
+            or "_imagenet" not in preset_chain(cfg.preset)):
         return None
     return (f"preset {cfg.preset} has no evaluate.reference: its FIDs are against our crops of the "
             f"training set, not comparable with the paper's; {REFERENCE_HOW}")

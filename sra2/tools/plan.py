@@ -30,7 +30,7 @@ from sra2.train import cost
 from sra2.train.loop import checkpoint_bytes
 
 IMAGENET_TRAIN = 1_281_167
-COCO_TRAIN = 82_783  # MS-COCO 2014 train images
+COCO_TRAIN, COCO_VAL = 82_783, 40_504  # MS-COCO 2014's train and val images
 DECODE_PER_CORE = 190  # ImageNet-like JPEGs decoded and cropped per core-second (bench/decode.py)
 MFU = 0.4  # assumed where no bench/gpu.py table says otherwise
 INCEPTION_FLOPS = 11.4e9  # InceptionV3 at 299 x 299: 5.7 GMACs
@@ -71,6 +71,18 @@ def images_in(cfg: Config, given: int | None) -> tuple[int, str]:
     if cfg.data.kind == "coco":
         return COCO_TRAIN, f"MS-COCO 2014's train split ({root} not found)"
     return IMAGENET_TRAIN, f"ImageNet's train split ({root} not found)"
+
+
+def val_images(cfg: Config) -> int:
+    """The val split's image count (captioned data): counted, the demo's, or MS-COCO's."""
+    demo = cfg.data.demo
+    if demo is not None:
+        return demo.classes * demo.val_per_class
+    if Path(cfg.data.val_root).is_dir():
+        from sra2.data.captions import listing
+
+        return len(listing(cfg, "val").images)
+    return COCO_VAL
 
 
 def text_width(cfg: Config) -> int | None:
@@ -149,8 +161,9 @@ def stages(cfg: Config, n: int, hw: Hardware, root: Path) -> list[Stage]:
                    sample_s, sample_gpu, PROCESS_RAM,
                    samples + space.dvc_share({data / "samples": samples[0].end}))
 
-    real = cfg.evaluate.num_real or n
-    scored = sc.total + min(real, n)
+    # the real images: the dataset's, or for captioned data the val split's
+    pool = n if cfg.data.kind == "imagefolder" else val_images(cfg)
+    scored = sc.total + min(cfg.evaluate.num_real or pool, pool)
     evaluate_s, evaluate_gpu = gpu_time(scored * INCEPTION_FLOPS, hw, processes=1)
     # features kept for the statistics: pool 2048, spatial 2023, logits 1008, float64
     features = scored * (2048 + 2023 + 1008) * 8
