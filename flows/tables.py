@@ -1,5 +1,7 @@
 """The paper's tables as DVC experiments: Table 1 (SRA 2 ablations) and Table 3 (vanilla and the
-rows of each method, sra2.methods, with their cost), SiT-B/2 at 400K steps.
+rows of each method, sra2.methods, with their cost), SiT-B/2 at 400K steps; and the text-to-image
+table (vanilla MMDiT and MMDiT + SRA 2 on MS-COCO: --table t2i --preset mmdit-coco, experiments
+t2i-<row>).
 
   python -m flows.tables queue --preset sit-b2     # one queued `dvc exp run` per row, named
   dvc queue start -j 1                             # run them (or: queue ... --start)
@@ -148,27 +150,39 @@ def _gflops(cfg) -> float | None:
     return train_flops(cfg) / 1e9 if cfg else None
 
 
+# the names of the numbers beside FID in the tables' headers
+SCORE_NAMES = {"inception_score": "IS", "pickscore": "PickScore", "clip_score": "CLIP score"}
+
+
 def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = None) -> str:
     """The table in Markdown: each row's change, the published FID, ours, and the cost of its
     settings: training FLOPs per image (the SiT, the heads, SRA's teacher and REPA's encoder:
     sra2.train.cost) and their ratio to the vanilla row's."""
-    lines = [f"{table.title}, FID-50K, SDE 250 steps, no CFG (published numbers: "
-             "sra2/evaluate/paper.py).", "",
-             "| row | change | paper FID | our FID | vs vanilla | our IS | comparable | "
-             "train GFLOPs/image | x vanilla | our run | experiment |",
-             "|---|---|---:|---:|---|---:|---|---:|---:|---|---|"]
+    # each score beside FID: the paper's where a row publishes it, and ours
+    scores = [(name, any(name in r.published for r in table.rows)) for name in table.scores]
+    heads = [h for name, paper in scores
+             for h in ([f"paper {SCORE_NAMES[name]}"] if paper else []) + [
+                 f"our {SCORE_NAMES[name]}"]]
+    lines = [f"{table.title}, {table.protocol} (published numbers: sra2/evaluate/paper.py).", "",
+             "| row | change | paper FID | our FID | vs vanilla | " + " | ".join(heads)
+             + " | comparable | train GFLOPs/image | x vanilla | our run | experiment |",
+             "|---|---|---:|---:|---|" + "---:|" * len(heads) + "---|---:|---:|---|---|"]
     notes = []  # why a row's numbers are not comparable, one line a row
     vanilla = _gflops(_resolved(found["vanilla"]["params"])) if "vanilla" in found else None
     base = found["vanilla"]["metrics"] if "vanilla" in found else None
     for row in rows or table.rows:
         change = ", ".join(f"{k}={value_text(v)}" for k, v in row.changes.items())
         entry = found.get(row.name)
+        m = entry["metrics"] if entry else {}
+        values = [v for name, paper in scores
+                  for v in ([_number(row.published.get(name), 2)] if paper else []) + [
+                      _number(m.get(name), 2)]]
         if entry is None:
-            ours, cost, setting, experiment = ("-", "-", "-"), ("-", "-"), "-", "not run"
+            ours, cost, setting, experiment = ("-", "-"), ("-", "-"), "-", "not run"
             comparable = "-"
         else:
-            m, cfg = entry["metrics"], _resolved(entry["params"])
-            ours = (_fid(m), _versus(m, base), _number(m.get("inception_score"), 2))
+            cfg = _resolved(entry["params"])
+            ours = (_fid(m), _versus(m, base))
             comparable = {True: "yes", False: f"no [{len(notes) + 1}]",
                           None: "?" if "fid" in m else "-"}[m.get("comparable")]
             if m.get("comparable") is False:  # why: from the run, else from its parameters
@@ -180,8 +194,9 @@ def render(found: dict[str, dict], table: Table, rows: Iterable[Row] | None = No
             setting = _setting(cfg)
             experiment = f"{entry['experiment']} ({entry['rev']}, {entry['state']})"
         paper = f"{row.fid:.2f}" if row.fid is not None else "-"
-        lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | {ours[2]} | "
-                     f"{comparable} | {cost[0]} | {cost[1]} | {setting} | {experiment} |")
+        lines.append(f"| {row.label} | {change} | {paper} | {ours[0]} | {ours[1]} | "
+                     + "".join(f"{v} | " for v in values)
+                     + f"{comparable} | {cost[0]} | {cost[1]} | {setting} | {experiment} |")
     lines += ["", f"Our FID: the mean over the run's sample sets ± {Z95:.2f} x its noise (the "
               "larger of the bootstrap's and the sets' spread, over the square root of the sets: "
               "sra2/evaluate/noise.py); vs vanilla: beyond noise where the difference exceeds "
@@ -206,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", choices=sorted(TABLES), default="1",
-                        help="1: the SRA 2 ablations; 3: the methods and their cost")
+                        help="1: the SRA 2 ablations; 3: the methods and their cost; t2i: "
+                             "MMDiT on MS-COCO, vanilla and SRA 2")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("queue", help="queue one experiment per row")
     q.add_argument("--preset", help="the preset every row runs (default: params.yaml's)")
@@ -224,9 +240,10 @@ def main(argv: list[str] | None = None) -> None:
                        help="some rows only: " + "; ".join(
                            f"table {t.number}: {' '.join(r.name for r in t.rows)}"
                            for t in TABLES.values()))
-        p.add_argument("--prefix", help="experiment names are <prefix>-<row> (default: table<N>)")
+        p.add_argument("--prefix", help="experiment names are <prefix>-<row> (default: table<N>, "
+                                        "t2i)")
     args = parser.parse_args(argv)
-    args.prefix = args.prefix or f"table{args.table}"
+    args.prefix = args.prefix or TABLES[args.table].prefix
     (queue if args.command == "queue" else show)(args)
 
 

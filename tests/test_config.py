@@ -499,3 +499,29 @@ def test_every_preset_file_holds_every_section_dvc_tracks_of_it():
         held = set(yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text()))
         wanted = tracked.get(file, tracked["sra2/config/presets/${preset}.yaml"])
         assert wanted <= held, f"{file} lacks {sorted(wanted - held)}"
+
+
+def test_the_t2i_table_shows_fid_pickscore_and_clip_score_beside_the_papers():
+    from flows.tables import collect, render
+    from sra2.evaluate.paper import TABLES
+
+    def experiment(name, enabled, fid, pick):
+        metrics = {"fid": fid, "fid_noise": {"sd": 0.1}, "pickscore": pick, "clip_score": 31.0,
+                   "comparable": True, "why": ""}
+        return {"name": name, "executor": None, "revs": [{"rev": "abcdef0123", "data": {
+            "timestamp": "2026-12-06T10:00:00",
+            "params": {"params.yaml": {"data": {"preset": "mmdit-coco",
+                                                "align": {"enabled": enabled}}}},
+            "metrics": {"data/metrics.json": {"data": metrics}}}}]}
+
+    table = TABLES["t2i"]
+    shown = [{"rev": "HEAD", "experiments": [experiment("t2i-vanilla", False, 6.0, 20.1),
+                                             experiment("t2i-sra2", True, 5.5, 20.6)]}]
+    text = render(collect(shown, table.prefix), table)
+    assert table.prefix == "t2i" and "REPA's protocol" in text
+    assert ("| paper FID | our FID | vs vanilla | paper PickScore | our PickScore | "
+            "our CLIP score | comparable |") in text
+    # 0.5 apart with noises of 0.1 each: beyond 1.96 x 0.14 = 0.28
+    assert re.search(r"\| MMDiT \+ SRA 2 \| align.enabled=true \| 4.67 \| 5.50 ± 0.20 \| "
+                     r"beyond noise \| 20.92 \| 20.60 \| 31.00 \| yes \| [\d.]+ \| 1.0\d \| "
+                     r"MMDiT-D24/2, 400000 steps \(mmdit-coco\)", text), text

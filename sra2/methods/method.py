@@ -19,7 +19,7 @@ module, everything it brings:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ class Row:
     label: str  # the row as the paper's table reads
     changes: dict[str, Any]  # params.yaml keys (section.key) and the values that make this row
     fid: float | None  # the published FID-50K at the table's setting (None: not published)
+    published: dict[str, float] = field(default_factory=dict)  # its other numbers (pickscore)
 
 
 @dataclass

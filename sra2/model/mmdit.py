@@ -109,8 +109,9 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.context_embedder = nn.Linear(context_dim, hidden_size)
         # a buffer in state_dict, as REPA keeps it: fixed, not trained, not averaged
-        self.register_buffer("pos_embed", torch.from_numpy(sincos_2d(hidden_size, grid))
-                             .float().unsqueeze(0))
+        # (torch.tensor, not from_numpy: made on the default device, the meta one when counting)
+        self.register_buffer("pos_embed", torch.tensor(sincos_2d(hidden_size, grid)[None],
+                                                       dtype=torch.float32))
         self.joint_blocks = nn.ModuleList(JointBlock(hidden_size, num_heads, mlp_ratio,
                                                      last=i == depth - 1) for i in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
