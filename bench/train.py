@@ -13,6 +13,12 @@ SiT-XL/2.
     python bench/train.py --preset sit-b2 --items 100000          # on a GPU
     python bench/train.py --preset sit-xl2 --batch 256 --batch-per-gpu 64 --compile
     python bench/train.py --method repa                           # REPA's encoder and projector
+    python bench/train.py --preset mmdit-coco --versus SiT-B/2    # MMDiT against a SiT as wide
+
+With ``--versus MODEL`` the bare steps of that model (vanilla and with the method) are timed in the
+same rounds: the step time of one network against the other's, and the method's overhead on each.
+An MMDiT's batches carry caption contexts of text.max_length tokens (the demo's text width, else
+CLIP ViT-L/14's 768).
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from sra2.config.params import Config, resolve
 from sra2.data.latents import write_synthetic_store
 from sra2.methods import registry
 from sra2.model import flops
+from sra2.model.networks import family
 from sra2.runtime import dist
+from sra2.tools.plan import text_width
 from sra2.train import cost
 from sra2.train.loop import build_trainer, draws, step_inputs, train, train_step
 
@@ -67,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.read_from: the node-local copy of the store, or the store itself")
     p.add_argument("--method", choices=sorted(METHODS), default="sra2",
                    help="the alignment terms measured against vanilla SiT (default: sra2)")
+    p.add_argument("--versus", metavar="MODEL",
+                   help="also time the bare steps of this model.name (e.g. SiT-B/2 beside "
+                        "MMDiT-D24/2, the same width)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float,
@@ -74,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace, method: str) -> Config:
+def build_config(args: argparse.Namespace, method: str, model: str | None = None) -> Config:
+    """The preset with the bench's train settings, ``method``'s terms and ``model`` (default:
+    --model, else the preset's)."""
     base = resolve({"preset": args.preset})
     train = {"device": args.device, "compile": args.compile, "log_every": args.warmup,
              "read_from": args.read_from,
@@ -86,8 +99,8 @@ def build_config(args: argparse.Namespace, method: str) -> Config:
     overrides = {"train": train, **METHODS[method]}
     if METHODS[method].get("repa"):
         overrides["encode"] = {"pixels": True}
-    if args.model:
-        overrides["model"] = {"name": args.model}
+    if model or args.model:
+        overrides["model"] = {"name": model or args.model}
     data = base.model_dump()
     for section, values in overrides.items():
         data[section] = {**data[section], **values}
@@ -103,12 +116,17 @@ def bare_step_rate(cfg: Config, shape: tuple, device: torch.device, steps: int,
                    warmup: int) -> float:
     """Images/s of a step on one batch and one draw of noise already on the device: the median
     over windows of ``warmup`` steps, as the loop's rate is over its log rows."""
-    tr = build_trainer(cfg, shape, device, world=1)
     n = cfg.train.global_batch
     g = torch.Generator(device).manual_seed(0)
     batch = {"mean": torch.randn((n, *shape), generator=g, device=device),
              "std": torch.rand((n, *shape), generator=g, device=device) * 0.5,
              "labels": torch.randint(0, cfg.model.num_classes, (n,), generator=g, device=device)}
+    null = None
+    if family(cfg.model.name) == "mmdit":  # caption contexts, and the empty caption's
+        tokens = (cfg.text.max_length, text_width(cfg) or 768)
+        batch["context"] = torch.randn((n, *tokens), generator=g, device=device)
+        null = torch.randn((1, *tokens), generator=g).numpy()
+    tr = build_trainer(cfg, shape, device, world=1, null=null)
     if registry.needs_images(cfg):
         side = cfg.data.image_size
         batch["images"] = torch.randint(0, 256, (n, side, side, 3), generator=g, device=device,
@@ -148,7 +166,8 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     vanilla, method = build_config(args, "vanilla"), build_config(args, args.method)
-    name = f"SiT + {args.method}" if args.method != "vanilla" else "vanilla SiT"
+    net = method.model.name.split("-")[0]  # SiT or MMDiT
+    name = f"{net} + {args.method}" if args.method != "vanilla" else f"vanilla {net}"
     device = dist.device(args.device)
     side = method.data.image_size // 8
     shape = (4, side, side)
@@ -164,22 +183,31 @@ def main(argv: list[str] | None = None) -> None:
         # the loop's copy goes with the store
         os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")
         store = Path(tmp) / "latents"
+        width = text_width(method) if family(method.model.name) == "mmdit" else None
+        context = ((method.text.captions_per_image, method.text.max_length, width or 768)
+                   if family(method.model.name) == "mmdit" else None)
         write_synthetic_store(store, args.items, shape, method.model.num_classes, args.chunk_size,
                               max(args.chunk_size, 1024),
-                              image_size=method.data.image_size if method.encode.pixels else None)
+                              image_size=method.data.image_size if method.encode.pixels else None,
+                              context=context)
         # interleaved, the first pair only warms the machine up: one-time costs and drift hit both
         configs = {"vanilla": vanilla, "method": method}
+        if args.versus:
+            configs |= {"versus vanilla": build_config(args, "vanilla", args.versus),
+                        "versus method": build_config(args, args.method, args.versus)}
         timed = {k: [] for k in configs}
         for _ in range(3):
             for k, c in configs.items():
                 timed[k].append(bare_step_rate(c, shape, device, args.steps, args.warmup))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rates = {"bare step, vanilla SiT": statistics.median(timed["vanilla"][1:]),
+        rates = {f"bare step, vanilla {net}": statistics.median(timed["vanilla"][1:]),
                  f"bare step, {name}": statistics.median(timed["method"][1:]),
                  f"training loop, {name}": loop_rate(method, store, Path(tmp) / "run")}
         rates[f"bare step, {name} (again)"] = bare_step_rate(method, shape, device, args.steps,
                                                              args.warmup)
+        versus = {k: statistics.median(timed[k][1:]) for k in ("versus vanilla", "versus method")
+                  if k in timed}
     bare = (rates[f"bare step, {name}"] + rates[f"bare step, {name} (again)"]) / 2
     print(f"\n{'':40}{'images/s':>10}{'/ bare':>8}")
     for label, rate in rates.items():
@@ -200,7 +228,14 @@ def main(argv: list[str] | None = None) -> None:
         print("peak GPU memory of the loop: "
               f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"{args.method} / vanilla step time: "
-          f"{rates['bare step, vanilla SiT'] / rates[f'bare step, {name}']:.3f}")
+          f"{rates[f'bare step, vanilla {net}'] / rates[f'bare step, {name}']:.3f}")
+    if versus:
+        print(f"\n{args.versus}, same rounds: vanilla {versus['versus vanilla']:.1f} images/s, "
+              f"+ {args.method} {versus['versus method']:.1f}; {args.method} / vanilla step time "
+              f"{versus['versus vanilla'] / versus['versus method']:.3f}")
+        print(f"{method.model.name} / {args.versus} step time (vanilla): "
+              f"{versus['versus vanilla'] / rates[f'bare step, vanilla {net}']:.3f}; with "
+              f"{args.method}: {versus['versus method'] / rates[f'bare step, {name}']:.3f}")
     print(f"loop / bare ratio: {rates[f'training loop, {name}'] / bare:.3f}")
 
 

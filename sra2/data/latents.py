@@ -218,22 +218,29 @@ def stream(data: StepBatches, start: int, stop: int, workers: int, device: torch
 def write_synthetic_store(path: str | Path, items: int, shape: tuple[int, ...], classes: int,
                           chunk_size: int, shard_size: int, dtype: str = "float32",
                           rejected: tuple[int, ...] = (), seed: int = 0,
-                          image_size: int | None = None) -> ShardedStore:
+                          image_size: int | None = None,
+                          context: tuple[int, int, int] | None = None) -> ShardedStore:
     """A complete latent store of seeded random latents, laid out as encode lays it out (for
     benchmarks and tests at sizes no demo dataset reaches), with seeded random uint8 images of
-    ``image_size`` px where given (as ``encode.pixels`` stores them); ``rejected`` items are
-    marked as undecodable files."""
+    ``image_size`` px where given (as ``encode.pixels`` stores them) and float16 caption contexts
+    of ``context`` (captions, tokens, width) where given; ``rejected`` items are marked as
+    undecodable files."""
     rng = np.random.default_rng(seed)
     pixels = (image_size, image_size, 3) if image_size else None
-    arrays = {"mean": (shape, dtype), "std": (shape, dtype)}
+    arrays = {"mean": (shape, dtype), "std": (shape, dtype),
+              **({latent_copy.IMAGES: (pixels, "uint8")} if pixels else {}),
+              **({latent_copy.CONTEXT: (context, "float16")} if context else {})}
+    fixed = {"labels": rng.integers(0, classes, items, dtype=np.int64),
+             "files": np.asarray([f"synthetic/{i:08d}.JPEG" for i in range(items)],
+                                 dtype=np.dtypes.StringDType())}
+    if context:
+        fixed["empty_context"] = rng.standard_normal((1, *context[1:]), np.float32).astype(
+            np.float16)
     store = ShardedStore.open_or_create(
-        path, items, shard_size, chunk_size,
-        {**arrays, latent_copy.IMAGES: (pixels, "uint8")} if pixels else arrays,
-        fixed={"labels": rng.integers(0, classes, items, dtype=np.int64),
-               "files": np.asarray([f"synthetic/{i:08d}.JPEG" for i in range(items)],
-                                   dtype=np.dtypes.StringDType())},
+        path, items, shard_size, chunk_size, arrays, fixed=fixed,
         signature={"synthetic": {"items": items, "shape": list(shape), "seed": seed,
-                                 **({"image_size": image_size} if pixels else {})}})
+                                 **({"image_size": image_size} if pixels else {}),
+                                 **({"context": list(context)} if context else {})}})
     for shard in store.pending_shards():
         start, stop = store.shard_range(shard)
         size = (stop - start, *shape)
@@ -241,6 +248,9 @@ def write_synthetic_store(path: str | Path, items: int, shape: tuple[int, ...], 
                 "std": rng.uniform(0.05, 0.5, size).astype(dtype)}
         if pixels:
             data[latent_copy.IMAGES] = rng.integers(0, 256, (stop - start, *pixels), np.uint8)
+        if context:
+            data[latent_copy.CONTEXT] = rng.standard_normal(
+                (stop - start, *context), np.float32).astype(np.float16)
         bad = [{"index": i, "file": f"synthetic/{i:08d}.JPEG", "reason": "synthetic reject"}
                for i in rejected if start <= i < stop]
         store.write_shard(shard, data, {"rejects": bad})

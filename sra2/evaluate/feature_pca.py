@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from sra2.config.params import Config
 from sra2.data.store import ShardedStore, pointed_store
 from sra2.model import vae as vae_lib
-from sra2.model.networks import load_checkpoint
+from sra2.model.networks import family, load_checkpoint
 from sra2.model.sit import ReversedTime, patchify, read_checkpoint
 from sra2.model.transport import interpolate
 from sra2.runtime import atomic, dist
@@ -222,6 +222,9 @@ def load_network(cfg: Config, ckpt: Checkpoint, spec: list[int | str]) -> None:
     """Fill in ``ckpt``'s network (in SiT time), architecture name, step and blocks."""
     state = read_checkpoint(ckpt.path)
     ckpt.name = state.get("name", cfg.model.name)
+    if family(ckpt.name) != "sit":  # its pictures' rows are classes: no captions here yet
+        raise ValueError(f"{ckpt.path}: {ckpt.name} is conditioned on captions; the feature "
+                         "pictures draw class-conditional SiTs only")
     ckpt.step = state.get("step", state.get("steps"))
     ckpt.model = load_checkpoint(ckpt.name, state, convention=cfg.sample.convention,
                                  source=str(ckpt.path)).eval()
