@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
               for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f"\nmodel FLOPs per training image: {train_flops / 1e9:.2f} GFLOP, "
           f"{train_flops / vanilla_flops:.3f} x vanilla's {vanilla_flops / 1e9:.2f} (3 x the "
-          f"forward of SiT and heads, plus the teacher's and encoder's forwards)")
+          f"forward of the network and heads, plus the teacher's and encoder's forwards)")
     print(f"achieved: {achieved:.3f} TFLOP/s; MFU {mfu}")
     print(f"peak host RSS (largest process): {rss / 1024:.0f} MB")
     if device.type == "cuda":

@@ -105,8 +105,9 @@ def write_demo_split(root: str | Path, captions_file: str | Path, shapes: int, p
     root, split_seed = Path(root), sum(split.encode())
     root.mkdir(parents=True, exist_ok=True)
     images, notes = [], []
-    for s, shape in enumerate(list(SHAPES)[:shapes]):
-        for i in range(per_shape):
+    # the shapes take turns: the first images (a sample grid's) show every shape
+    for i in range(per_shape):
+        for s, shape in enumerate(list(SHAPES)[:shapes]):
             rng = np.random.default_rng([seed, split_seed, s, i])
             fg, bg = (list(COLOURS)[k] for k in rng.choice(len(COLOURS), 2, replace=False))
             w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
