@@ -117,6 +117,33 @@ def test_guidance_on_captions_uses_the_empty_captions_context(captioned):
     assert found["captions"][13] == prompts.captions[found["labels"][13]]
 
 
+def test_each_step_trains_on_one_drawn_caption_of_each_image(captioned):
+    from types import SimpleNamespace
+
+    from sra2.data.encode import encode_dataset
+    from sra2.data.latents import StepBatches, batch_indices
+    from sra2.train.loop import condition
+
+    root, _, cfg = captioned
+    encode_dataset(cfg, root / "plain")
+    one = StepBatches(root / "plain", global_batch=8, seed=0)
+    batch, picks = one[3], one.caption_picks(3)
+    rows = one.rows[batch_indices(3, 8, len(one), 0)]
+    stored = ShardedStore(root / "plain").array("context")[:]
+    np.testing.assert_array_equal(batch["context"].numpy(), stored[rows, picks].astype(np.float32))
+    assert len(set(picks.tolist())) > 1 and picks.max() < 5
+    assert not np.array_equal(one.caption_picks(4), picks)  # drawn again each step
+    # two processes draw the one-process batch between them
+    halves = [StepBatches(root / "plain", global_batch=8, seed=0, rank=r, world=2) for r in (0, 1)]
+    torch.testing.assert_close(torch.cat([h[3]["context"] for h in halves]), batch["context"],
+                               rtol=0, atol=0)
+    # a dropped caption is the empty caption's context
+    trainer = SimpleNamespace(null=torch.from_numpy(one.empty_context), cfg=cfg)
+    y = condition(trainer, batch, torch.tensor([True, False] * 4))
+    torch.testing.assert_close(y[0], trainer.null[0], rtol=0, atol=0)
+    torch.testing.assert_close(y[1], batch["context"][1], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_the_tiny_t2i_pipeline_runs_through_dvc_repro(tmp_path, prefect_api):
     work = copy_repo(tmp_path / "repo", preset="tiny-t2i")
