@@ -200,7 +200,9 @@ def _plan(cfg: Config, images: ImageList, store: ShardedStore, todo: int, world:
           vae: torch.nn.Module, device: torch.device, bytes_per_image: int) -> str:
     """The line printed before the work: files, store size and an ETA from the VAE's own speed."""
     gib = len(images) * bytes_per_image / 2**30
-    line = (f"encode: {len(images)} files in {len(images.classes)} classes, "
+    kind = ("captioned images" if cfg.data.kind == "coco"
+            else f"files in {len(images.classes)} classes")
+    line = (f"encode: {len(images)} {kind}, "
             f"{store.num_shards - len(store.pending_shards())} of {store.num_shards} shards done, "
             f"{todo} images to encode on {world} process(es); store ~{gib:.2f} GiB uncompressed")
     if not todo:

@@ -54,7 +54,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 class StepBatches(Dataset):
     """Item ``step``: {"mean", "std", "labels"} of this rank's part of global batch ``step``, with
-    "images" (uint8 (N, H, W, 3)) where ``images``, read from ``copy`` (a
+    "context" (one drawn caption's features of each image, :meth:`caption_picks`) where the store
+    has captions and "images" (uint8 (N, H, W, 3)) where ``images``, read from ``copy`` (a
     :class:`sra2.data.latent_copy.LatentCopy` of the store at ``path``, with images where
     ``images``) when given, else from the store. The copy's shared lock stays held until the
     process ends or ``copy.close()``."""

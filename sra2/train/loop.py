@@ -1,10 +1,11 @@
-"""Training: SiT + the methods switched on (:mod:`sra2.methods.registry`) on cached latents, with
-EMA, checkpoints and resume.
+"""Training: SiT (or MMDiT) + the methods switched on (:mod:`sra2.methods.registry`) on cached
+latents, with EMA, checkpoints and resume.
 
-Every random draw of step s (batch order, VAE posterior noise, interpolation noise, times, label
-dropout, the methods' own draws such as SRA's teacher time) comes from generators seeded by
-(seed, s) for the whole global batch, so a run resumed from a checkpoint, or run on another number
-of GPUs, takes the steps an unbroken run would take. Each process splits its part of the batch into
+Every random draw of step s (batch order, the caption of each image where there are captions, VAE
+posterior noise, interpolation noise, times, label or caption dropout, the methods' own draws such
+as SRA's teacher time) comes from generators seeded by (seed, s) for the whole global batch, so a
+run resumed from a checkpoint, or run on another number of GPUs, takes the steps an unbroken run
+would take. Each process splits its part of the batch into
 micro-batches of ``train.batch_per_gpu`` whose gradients add up to the step's; per-step work stays
 on the device (one host sync per log row; one per step under ``train.nonfinite: skip``).
 
