@@ -378,7 +378,8 @@ def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict
         files = real_files(cfg, latents)
         real = CroppedFiles(files, cfg.data.image_size)
         ref = features(real)
-        source = f"{len(real)} real images of {files[0].parent if files else cfg.data.root}"
+        root = cfg.data.val_root if cfg.data.kind == "coco" else cfg.data.root
+        source = f"{len(real)} real images of {root}"
     stats = batch["stats"] or {}
     found = {"fid": stats.get("fid") or statistics(ref["pool"]),
              "sfid": stats.get("sfid") or statistics(ref["spatial"])}
