@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sra2.data.captions import listing
+from sra2.data.captions import Captioned, listing
 from sra2.data.demo import write_demo_dataset
 from sra2.data.encode import encode_dataset, settings_store
 from sra2.data.images import BadImage, list_images, load_cropped
@@ -106,7 +106,7 @@ def test_other_drawn_images_or_vae_weights_name_another_store(tmp_path, tiny):
 
     d = tiny.data.demo
     write_demo_dataset(tmp_path / "images", d.classes, d.per_class, d.min_side, d.max_side, d.seed)
-    images = list_images(tmp_path / "images")
+    images = Captioned(list_images(tmp_path / "images"), None)
     other_seed = with_overrides(tiny, data={"demo": {**d.model_dump(), "seed": 1}})
     assert _signature(tiny, images) != _signature(other_seed, images)
     folder = tmp_path / "vae"
@@ -152,7 +152,7 @@ def test_pixels_name_a_store_only_when_on(tiny):
 
     from sra2.data.encode import _signature
 
-    images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
+    images = Captioned(SimpleNamespace(files=["a/1.JPEG"], labels=[0]), None)
     off = _signature(tiny, images)
     assert "pixels" not in off
     assert (_signature(with_overrides(tiny, encode={"pixels": True}), images)
