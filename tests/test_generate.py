@@ -41,7 +41,9 @@ def test_sets_of_other_seeds_follow_the_first_set_which_is_the_one_set_run(tmp_p
     """sample.seeds = 3: 3 x num_samples images; the first set is a one-set run's images and labels
     (and its folder: one set keeps the signature of runs made before sets), the others differ."""
     ema = export_random_sit(tmp_path / "ema.pt", tiny)
-    one = with_overrides(tiny, sample={"num_samples": 3, "shard_size": 4, "steps": 4})
+    # shards of 3: every set is drawn in batches of the one-set run's (another batch size may
+    # round the network's sums otherwise, a grey level here and there)
+    one = with_overrides(tiny, sample={"num_samples": 3, "shard_size": 3, "steps": 4})
     three = with_overrides(one, sample={"seeds": 3})
     assert signature(one, "x") == signature(with_overrides(one, sample={"seeds": 1}), "x")
     assert "seeds" not in signature(one, "x")["sample"] and signature(three, "x") != \
