@@ -233,13 +233,14 @@ def experiment_flow(overrides: list[str], name: str = "", targets: tuple[str, ..
 
 @flow(name="sra2-table", log_prints=True)
 @watched
-def table_flow(table: Literal[1, 3] = 1, preset: str = "sit-b2", rows: tuple[str, ...] = (),
+def table_flow(table: Literal[1, 3, "t2i"] = 1, preset: str = "sit-b2", rows: tuple[str, ...] = (),
                overrides: tuple[str, ...] = (), jobs: int = 1):
     """A paper table as queued experiments, one per row; the table with our FIDs beside the
     paper's is the run's artifact at the end.
 
     Args:
-        table: 1 (the SRA 2 ablations) or 3 (vanilla, SRA, REPA, SRA 2, SRA 2 + REPA)
+        table: 1 (the SRA 2 ablations), 3 (vanilla, SRA, REPA, SRA 2, SRA 2 + REPA) or t2i
+            (vanilla MMDiT and MMDiT + SRA 2 on MS-COCO: preset mmdit-coco)
         preset: the preset every row runs, e.g. sit-b2
         rows: the rows to run, e.g. vanilla, layer2 (all when empty)
         overrides: `key=value` items added to every row, e.g. train.steps=100000
