@@ -385,9 +385,9 @@ def reference_side(cfg: Config, latents: str | Path, features: Features) -> dict
              "sfid": stats.get("sfid") or statistics(ref["spatial"])}
     if not stats:
         return {**found, "pool": ref["pool"], "fid_reference": source, "pr_reference": source}
-    keys = "mu, sigma" + (", mu_s, sigma_s" if "sfid" in stats else f" (sFID: {source})")
-    return {**found, "pool": ref["pool"], "fid_reference": f"{keys} of {ec.reference}",
-            "pr_reference": source}
+    named = (f"mu, sigma, mu_s, sigma_s of {ec.reference}" if "sfid" in stats
+             else f"mu, sigma of {ec.reference}; sFID: {source}")
+    return {**found, "pool": ref["pool"], "fid_reference": named, "pr_reference": source}
 
 
 def reference_keys(cfg: Config) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ CLIP ViT-L/14's text tower, 77 tokens x 768), the empty caption's being the unco
 The encoder is loaded like the VAE, by hub id (``openai/clip-vit-large-patch14``) or local folder
 (a CLIP tokenizer and a ``CLIPTextModel``). Offline demos write a small one
 (:func:`write_demo_encoder`): a tokenizer whose vocabulary holds the demo's words whole, and a
-CLIP text tower of ``text.random``'s shape with seeded random weights, never trained.
+CLIP text tower of ``data.demo.text``'s shape with seeded random weights, never trained.
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def load_text_encoder(source: str, max_length: int,
 
 
 def describe(source: str) -> str:
-    """What the encoder at ``source`` is, for captions of outputs: a demo's says so."""
+    """What the model at ``source`` is, for captions of outputs: a demo's says so."""
     info = Path(source) / DEMO_INFO
     if info.is_file():
         return json.loads(info.read_text())["description"]
-    return f"text encoder {source}"
+    return source
 
 
 def weights_digest(source: str) -> str | None:
