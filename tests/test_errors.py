@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sra2.data.captions import Captioned
 from sra2.data.encode import _signature, encode_dataset, first_files, odd_images
 from sra2.evaluate.metrics import load_reference
 from sra2.runtime import atomic
@@ -255,7 +256,7 @@ def test_odd_images_are_encoded_and_listed_or_rejected(tmp_path, tiny, odd_folde
 
 def test_odd_images_name_a_store_only_when_rejected(tiny):
     """Stores encoded before encode.odd_images existed keep their folder names."""
-    images = SimpleNamespace(files=["a/1.JPEG"], labels=[0])
+    images = Captioned(SimpleNamespace(files=["a/1.JPEG"], labels=[0]), None)
     accept = _signature(tiny, images)
     assert "odd_images" not in accept
     reject = _signature(with_overrides(tiny, encode={"odd_images": "reject"}), images)

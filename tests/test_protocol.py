@@ -54,3 +54,24 @@ def test_a_paper_preset_without_the_reference_warns_in_one_line_at_the_stage_sta
     params.write_text(yaml.safe_dump({"preset": "sit-b2"}))
     parse("sample", "", {}, ["--params", str(params)])
     assert capsys.readouterr().err == f"WARNING: {line}\n"
+
+
+T2I_PAPER = resolve({"preset": "mmdit-coco"})
+T2I_ALONE = [
+    ({"evaluate": {"num_real": 10_000}}, "evaluate.num_real"),
+    ({"evaluate": {"inception": "random"}}, "evaluate.inception"),
+    ({"sample": {"num_samples": 30_000}}, "sample.num_samples"),
+    ({"sample": {"sampler": "sde"}}, "sample.sampler"),
+    ({"sample": {"cfg_scale": 1.0}}, "sample.cfg_scale"),
+    ({"sample": {"cfg_interval": [0.3, 1.0]}}, "cfg_interval"),
+    ({"text": {"source": "some/other-clip"}}, "text.source"),
+    ({"evaluate": {"pickscore": "data/demo/clip"}}, "evaluate.pickscore"),
+    ({"data": {"image_size": 512}}, "data.image_size"),
+]
+
+
+@pytest.mark.parametrize("change, key", T2I_ALONE, ids=[key for _, key in T2I_ALONE])
+def test_text_to_image_follows_repas_protocol_each_reason_on_its_own(change, key):
+    assert not_comparable(T2I_PAPER) == []  # mmdit-coco as it is: REPA's protocol
+    (why,) = not_comparable(with_overrides(T2I_PAPER, **change))
+    assert key in why

@@ -151,7 +151,8 @@ def encode_needs(cfg: Config, arrays: dict[str, tuple[tuple[int, ...], str]], st
     left = store_bytes(arrays, num_items, ec.shard_size, ec.chunk_size, ratios,
                        {"rejects": [], "odd": []}, pending)
     made = 0 if pending is not None else made_bytes(len(arrays), num_items, name_length)
-    remedy = "or set encode.dtype: float16 (half the store)" if ec.dtype == "float32" else ""
+    remedy = ("or set encode.dtype: float16 (half the latents' bytes)" if ec.dtype == "float32"
+              else "")
     return [Need(store.parent, "latent store", left + made, left + made, remedy)]
 
 

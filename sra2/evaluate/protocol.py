@@ -18,19 +18,14 @@ def not_comparable(cfg: Config, guided: bool = False) -> list[str]:
     """Every reason the numbers of a run with ``cfg`` cannot sit beside the paper's (none: they
     can); ``guided``: whether the number it is compared with was measured with guidance. Its
     text-to-image numbers follow their own protocol (:func:`text_to_image`)."""
+    if cfg.data.kind == "coco":
+        return text_to_image(cfg)
     sc, ec = cfg.sample, cfg.evaluate
     why = []
-    if ec.inception == "random":
-        why.append("random Inception weights (evaluate.inception: random)")
-    if cfg.vae.source == "random":
-        why.append("a random-weight VAE, not SD-VAE (vae.source: random)")
-    if cfg.data.image_size != IMAGE_SIZE:
-        why.append(f"{cfg.data.image_size} px images, not {IMAGE_SIZE} (data.image_size)")
-    if cfg.data.kind == "coco":
-        return why + text_to_image(cfg)
     if ec.reference is None:
         why.append(f"FID against our crops of the training set, not ADM's reference batch "
                    f"(evaluate.reference: {REFERENCE})")
+    why += _inception(cfg)
     if sc.num_samples < SAMPLES:
         why.append(f"{sc.num_samples:,} samples, not {SAMPLES:,} (sample.num_samples)")
     if sc.labels != "uniform":
@@ -41,6 +36,21 @@ def not_comparable(cfg: Config, guided: bool = False) -> list[str]:
     if (sc.cfg_scale != 1.0) != guided:
         why.append(f"guidance scale {sc.cfg_scale} against a number measured "
                    f"{'with' if guided else 'without'} guidance (sample.cfg_scale)")
+    return why + _vae_and_size(cfg)
+
+
+def _inception(cfg: Config) -> list[str]:
+    if cfg.evaluate.inception == "random":
+        return ["random Inception weights (evaluate.inception: random)"]
+    return []
+
+
+def _vae_and_size(cfg: Config) -> list[str]:
+    why = []
+    if cfg.vae.source == "random":
+        why.append("a random-weight VAE, not SD-VAE (vae.source: random)")
+    if cfg.data.image_size != IMAGE_SIZE:
+        why.append(f"{cfg.data.image_size} px images, not {IMAGE_SIZE} (data.image_size)")
     return why
 
 
@@ -54,7 +64,7 @@ T2I = {"samples": 40_192, "sampler": "ode-euler", "steps": 50, "cfg_scale": 1.5,
 def text_to_image(cfg: Config) -> list[str]:
     """The reasons a text-to-image run's numbers fall outside :data:`T2I`."""
     sc, ec = cfg.sample, cfg.evaluate
-    why = []
+    why = _inception(cfg)
     if ec.reference is None and ec.num_real is not None:
         why.append(f"FID against {ec.num_real:,} val images, not all of them (evaluate.num_real)")
     if sc.num_samples < T2I["samples"]:
@@ -70,7 +80,7 @@ def text_to_image(cfg: Config) -> list[str]:
         why.append(f"text encoder {cfg.text.source}, not {T2I['text']} (text.source)")
     if ec.pickscore != T2I["pickscore"]:
         why.append(f"PickScore from {ec.pickscore}, not {T2I['pickscore']} (evaluate.pickscore)")
-    return why
+    return why + _vae_and_size(cfg)
 
 
 def reference_missing(cfg: Config) -> str | None:
