@@ -21,8 +21,10 @@ def sample_flow(cfg: Config, ema: str, out: str) -> dict:
 
     sc, mon = cfg.sample, current()
     steps = f"{sc.ralu.steps} steps" if sc.sampler == "ralu" else f"{sc.steps} steps"
+    conditions = (f"captions of {cfg.data.val_captions}" if cfg.data.kind == "coco"
+                  else f"labels {sc.labels}")
     mon.say(f"sample: preset {cfg.preset}, {sc.total} images ({sc.seeds} set(s)) from {ema}, "
-            f"{sc.sampler} {steps}, CFG {sc.cfg_scale} on {sc.cfg_interval}, labels {sc.labels}, "
+            f"{sc.sampler} {steps}, CFG {sc.cfg_scale} on {sc.cfg_interval}, {conditions}, "
             f"batch {sc.batch_size}, shards of {sc.shard_size} -> {out}")
     result = run_workers("sample", sample_stage, cfg, {"ema_path": ema, "out": out},
                          f"sampling {cfg.sample.total} images", outputs=[out])
