@@ -125,6 +125,23 @@ def test_the_layout_and_sizes_are_repas():
         family("MMDiT-X/2")
 
 
+def test_the_checks_pair_captions_with_an_mmdit_and_refuse_reg_on_one():
+    from sra2.config.params import resolve
+    from sra2.methods import registry
+    from sra2.methods.checks import model_problems
+
+    coco = resolve({"preset": "tiny-t2i"})
+    assert model_problems(coco) == [] and registry.problems(coco) == []
+    (sit,) = model_problems(resolve({"preset": "tiny-t2i", "model": {"name": "SiT-Micro/2"}}))
+    assert sit.startswith("model.name: data.kind coco trains an MMDiT") and "MMDiT-Micro/2" in sit
+    (labels,) = model_problems(resolve({"preset": "tiny", "model": {"name": "MMDiT-Micro/2"}}))
+    assert labels.startswith("model.name: data.kind imagefolder trains a SiT")
+    reg = resolve({"preset": "tiny-t2i", "align": {"enabled": False},
+                   "reg": {"enabled": True, "layer": 1}})
+    assert registry.problems(reg) == ["reg.enabled: REG trains a SiT with a class token; "
+                                      "model.name is 'MMDiT-Micro/2', an MMDiT (got True)"]
+
+
 def test_a_checkpoint_in_repas_layout_loads_in_its_time(tmp_path):
     torch.manual_seed(1)
     net = _randomised(build("MMDiT-Micro/2", input_size=8, context_dim=12), seed=1).eval()

@@ -125,7 +125,12 @@ def _check_vae_target(cfg: Config, out: str) -> None:
 
 def _check_captioned_demo(cfg: Config, out: str) -> None:
     """A captioned demo writes both splits, their captions and the text encoder inside ``out``."""
+    from sra2.data.captions import SHAPES
+
     data = cfg.data
+    if data.demo.classes > len(SHAPES):
+        raise SystemExit(f"error: data.demo.classes is {data.demo.classes}: the captioned demo "
+                         f"draws at most {len(SHAPES)} shapes ({', '.join(SHAPES)})")
     if data.demo.text is None:
         raise SystemExit("error: data.kind is coco and data.demo is set, but data.demo.text (the "
                          "shape of the demo's text encoder) is not")

@@ -201,8 +201,8 @@ class Text(Section):
     source: str = "openai/clip-vit-large-patch14"  # hub id or local folder (save_pretrained's)
     max_length: PositiveInt = 77
     captions_per_image: PositiveInt = 5  # the first ones of each image (COCO has 5 to 7)
-    # of the stored features; training computes in fp32 (float16 rounds CLIP's features by
-    # 2^-11 of their size: tests/test_text.py measures what that moves)
+    # of the stored features; training computes in fp32 (float16 keeps each feature to 2^-11 of
+    # its size: tests/test_t2i.py; the samplers round their contexts the same way)
     dtype: Literal["float32", "float16"] = "float16"
 
 
@@ -243,7 +243,8 @@ class Encode(Section):
 
 class Model(Section):
     # a key of sra2.model.sit.SiT_models ("SiT-B/2", class labels) or of
-    # sra2.model.mmdit.MMDiT_models ("MMDiT-B/2", caption contexts): the family goes with the data
+    # sra2.model.mmdit.MMDiT_models ("MMDiT-D24/2", caption contexts): the family goes with the
+    # data
     name: str
     num_classes: PositiveInt  # label num_classes is the null class of classifier-free guidance
     learn_sigma: bool  # 8 output channels as in the official SiT (the second half is unused)

@@ -27,6 +27,7 @@ from sra2.methods.align import build_projector
 from sra2.methods.method import Method, Pass, Row
 from sra2.methods.repa import ENCODER_DIM, encoder_flops, load_features, repa_loss
 from sra2.model.flops import count_flops
+from sra2.model.networks import family
 from sra2.model.sit import SiT
 from sra2.model.transport import interpolate
 
@@ -50,6 +51,9 @@ class RegMethod(Method):
         if cfg.repa.enabled:  # two projections to DINOv2 from the same run: not a paper method
             return ["reg.enabled: REG holds REPA's projection term already; turn repa.enabled "
                     "off (got True)"]
+        if family(cfg.model.name) != "sit":  # its class token enters a SiT's one stream
+            return [f"reg.enabled: REG trains a SiT with a class token; model.name is "
+                    f"{cfg.model.name!r}, an MMDiT (got True)"]
         return []
 
     def terms(self, cfg: Config) -> dict[str, float]:
