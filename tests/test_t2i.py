@@ -19,6 +19,7 @@ from test_pipeline import copy_repo, run
 from sra2.config.params import load
 from sra2.data.captions import read_coco
 from sra2.data.store import ShardedStore
+from sra2.methods.checks import model_problems
 from sra2.model.networks import build
 from sra2.model.text import load_text_encoder
 from sra2.sample.prompts import Prompts, picks
@@ -115,6 +116,9 @@ def test_guidance_on_captions_uses_the_empty_captions_context(captioned):
     assert found["labels"].tolist() == picks(0, 30, 12, 5).tolist()
     assert [i // 5 for i in found["labels"]] == [i % 12 for i in range(30)]
     assert found["captions"][13] == prompts.captions[found["labels"][13]]
+    ralu = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"sampler": "ralu"})})
+    (refused,) = model_problems(ralu)
+    assert refused.startswith("sample.sampler: ralu samples a SiT's token sets")
 
 
 def test_each_step_trains_on_one_drawn_caption_of_each_image(captioned):
@@ -142,6 +146,24 @@ def test_each_step_trains_on_one_drawn_caption_of_each_image(captioned):
     y = condition(trainer, batch, torch.tensor([True, False] * 4))
     torch.testing.assert_close(y[0], trainer.null[0], rtol=0, atol=0)
     torch.testing.assert_close(y[1], batch["context"][1], rtol=0, atol=0)
+
+
+def test_an_mmdit_run_resumed_halfway_ends_in_the_unbroken_runs_bytes(captioned):
+    from sra2.data.encode import encode_dataset
+    from sra2.train.loop import train
+
+    root, _, cfg = captioned
+    encode_dataset(cfg, root / "resume-store")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "steps": 6, "ckpt_every": 3, "log_every": 3, "workers": 0,
+        "copy_dir": str(root / "copies")})})
+    summary = train(cfg, root / "resume-store", root / "straight")
+    half = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 3})})
+    train(half, root / "resume-store", root / "resumed")
+    train(cfg, root / "resume-store", root / "resumed")
+    assert summary["loss_align"] > 0  # SRA 2's head on the MMDiT's image stream
+    for name in ("metrics.csv", "ema.pt"):
+        assert (root / "straight" / name).read_bytes() == (root / "resumed" / name).read_bytes()
 
 
 @pytest.mark.slow

@@ -49,6 +49,10 @@ def model_problems(cfg: Config) -> list[str]:
         problems.append(_problem("data.image_size", f"must be a multiple of {step} (the VAE's "
                                  f"downsampling {down} x the patch size of {cfg.model.name})",
                                  cfg.data.image_size))
+    elif cfg.sample.sampler == "ralu" and wanted == "mmdit":
+        problems.append(_problem("sample.sampler", "ralu samples a SiT's token sets; an MMDiT "
+                                 "takes captions beside them: use sde, ode-euler or ode-heun",
+                                 cfg.sample.sampler))
     elif cfg.sample.sampler == "ralu" and (cfg.data.image_size // step) % 2:
         problems.append(_problem("sample.sampler", "ralu needs an even number of tokens per side "
                                  f"(it halves the token grid); data.image_size / {step} is odd",
