@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         # the loop's copy goes with the store
         os.environ["SRA2_COPY_DIR"] = str(Path(tmp) / "copies")
         store = Path(tmp) / "latents"
-        width = text_width(method) if family(method.model.name) == "mmdit" else None
-        context = ((method.text.captions_per_image, method.text.max_length, width or 768)
-                   if family(method.model.name) == "mmdit" else None)
+        context = ((method.text.captions_per_image, method.text.max_length,
+                    text_width(method) or 768) if family(method.model.name) == "mmdit" else None)
         write_synthetic_store(store, args.items, shape, method.model.num_classes, args.chunk_size,
                               max(args.chunk_size, 1024),
                               image_size=method.data.image_size if method.encode.pixels else None,

@@ -15,23 +15,19 @@ import numpy as np
 import torch
 
 from sra2.config.params import Config
+from sra2.model.text import pretrained
 
 
 @torch.no_grad()
-def cosines(images: np.ndarray, captions: Sequence[str], model_source: str, processor_source: str,
-            batch_size: int, device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
-    """The cosine of each uint8 NHWC image with its caption, and the model's exp(logit scale)."""
+def cosines(images: np.ndarray, captions: Sequence[str], model: tuple[str, str],
+            processor: tuple[str, str], batch_size: int,
+            device: torch.device | str = "cpu") -> tuple[np.ndarray, float]:
+    """The cosine of each uint8 NHWC image with its caption, and the model's exp(logit scale);
+    ``model`` and ``processor``: (params key, hub id or folder)."""
     from transformers import CLIPModel, CLIPProcessor
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()
-    try:
-        processor = CLIPProcessor.from_pretrained(processor_source)
-        model = CLIPModel.from_pretrained(model_source).to(device).eval()
-    except OSError as e:
-        raise OSError(f"cannot load a CLIP model from {model_source!r} with the processor of "
-                      f"{processor_source!r} ({str(e).splitlines()[0]}): give hub ids reachable "
-                      "from here or local folders") from None
+    processor = pretrained(CLIPProcessor, *processor)
+    model = pretrained(CLIPModel, *model).to(device).eval()
     found = []
     for start in range(0, len(images), batch_size):
         part = slice(start, start + batch_size)
@@ -48,7 +44,9 @@ def caption_scores(cfg: Config, images: np.ndarray, captions: Sequence[str],
                    device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Per sample: ``clip_score`` and ``pickscore``."""
     ec = cfg.evaluate
-    clip, _ = cosines(images, captions, ec.clip, ec.clip, ec.batch_size, device)
-    pick, scale = cosines(images, captions, ec.pickscore, ec.pickscore_processor, ec.batch_size,
-                          device)
+    clip, _ = cosines(images, captions, ("evaluate.clip", ec.clip), ("evaluate.clip", ec.clip),
+                      ec.batch_size, device)
+    pick, scale = cosines(images, captions, ("evaluate.pickscore", ec.pickscore),
+                          ("evaluate.pickscore_processor", ec.pickscore_processor),
+                          ec.batch_size, device)
     return {"clip_score": np.maximum(100 * clip, 0), "pickscore": scale * pick}

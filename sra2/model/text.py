@@ -42,20 +42,27 @@ class TextEncoder:
         return self.model(input_ids=ids.to(device)).last_hidden_state.float()
 
 
+def pretrained(kind, key: str, source: str, **kwargs):
+    """``kind.from_pretrained(source)`` (a transformers class), without its progress bar (one per
+    load, in every stage's log); an OSError naming ``key`` and ``source`` where it cannot."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    try:
+        return kind.from_pretrained(source, **kwargs)
+    except OSError as e:
+        why = str(e).splitlines()[0]
+        raise OSError(f"{key} {source!r}: cannot load a {kind.__name__} ({why}); give a hub id "
+                      "reachable from here or a local folder (save_pretrained's layout)") from None
+
+
 def load_text_encoder(source: str, max_length: int,
                       device: torch.device | str = "cpu") -> TextEncoder:
     """The tokenizer and text tower at ``source`` (hub id or folder), in eval mode, fp32."""
     from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()  # a bar per load, in every stage's log
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(source)
-        model = CLIPTextModel.from_pretrained(source, torch_dtype=torch.float32)
-    except OSError as e:
-        raise OSError(f"text.source {source!r}: cannot load a CLIP tokenizer and text model "
-                      f"({str(e).splitlines()[0]}); give a hub id reachable from here or a "
-                      "local folder (save_pretrained's layout)") from None
+    tokenizer = pretrained(CLIPTokenizer, "text.source", source)
+    model = pretrained(CLIPTextModel, "text.source", source, torch_dtype=torch.float32)
     if max_length > model.config.max_position_embeddings:
         raise ValueError(f"text.max_length ({max_length}) exceeds what {source} encodes "
                          f"({model.config.max_position_embeddings} tokens)")

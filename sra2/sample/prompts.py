@@ -60,6 +60,10 @@ class Prompts:
         dtype = getattr(torch, self.cfg.text.dtype)
         return self.encoder(list(captions)).to(dtype).float()
 
+    @functools.cached_property
+    def empty(self) -> torch.Tensor:
+        return self.contexts([""])
+
     def null(self, n: int) -> torch.Tensor:
         """The empty caption's context, ``n`` times: the unconditional half of guidance."""
-        return self.contexts([""]).expand(n, -1, -1)
+        return self.empty.expand(n, -1, -1)
